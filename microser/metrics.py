@@ -1,0 +1,55 @@
+"""Concordance correlation coefficient: the one definition used for training, search and reports."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from microser import TARGETS
+
+
+def ccc(prediction, truth) -> np.ndarray:
+    r"""Concordance correlation coefficient per column, population statistics.
+
+    .. math::
+
+        \rho_c = \frac{2 \sigma_{xy}}{\sigma_x^2 + \sigma_y^2 + (\mu_x - \mu_y)^2}
+
+    with means, variances and the covariance taken over the whole set
+    (``ddof=0``). Evaluation always calls this on the whole set, never
+    averages per-batch values.
+
+    Args:
+        prediction: ``(N,)`` or ``(N, D)`` array.
+        truth: same shape as ``prediction``.
+
+    Returns:
+        ``(D,)`` float64 array in ``[-1, 1]`` (a scalar array for 1-D input).
+        A column where both inputs are constant and equal gives 1; one where
+        the denominator is zero otherwise gives 0.
+
+    >>> float(ccc(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])))
+    1.0
+    >>> round(float(ccc(np.array([1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0]))), 4)
+    0.5714
+    """
+    x = np.asarray(prediction, dtype=np.float64)
+    y = np.asarray(truth, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"ccc needs equal shapes, but got prediction {x.shape} and truth {y.shape}")
+    if x.shape[0] < 2:
+        raise ValueError(f"ccc needs at least 2 samples, but got {x.shape[0]}")
+    mx, my = x.mean(0), y.mean(0)
+    vx, vy = x.var(0), y.var(0)
+    cov = ((x - mx) * (y - my)).mean(0)
+    den = vx + vy + (mx - my) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(den > 0, 2 * cov / np.where(den > 0, den, 1.0), 1.0)
+    return out
+
+
+def ccc_report(prediction, truth) -> dict[str, float]:
+    """CCC per target name plus their mean: ``{"arousal": .., "dominance": .., "valence": .., "mean": ..}``."""
+    values = ccc(prediction, truth)
+    report = {name: float(v) for name, v in zip(TARGETS, values)}
+    report["mean"] = float(np.mean(values))
+    return report
