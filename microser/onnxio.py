@@ -1,0 +1,312 @@
+"""The one ONNX exporter (BatchNorm folded, onnxsim-simplified, parity-checked) and onnxruntime helpers.
+
+Every stage that writes or runs an ONNX model goes through here, so that the
+graph that costs are measured on is the graph that gets deployed:
+
+    path = export_onnx(model, "model.onnx")          # (B, T) audio -> (B, 3) "adv"
+    session = ort_session(path)
+    adv = run_onnx(session, audio_batch)             # np.ndarray (B, 3)
+
+Node names are kept (``/frontend/...``, ``/body/...``, ``/head/...``): the RAM
+planner (microser.costs) and the quantizer read them. Stripping names for the
+firmware bundle is the export stage's job.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from microser import SAMPLE_RATE
+from microser.errors import MicroserError
+
+INPUT_NAME = "audio"
+OUTPUT_NAME = "adv"
+PARITY_TOLERANCE = 1e-4  # max abs difference ORT vs PyTorch accepted by export_onnx
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | PathLike,
+    *,
+    opset: int = 17,
+    check: bool = True,
+    sample_seconds: float = 1.0,
+) -> Path:
+    """Export ``model`` (audio ``(B, T)`` -> ``(B, 3)``) to a deployable ONNX file and return its path.
+
+    Steps, in order:
+
+    1. eval mode (the previous mode is restored afterwards), legacy TorchScript
+       exporter (``dynamo=False``; it maps ``torch.stft`` to ONNX ``STFT`` at
+       opset >= 17), input ``"audio"`` with dynamic batch and samples axes,
+       output ``"adv"`` with a dynamic batch axis;
+    2. BatchNorm folding: the exporter folds Conv+BN itself; any
+       ``BatchNormalization`` left is folded into a preceding Conv or Gemm that
+       only it consumes, or else replaced by a per-channel ``Mul`` + ``Add``.
+       No ``BatchNormalization`` node remains;
+    3. onnxsim simplification (constant folding, dead code), with the time
+       axis left dynamic;
+    4. doc strings stripped (node names are kept);
+    5. if ``check``: onnxruntime against PyTorch on random audio of batch 2 at
+       two lengths (``sample_seconds`` and 1.37x that), max abs difference
+       <= 1e-4, else :class:`MicroserError` naming the difference.
+
+    Args:
+        model: a module mapping float32 audio ``(B, T)`` to ``(B, D)``.
+        path: where to write the ``.onnx`` file (parent folders are created).
+        opset: ONNX opset, >= 17 (STFT).
+        check: run the parity check.
+        sample_seconds: audio duration used to trace and check.
+
+    Returns:
+        ``Path(path)``.
+    """
+    if opset < 17:
+        raise MicroserError(f"ONNX opset {opset} has no STFT operator: expected opset >= 17; pass opset=17")
+    if sample_seconds <= 0:
+        raise MicroserError(f"sample_seconds={sample_seconds} must be > 0, e.g. 1.0")
+    path = Path(path)
+    n = max(int(round(sample_seconds * SAMPLE_RATE)), 1)
+    was_training = model.training
+    model.eval()
+    try:
+        proto = _trace(model, n, opset)
+        proto = fold_batchnorm(proto)
+        proto = _simplify(proto)
+        strip_doc_strings(proto)
+        if check:
+            for length in (n, int(n * 1.37) + 1):
+                check_parity(model, proto, length)
+    finally:
+        model.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, path)
+    return path
+
+
+def _trace(model: torch.nn.Module, n_samples: int, opset: int) -> onnx.ModelProto:
+    """The legacy exporter's graph for ``model``, traced on random audio of batch 2."""
+    audio = _random_audio(2, n_samples, seed=0)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the legacy exporter and stft(return_complex=False) warn on every call
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (audio,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch", 1: "samples"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(proto)
+    if not ok:
+        raise MicroserError("onnxsim could not verify the simplified model: expected an equivalent graph; "
+                            "report the model spec (spec.summary()) as a bug")
+    return simplified
+
+
+def strip_doc_strings(proto: onnx.ModelProto) -> None:
+    """Remove every doc string (model, graph, nodes, value infos) in place; names are kept."""
+    proto.doc_string = ""
+    graph = proto.graph
+    graph.doc_string = ""
+    for node in graph.node:
+        node.doc_string = ""
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info) + list(graph.initializer):
+        info.doc_string = ""
+
+
+# ---- BatchNorm folding ----
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node outputs with a tensor value, by name."""
+    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    out[node.output[0]] = numpy_helper.to_array(attr.t)
+    return out
+
+
+def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of ``proto`` without ``BatchNormalization`` nodes (inference form).
+
+    A BN with constant statistics computes ``y = x * s + b`` per channel with
+    ``s = gamma / sqrt(var + eps)`` and ``b = beta - mean * s``. When its input
+    is produced by a Conv or Gemm (constant weights, output used only by the
+    BN) ``s`` and ``b`` are folded into that layer's weight and bias; otherwise
+    the BN becomes ``Mul(x, s) + b`` with ``s``, ``b`` shaped ``(C, 1, ...)``.
+    """
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    if not any(n.op_type == "BatchNormalization" for n in graph.node):
+        return proto
+    consts = _constants(graph)
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: node for node in graph.node for o in node.output}
+    n_uses: dict[str, int] = {}
+    for node in graph.node:
+        for i in node.input:
+            n_uses[i] = n_uses.get(i, 0) + 1
+    for o in graph.output:
+        n_uses[o.name] = n_uses.get(o.name, 0) + 1
+    ranks = _ranks(proto)
+
+    new_nodes = []
+    removed: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "BatchNormalization":
+            new_nodes.append(node)
+            continue
+        x, gamma, beta, mean, var = node.input[:5]
+        if any(name not in consts for name in (gamma, beta, mean, var)):
+            raise MicroserError(f"BatchNormalization node {node.name!r} has non-constant statistics: expected an "
+                                "eval-mode model; call model.eval() before exporting")
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        s = (consts[gamma] / np.sqrt(consts[var] + eps)).astype(np.float32)
+        b = (consts[beta] - consts[mean] * s).astype(np.float32)
+        prev = producer.get(x)
+        if prev is not None and id(prev) not in removed and n_uses.get(x, 0) == 1 and _fold_into(graph, prev, s, b, inits):
+            prev.output[0] = node.output[0]  # the folded layer now writes the BN's output
+            continue
+        rank = ranks.get(x)
+        if rank is None:
+            raise MicroserError(f"BatchNormalization node {node.name!r}: the rank of its input {x!r} is unknown: "
+                                "expected shape inference to succeed; report the model spec as a bug")
+        shape = (len(s),) + (1,) * (rank - 2)
+        s_name, b_name, mid = node.name + "/scale", node.name + "/shift", node.name + "/scaled"
+        graph.initializer.extend([numpy_helper.from_array(s.reshape(shape), s_name),
+                                  numpy_helper.from_array(b.reshape(shape), b_name)])
+        new_nodes.append(helper.make_node("Mul", [x, s_name], [mid], name=node.name + "/Mul"))
+        new_nodes.append(helper.make_node("Add", [mid, b_name], [node.output[0]], name=node.name + "/Add"))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return proto
+
+
+def _fold_into(graph: onnx.GraphProto, node: onnx.NodeProto, s: np.ndarray, b: np.ndarray, inits: dict) -> bool:
+    """Fold the per-channel affine ``(s, b)`` into a Conv or Gemm's weight/bias initializers; False if impossible."""
+    if node.op_type == "Conv":
+        axis = 0
+    elif node.op_type == "Gemm":
+        attrs = {a.name: a for a in node.attribute}
+        if "alpha" in attrs and attrs["alpha"].f != 1.0 or "beta" in attrs and attrs["beta"].f != 1.0:
+            return False
+        axis = 0 if ("transB" in attrs and attrs["transB"].i == 1) else 1
+    else:
+        return False
+    if node.input[1] not in inits or (len(node.input) > 2 and node.input[2] and node.input[2] not in inits):
+        return False
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    if w.shape[axis] != len(s):
+        return False
+    shape = [1] * w.ndim
+    shape[axis] = len(s)
+    bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] \
+        else np.zeros(len(s), np.float32)
+    if bias.shape != (len(s),):
+        return False
+    w_name, b_name = node.name + "/folded_weight", node.name + "/folded_bias"
+    inits[w_name] = numpy_helper.from_array(w * s.reshape(shape), w_name)
+    inits[b_name] = numpy_helper.from_array(bias * s + b, b_name)
+    graph.initializer.extend([inits[w_name], inits[b_name]])
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[1], node.input[2] = w_name, b_name
+    return True
+
+
+def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
+    """Tensor ranks from ONNX shape inference (dynamic dims are fine: only the rank is needed)."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    graph = inferred.graph
+    out = {}
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if info.type.tensor_type.HasField("shape"):
+            out[info.name] = len(info.type.tensor_type.shape.dim)
+    return out
+
+
+# ---- onnxruntime ----
+
+
+def ort_session(path_or_bytes, threads: int = 1):
+    """An onnxruntime CPU session for a file path, serialized bytes or an ``onnx.ModelProto``.
+
+    ``threads`` sets intra-op threads; inter-op is 1 (sequential execution).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if isinstance(path_or_bytes, onnx.ModelProto):
+        path_or_bytes = path_or_bytes.SerializeToString()
+    elif isinstance(path_or_bytes, PathLike):
+        path_or_bytes = str(path_or_bytes)
+    if isinstance(path_or_bytes, str) and not Path(path_or_bytes).is_file():
+        raise MicroserError(f"ONNX model {path_or_bytes} does not exist: expected a .onnx file; "
+                            "export one with microser.onnxio.export_onnx")
+    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, audio_batch) -> np.ndarray:
+    """Run ``session`` on float32 audio ``(B, T)`` (or ``(T,)``, treated as batch 1); returns the first output."""
+    audio = np.asarray(audio_batch, dtype=np.float32)
+    if audio.ndim == 1:
+        audio = audio[None]
+    if audio.ndim != 2:
+        raise MicroserError(f"audio batch has shape {audio.shape}: expected (batch, samples) float32 at "
+                            f"{SAMPLE_RATE} Hz; stack clips of equal length")
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: audio})[0]
+
+
+def check_parity(model: torch.nn.Module, proto, n_samples: int, *, batch: int = 2, seed: int = 1,
+                 tolerance: float = PARITY_TOLERANCE) -> float:
+    """Max abs difference between onnxruntime on ``proto`` and ``model`` on random audio; raises above tolerance."""
+    audio = _random_audio(batch, n_samples, seed=seed)
+    with torch.no_grad():
+        expected = model(audio).numpy()
+    got = run_onnx(ort_session(proto), audio.numpy())
+    if got.shape != expected.shape:
+        raise MicroserError(f"ONNX output shape {got.shape} differs from PyTorch {expected.shape} on audio of "
+                            f"{n_samples} samples: expected equal shapes; the time axis is probably not dynamic "
+                            "(avoid Python ints computed from tensor sizes in forward)")
+    diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    if not diff <= tolerance:
+        raise MicroserError(f"ONNX output differs from PyTorch by max abs {diff:.3g} on random audio of "
+                            f"{n_samples} samples: expected <= {tolerance:g}; check the ops in the model's "
+                            "forward for ones the ONNX exporter maps inexactly")
+    return diff
+
+
+def _random_audio(batch: int, n_samples: int, seed: int) -> torch.Tensor:
+    """Uniform noise in [-0.5, 0.5): audio-like amplitude, deterministic per seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, n_samples, generator=g) - 0.5
