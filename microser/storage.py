@@ -1,0 +1,336 @@
+"""Study storage URLs, stale-trial recovery and trial weights as Optuna artifacts.
+
+Every command that reads a study goes through :func:`load_study` with the same
+``--study`` / ``--storage`` meaning:
+
+* no URL: ``sqlite:///studies/<study>.db`` (relative to the working directory);
+* ``sqlite:///FILE.db``: SQLite through ``RDBStorage`` with heartbeats
+  (``HEARTBEAT_SECONDS``; a trial silent for ``GRACE_SECONDS`` is failed and its
+  parameters re-queued by ``RetryHeartbeatStaleTrialCallback``) and a 60 s lock
+  timeout, so several worker processes can share the file;
+* ``journal:FILE`` or a path ending in ``.log`` / ``.journal``: Optuna's journal
+  file storage (one machine, no heartbeats);
+* ``postgresql://...`` (or any other SQLAlchemy URL): ``RDBStorage`` with heartbeats,
+  for workers on many machines.
+
+Journal storage has no heartbeats, and a heartbeat needs a grace period, so
+microser also fails stale trials itself when a search starts
+(:func:`fail_dead_trials`): every trial records the ``worker`` (host and pid)
+running it, and a RUNNING trial whose process no longer exists on this host is
+marked FAIL with a ``fail_reason`` user attribute and its parameters re-queued.
+
+Weights are stored with ``optuna.artifacts.FileSystemArtifactStore`` in the
+study's artifacts folder (default ``studies/<study>-artifacts`` beside the
+study file); the artifact id and the file's sha256 go into the trial's user
+attributes (``weights``). Optuna refuses to change a finished trial, so the
+final stage's results for trial ``n`` live in the study's user attribute
+``final:<n>`` (``{"ccc", "test_ccc", "weights", "epochs", "seed", ...}``);
+:func:`final_record` reads a trial's ``final_ccc``/``final_weights`` user
+attributes first and that study attribute second.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import FrozenTrial, TrialState
+
+from microser.errors import MicroserError
+
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 30
+SETTINGS_ATTR = "microser"   # study user attr: the search settings (objectives, budgets, cache, ...)
+FINAL_PREFIX = "final:"      # study user attr "final:<trial number>": the final stage's record
+_JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+
+
+def default_storage_url(study_name: str) -> str:
+    """``sqlite:///studies/<study>.db``: the storage used when ``--storage`` is not given."""
+    return f"sqlite:///studies/{study_name}.db"
+
+
+def storage_kind(url: str) -> str:
+    """``"sqlite"``, ``"journal"`` or ``"rdb"`` (any other SQLAlchemy URL); MicroserError otherwise."""
+    if url.startswith("sqlite:///"):
+        return "sqlite"
+    if url.startswith("journal:") or (("://" not in url) and url.endswith(_JOURNAL_SUFFIXES)):
+        return "journal"
+    if "://" in url:
+        return "rdb"
+    raise MicroserError(f"storage {url!r} is not understood: expected sqlite:///FILE.db, journal:FILE "
+                        "(or FILE.log), or postgresql://USER:PASS@HOST/DB")
+
+
+def _journal_path(url: str) -> Path:
+    path = url[len("journal:"):] if url.startswith("journal:") else url
+    if path.startswith("///"):
+        path = path[2:]
+    elif path.startswith("//"):
+        path = path[2:]
+    return Path(path)
+
+
+def file_of(url: str) -> Path | None:
+    """The file a sqlite or journal URL points to (None for server databases)."""
+    kind = storage_kind(url)
+    if kind == "sqlite":
+        return Path(url[len("sqlite:///"):])
+    if kind == "journal":
+        return _journal_path(url)
+    return None
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for messages."""
+    try:
+        import sqlalchemy
+
+        if "://" in url and storage_kind(url) != "journal":
+            return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a URL sqlalchemy cannot parse is shown as given
+        pass
+    return url
+
+
+def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorage:
+    """Open (creating files and folders as needed) the storage named by ``url``; see the module doc."""
+    url = given = url or default_storage_url(study_name)
+    kind = storage_kind(url)
+    if kind == "journal":
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = _journal_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {}
+    if kind == "sqlite":
+        path = Path(url[len("sqlite:///"):])
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}   # writers wait for the lock instead of failing
+    elif url.startswith("postgresql"):
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}}
+        url = _postgres_driver(url)
+    try:
+        import sqlalchemy.exc
+
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
+    except ImportError as e:
+        raise MicroserError(f"storage {safe_url(given)!r} needs a database driver that is not installed "
+                            f"({_first_line(e)}): pip install 'microser[postgres]'") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise MicroserError(f"storage {safe_url(given)!r} refused the connection ({_first_line(e)}): start the "
+                            "database or pass another --storage, e.g. sqlite:///studies/NAME.db") from None
+
+
+def _postgres_driver(url: str) -> str:
+    """SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3; use psycopg2 (the ``postgres`` extra) when only it exists."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return text[0].strip() if text else type(e).__name__
+
+
+def load_study(study_name: str, storage: str | None = None) -> optuna.Study:
+    """Open an existing study; MicroserError naming the storage and the studies it holds if absent."""
+    url = storage or default_storage_url(study_name)
+    path = file_of(url)
+    if path is not None and not path.exists():
+        raise MicroserError(f"study {study_name!r}: storage file {path} does not exist: run "
+                            f"`microser search --study {study_name}` first or pass --storage")
+    store = open_storage(url, study_name)
+    try:
+        return optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+        raise MicroserError(f"study {study_name!r} is not in {safe_url(url)} (it holds: "
+                            f"{', '.join(names) or 'no studies'}): pass --study with one of those names") from None
+
+
+def study_settings(study: optuna.Study) -> dict:
+    """The search settings a ``microser search`` stored on the study (objectives, budgets, cache, artifacts, ...)."""
+    settings = study.user_attrs.get(SETTINGS_ATTR)
+    if settings is None:
+        raise MicroserError(f"study {study.study_name!r} was not created by `microser search` (no "
+                            f"{SETTINGS_ATTR!r} user attribute): use a study made by microser")
+    return settings
+
+
+# ---- stale trials -------------------------------------------------------------------------------
+
+
+def worker_tag() -> dict:
+    """``{"host", "pid"}`` of this process, recorded on each trial it runs."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study, *, untagged_after_s: float = 600.0) -> list[int]:
+    """Fail RUNNING trials whose worker process on this host is gone; re-queue their parameters.
+
+    Also fails RUNNING trials with no ``worker`` tag that started more than
+    ``untagged_after_s`` ago (a worker killed between creating the trial and
+    tagging it). Trials of workers on other hosts are left to heartbeats.
+
+    Returns:
+        Numbers of the trials failed.
+    """
+    here = socket.gethostname()
+    now = datetime.datetime.now()
+    failed = []
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if worker:
+            if worker.get("host") != here or worker.get("pid") == os.getpid() or _pid_alive(int(worker["pid"])):
+                continue
+            reason = (f"worker {worker['host']}:{worker['pid']} stopped while the trial was running; "
+                      f"failed by pid {os.getpid()} at {now.isoformat(timespec='seconds')}")
+        else:
+            if t.datetime_start is None or (now - t.datetime_start).total_seconds() < untagged_after_s:
+                continue
+            reason = (f"running for over {untagged_after_s:.0f} s without a worker tag; failed by pid "
+                      f"{os.getpid()} at {now.isoformat(timespec='seconds')}")
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process finished or failed it first
+        failed.append(t.number)
+        if t.params:
+            attrs = {k: v for k, v in t.user_attrs.items() if k not in ("worker", "fail_reason")}
+            study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
+    return failed
+
+
+# ---- artifacts ----------------------------------------------------------------------------------
+
+
+def default_artifacts_dir(url: str | None, study_name: str) -> Path:
+    """``<folder of the study file>/<study>-artifacts``; ``studies/<study>-artifacts`` for server databases."""
+    url = url or default_storage_url(study_name)
+    path = file_of(url)
+    folder = path.parent if path is not None else Path("studies")
+    return folder / f"{study_name}-artifacts"
+
+
+def artifact_store(folder: str | Path) -> FileSystemArtifactStore:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(folder))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(state_dict: dict, *, store: FileSystemArtifactStore, study_or_trial, name: str) -> dict:
+    """Upload ``state_dict`` (``torch.save``) as an artifact; returns ``{"artifact_id", "sha256"}``.
+
+    ``study_or_trial`` is a running ``optuna.Trial`` or a ``Study`` (finished
+    trials cannot take artifacts, so the final stage attaches to the study).
+    """
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.pt"
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)
+        digest = sha256_file(path)
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study_or_trial)
+    return {"artifact_id": artifact_id, "sha256": digest}
+
+
+def _trial(study: optuna.Study, trial: FrozenTrial | int) -> FrozenTrial:
+    if isinstance(trial, FrozenTrial):
+        return trial
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.number == int(trial):
+            return t
+    raise MicroserError(f"study {study.study_name!r} has no trial {trial} (trials 0..{len(trials) - 1}): "
+                        "pick one from `microser pareto`")
+
+
+def final_record(study: optuna.Study, trial: FrozenTrial | int) -> dict | None:
+    """The final stage's result for a trial: ``{"ccc", "weights", ...}``, or None if it was not retrained."""
+    t = _trial(study, trial)
+    if "final_ccc" in t.user_attrs:
+        return {"ccc": t.user_attrs["final_ccc"], "weights": t.user_attrs.get("final_weights")}
+    return study.user_attrs.get(f"{FINAL_PREFIX}{t.number}")
+
+
+def load_trial_weights(study: optuna.Study, trial: FrozenTrial | int, stage: str = "final", *,
+                       artifacts: str | Path | None = None) -> dict:
+    """The trial's state dict, checked against its recorded sha256.
+
+    ``stage="final"`` gives the final-stage weights when the trial was
+    retrained there and its search weights otherwise; ``stage="search"``
+    always gives the search weights. ``artifacts`` overrides the folder
+    recorded in the study (for a moved study).
+    """
+    import torch
+
+    if stage not in ("final", "search"):
+        raise MicroserError(f"weights stage {stage!r} is not known: expected 'final' or 'search'")
+    t = _trial(study, trial)
+    weights = None
+    if stage == "final":
+        record = final_record(study, t)
+        weights = record.get("weights") if record else None
+    weights = weights or t.user_attrs.get("weights")
+    if not weights:
+        raise MicroserError(f"trial {t.number} of study {study.study_name!r} has no weights (it was "
+                            f"{t.user_attrs.get('rejected') or t.state.name}): pick a trained trial")
+    folder = Path(artifacts) if artifacts is not None else Path(study_settings(study)["artifacts"])
+    store = FileSystemArtifactStore(str(folder))
+    where = folder / weights["artifact_id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.pt"
+        try:
+            download_artifact(artifact_store=store, file_path=str(path), artifact_id=weights["artifact_id"])
+        except (ArtifactNotFound, FileNotFoundError):
+            raise MicroserError(f"weights of trial {t.number} (study {study.study_name!r}) are missing: {where} "
+                                "was deleted or moved; pass --artifacts with the folder that holds it, "
+                                "or retrain the trial") from None
+        digest = sha256_file(path)
+        if digest != weights["sha256"]:
+            raise MicroserError(f"weights of trial {t.number} at {where} have sha256 {digest[:12]}... but the "
+                                f"study recorded {weights['sha256'][:12]}...: the file was changed; retrain the trial")
+        return torch.load(path, map_location="cpu", weights_only=True)

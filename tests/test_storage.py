@@ -1,0 +1,126 @@
+"""Storage URLs (one contract for every kind), stale-trial recovery after a real kill, weights artifacts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from microser.errors import MicroserError
+from microser.storage import (
+    SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, final_record, load_study,
+    load_trial_weights, open_storage, save_weights, worker_tag,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(params=["sqlite", "journal"])
+def url(request, tmp_path):
+    return {"sqlite": f"sqlite:///{tmp_path}/sub/s.db", "journal": f"journal:{tmp_path}/sub/s.log"}[request.param]
+
+
+def test_every_file_storage_creates_reopens_and_lists(url):
+    study = optuna.create_study(study_name="a", storage=open_storage(url, "a"), directions=["maximize", "minimize"])
+    study.tell(study.ask(), [0.5, 3.0])
+    again = load_study("a", url)
+    assert [t.values for t in again.trials] == [[0.5, 3.0]]
+    with pytest.raises(MicroserError, match=r"study 'b' is not in .*it holds: a\)"):
+        load_study("b", url)
+
+
+def test_missing_storage_file_and_bad_url_are_one_line_errors(tmp_path):
+    with pytest.raises(MicroserError, match="does not exist"):
+        load_study("a", f"sqlite:///{tmp_path}/none.db")
+    with pytest.raises(MicroserError, match="not understood.*sqlite:///FILE.db"):
+        open_storage("studies/a.db", "a")
+
+
+def test_refused_connection_names_the_url_in_one_line():
+    with pytest.raises(MicroserError) as e:
+        open_storage("postgresql://u:secret@127.0.0.1:1/x", "a")
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("storage 'postgresql://u:***@127.0.0.1:1/x' ")
+    assert "secret" not in message
+
+
+def test_default_artifacts_folder_sits_beside_the_study(tmp_path):
+    assert default_artifacts_dir(None, "s") == default_artifacts_dir("sqlite:///studies/s.db", "s")
+    assert str(default_artifacts_dir(None, "s")) == os.path.join("studies", "s-artifacts")
+    assert default_artifacts_dir(f"journal:{tmp_path}/j.log", "s") == tmp_path / "s-artifacts"
+
+
+def _study_with_weights(url, tmp_path):
+    study = optuna.create_study(study_name="w", storage=open_storage(url, "w"), directions=["maximize"])
+    study.set_user_attr(SETTINGS_ATTR, {"artifacts": str(tmp_path / "art")})
+    store = artifact_store(tmp_path / "art")
+    trial = study.ask()
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    trial.set_user_attr("weights", save_weights(state, store=store, study_or_trial=trial, name="t0"))
+    study.tell(trial, 0.5)
+    return study, state, store
+
+
+def test_weights_round_trip_and_final_stage_record(url, tmp_path):
+    study, state, store = _study_with_weights(url, tmp_path)
+    loaded = load_trial_weights(study, 0, stage="search")
+    assert torch.equal(loaded["w"], state["w"])
+    assert final_record(study, 0) is None
+    assert torch.equal(load_trial_weights(study, 0)["w"], state["w"])   # no final stage yet: search weights
+    final = {"w": -state["w"]}
+    study.set_user_attr("final:0", {"ccc": {"mean": 0.7},
+                                    "weights": save_weights(final, store=store, study_or_trial=study, name="f0")})
+    assert final_record(study, 0)["ccc"] == {"mean": 0.7}
+    assert torch.equal(load_trial_weights(study, 0, stage="final")["w"], final["w"])
+    assert torch.equal(load_trial_weights(study, 0, stage="search")["w"], state["w"])
+
+
+def test_deleted_or_changed_weights_are_clear_errors(tmp_path):
+    study, _, _ = _study_with_weights(f"sqlite:///{tmp_path}/s.db", tmp_path)
+    path = tmp_path / "art" / study.trials[0].user_attrs["weights"]["artifact_id"]
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(MicroserError, match="trial 0 .* have sha256 .* changed"):
+        load_trial_weights(study, 0)
+    path.unlink()
+    with pytest.raises(MicroserError, match=f"weights of trial 0 .* missing: {path} was deleted"):
+        load_trial_weights(study, 0)
+
+
+def test_trial_of_a_killed_process_is_failed_with_a_reason_and_requeued(url):
+    script = textwrap.dedent(f"""
+        import optuna, time, warnings
+        warnings.simplefilter("ignore")
+        from microser.storage import open_storage, worker_tag
+        study = optuna.create_study(study_name="k", storage=open_storage({url!r}, "k"), load_if_exists=True)
+        trial = study.ask()
+        trial.suggest_int("width", 4, 64)
+        trial.set_user_attr("worker", worker_tag())
+        print("running", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        study = load_study("k", url)
+        assert fail_dead_trials(study) == []            # alive: left alone
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    study = load_study("k", url)
+    assert fail_dead_trials(study) == [0]
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL
+    assert f"worker {worker_tag()['host']}:{proc.pid} stopped" in first.user_attrs["fail_reason"]
+    assert retry.state == TrialState.WAITING
+    assert retry.user_attrs["retry_of"] == 0
+    assert retry.system_attrs["fixed_params"] == first.params
