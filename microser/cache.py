@@ -1,0 +1,747 @@
+"""The teacher cache: audio segments plus the teacher's A/D/V outputs for exactly that audio; build, read, verify.
+
+A cache is a folder readable with numpy + json/csv alone::
+
+    meta.json        format, version, teachers' identities, settings, counts, checksums, "complete": true
+    items.csv        index,source,segment,offset,length,start_s,end_s,speaker,split,source_sha256
+    audio.i16        every segment's 16 kHz int16 samples, concatenated (np.memmap; item i at [offset, offset+length))
+    targets.npy      float32 (N, 3) in TARGETS order
+    embeddings.npy   optional float32 (N, D)
+    skipped.csv      path,reason
+
+Building is resumable and crash-safe. While it runs the folder holds
+``build.json`` (the build's identity), append-only data files
+(``audio.i16.part``, ``targets.f32.part``, ``embeddings.f32.part``) and
+``journal.jsonl``: after each batch the data are written and fsync'ed, then one
+journal line records the batch's items and the data files' new ends. Run
+again after a kill, the build truncates the data files to the last journal
+line and continues; the result equals an uninterrupted build (same items,
+audio, targets; ``created_at`` is the first start). ``meta.json`` is written
+last, atomically, so a folder without a complete meta.json is never read as a
+cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+import microser
+from microser import SAMPLE_RATE, TARGETS
+from microser.audio import AUDIO_EXTENSIONS, audio_info, check_audio, from_int16, load_audio, read_segment, \
+    segment_bounds, to_int16
+from microser.errors import MicroserError
+from microser.teachers import Segment, listed, make_teacher, match_key, resolve_listed_path, sha256_file
+
+FORMAT = "microser-cache"
+VERSION = 1
+SPLITS = ("train", "valid", "test")
+ITEM_COLUMNS = ("index", "source", "segment", "offset", "length", "start_s", "end_s", "speaker", "split",
+                "source_sha256")
+_WHOLE_FILE_SECONDS = 600.0  # files up to this long are decoded whole; longer ones segment by segment
+_PARTS = ("audio.i16.part", "targets.f32.part", "embeddings.f32.part")
+
+Progress = Callable[[int, int, float], None]  # (items done, items total, audio seconds done)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What one `build_cache` call did. ``rtf``: wall seconds per audio second in this run (lower is faster)."""
+
+    out: Path
+    n_items: int
+    n_sources: int
+    n_skipped: int
+    audio_seconds: float  # audio cached in total (all items)
+    run_audio_seconds: float  # audio processed by this call (0 when the cache was already complete)
+    elapsed_seconds: float
+    resumed_items: int  # items found done from an earlier, interrupted run
+    fingerprint: str
+
+    @property
+    def rtf(self) -> float | None:
+        return self.elapsed_seconds / self.run_audio_seconds if self.run_audio_seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: Path  # the file
+    key: str  # as written in items.csv: relative to the audio root (posix), or absolute when allowed
+    speaker: str | None
+    split: str | None  # from the audio CSV's split column
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class Cache:
+    """Read access to a complete cache (see the module docstring for the layout).
+
+    >>> cache = Cache.open("cache_dir")                  # doctest: +SKIP
+    >>> x, y = cache.audio(0), cache.targets[0]         # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path, meta: dict, items: list[dict], targets: np.ndarray):
+        self.path = path
+        self.meta = meta
+        self.items = items
+        self.targets = targets
+        self._audio: np.memmap | None = None
+        self._embeddings = None
+
+    @classmethod
+    def open(cls, path) -> "Cache":
+        """Open a cache folder; MicroserError (one line) when it is missing, incomplete, another version or truncated."""
+        path = Path(path)
+        fix = f"run `microser cache verify {path}` or rebuild it with `microser cache build`"
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            if (path / "build.json").is_file():
+                raise MicroserError(f"cache {path} is an interrupted build (no meta.json yet): "
+                                    "run the same `microser cache build` command again to finish it")
+            raise MicroserError(f"{path} is not a microser cache (no meta.json): build one with "
+                                "`microser cache build --audio ... --teacher ... --out DIR` or `microser demo`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise MicroserError(f"{meta_path} is not valid JSON ({e}): {fix}") from None
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise MicroserError(f"{meta_path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
+                                f"expected {FORMAT!r} version {VERSION}: rebuild the cache with this microser")
+        if meta.get("complete") is not True:
+            raise MicroserError(f"cache {path} is incomplete (meta.json complete={meta.get('complete')}): "
+                                "run the same `microser cache build` command again to finish it")
+        try:
+            items = _read_items(path / "items.csv")
+            targets = np.load(path / "targets.npy", allow_pickle=False)
+        except (OSError, ValueError, KeyError) as e:
+            raise MicroserError(f"cache {path}: cannot read items.csv/targets.npy ({_short(e)}): {fix}") from None
+        n = int(meta.get("n_items", -1))
+        if len(items) != n or targets.shape != (n, len(TARGETS)) or targets.dtype != np.float32:
+            raise MicroserError(f"cache {path}: items.csv has {len(items)} rows and targets.npy shape "
+                                f"{targets.shape} {targets.dtype}; expected {n} and ({n}, 3) float32: {fix}")
+        audio = path / "audio.i16"
+        want = 2 * (items[-1]["offset"] + items[-1]["length"]) if items else 0
+        have = audio.stat().st_size if audio.is_file() else -1
+        if have != want:
+            raise MicroserError(f"cache file {audio} has {have} bytes; expected {want} (truncated or corrupt): {fix}")
+        return cls(path, meta, items, targets)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def audio(self, i: int) -> np.ndarray:
+        """Item ``i``'s samples: float32 in [-1, 1), 16 kHz, a fresh array (memory-mapped read)."""
+        if self._audio is None:
+            self._audio = np.memmap(self.path / "audio.i16", dtype=np.int16, mode="r")
+        it = self.items[i]
+        return from_int16(self._audio[it["offset"] : it["offset"] + it["length"]])
+
+    @property
+    def embeddings(self) -> np.ndarray | None:
+        """float32 ``(N, D)`` (memory-mapped) when the cache was built with ``embeddings=True``, else None."""
+        if self._embeddings is None and (self.path / "embeddings.npy").is_file():
+            self._embeddings = np.load(self.path / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+        return self._embeddings
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Indices of the items in ``split`` ("train", "valid" or "test"), ascending, int64."""
+        if split not in SPLITS:
+            raise MicroserError(f"split {split!r} is not one of {', '.join(SPLITS)}: pass one of those")
+        return np.array([it["index"] for it in self.items if it["split"] == split], dtype=np.int64)
+
+    @property
+    def speakers(self) -> list[str]:
+        """Distinct known speakers, sorted (empty when the audio named none)."""
+        return sorted({it["speaker"] for it in self.items if it["speaker"]})
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of the teachers' identities, the build settings and the items table (not created_at)."""
+        return _fingerprint(self.meta, self.items)
+
+    def verify(self) -> list[str]:
+        """Integrity problems, empty when none: sizes, checksums, shapes, NaN/Inf, item layout, fingerprint."""
+        problems = []
+        n = len(self.items)
+        expected_offset = 0
+        for it in self.items:
+            if it["offset"] != expected_offset or it["length"] <= 0:
+                problems.append(f"items.csv row {it['index']}: offset {it['offset']} length {it['length']}; "
+                                f"expected offset {expected_offset} and length > 0")
+                break
+            expected_offset += it["length"]
+            if it["split"] not in SPLITS:
+                problems.append(f"items.csv row {it['index']}: split {it['split']!r} is not one of {SPLITS}")
+                break
+        if [it["index"] for it in self.items] != list(range(n)):
+            problems.append("items.csv: index column is not 0..N-1")
+        if not np.isfinite(self.targets).all():
+            problems.append(f"targets.npy: {int((~np.isfinite(self.targets)).sum())} NaN/Inf values")
+        for name, digest in self.meta.get("checksums", {}).items():
+            f = self.path / name
+            if not f.is_file():
+                problems.append(f"{f}: missing")
+            elif sha256_file(f) != digest:
+                problems.append(f"{f}: sha256 differs from meta.json (file changed or corrupt)")
+        emb_dim = self.meta.get("embedding_dim")
+        if emb_dim:
+            e = self.embeddings
+            if e is None or e.shape != (n, emb_dim):
+                problems.append(f"embeddings.npy: shape {None if e is None else e.shape}; expected ({n}, {emb_dim})")
+            elif not np.isfinite(np.asarray(e)).all():
+                problems.append("embeddings.npy: NaN/Inf values")
+        if self.meta.get("fingerprint") != self.fingerprint:
+            problems.append("meta.json fingerprint does not match teachers + items (items.csv or meta.json edited)")
+        if not (self.path / "skipped.csv").is_file():
+            problems.append(f"{self.path / 'skipped.csv'}: missing")
+        return problems
+
+
+def verify_cache(path) -> list[str]:
+    """Problems of the cache at ``path`` (the open error itself when it does not open); empty when sound."""
+    try:
+        cache = Cache.open(path)
+    except MicroserError as e:
+        return [str(e)]
+    return cache.verify()
+
+
+def cache_info(path) -> dict:
+    """Summary of a cache: items, hours, speakers, items and speakers per split, target statistics, teachers."""
+    cache = Cache.open(path)
+    meta, items, t = cache.meta, cache.items, cache.targets.astype(np.float64)
+    per_split = {s: [it for it in items if it["split"] == s] for s in SPLITS}
+    stats = {}
+    for j, name in enumerate(TARGETS):
+        col = t[:, j] if len(t) else np.zeros(0)
+        stats[name] = {k: (float(f(col)) if len(col) else None)
+                       for k, f in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max))}
+    return {
+        "path": str(cache.path),
+        "items": len(items),
+        "sources": len({it["source"] for it in items}),
+        "hours": sum(it["length"] for it in items) / SAMPLE_RATE / 3600.0,
+        "speakers": len(cache.speakers),
+        "split_by": meta.get("split_by"),
+        "items_per_split": {s: len(v) for s, v in per_split.items()},
+        "speakers_per_split": {s: len({it["speaker"] for it in v if it["speaker"]}) for s, v in per_split.items()},
+        "targets": stats,
+        "teachers": meta.get("teachers", []),
+        "teacher_specs": meta.get("teacher_specs", []),
+        "skipped": int(meta.get("n_skipped", 0)),
+        "max_seconds": meta.get("max_seconds"),
+        "overlap_seconds": meta.get("overlap_seconds"),
+        "target_range": meta.get("target_range"),
+        "embedding_dim": meta.get("embedding_dim"),
+        "created_at": meta.get("created_at"),
+        "fingerprint": cache.fingerprint,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_cache(
+    audio,
+    teachers: Sequence[str],
+    out,
+    *,
+    max_seconds: float = 8.0,
+    overlap_seconds: float = 1.0,
+    split_seed: int = 0,
+    target_range: tuple[float, float] = (0.0, 1.0),
+    rescale_from: tuple[float, float] | None = None,
+    embeddings: bool = False,
+    batch_size: int = 8,
+    device: str | None = None,
+    allow_absolute_paths: bool = False,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Run the teacher(s) once over every segment of ``audio`` and write a cache folder at ``out``.
+
+    Args:
+        audio: a folder (scanned recursively for audio files) or a CSV with a
+            ``path`` column (relative to the CSV) and optional ``speaker`` and
+            ``split`` (train/valid/test) columns.
+        teachers: specs (``csv:FILE``, ``hf:NAME_OR_PATH``, ``onnx:FILE``,
+            ``demo``); with several, targets are their mean and each identity
+            is recorded.
+        out: the cache folder. An interrupted build there is resumed; a
+            cache with another identity (teachers, settings, audio list) is
+            refused, never mixed.
+        max_seconds, overlap_seconds: longer files are cut into overlapping
+            segments of ``max_seconds`` (see `microser.audio.segment_bounds`).
+        split_seed: seed of the train/valid/test assignment (by speaker when
+            at least 3 speakers are known, else by source file; a CSV
+            ``split`` value wins).
+        target_range, rescale_from: the scale of the targets; CSV labels on
+            the scale ``rescale_from`` are mapped linearly onto it.
+        embeddings: also store the teachers' embeddings (hf, or onnx with a
+            hidden-state output), concatenated across teachers.
+        batch_size: segments per teacher call and per journal entry.
+        progress: called as ``progress(done, total, audio_seconds)`` at the
+            start and after each batch (counts include resumed items).
+
+    Returns:
+        A `BuildReport`. Unusable audio files are skipped and listed in
+        ``skipped.csv``; bad lists, teachers or settings raise MicroserError.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if batch_size < 1:
+        raise MicroserError(f"batch_size={batch_size} must be >= 1: pass e.g. 8")
+    if not teachers:
+        raise MicroserError("no teacher given: pass --teacher SPEC (csv:FILE, hf:NAME_OR_PATH, onnx:FILE or demo)")
+    segment_bounds(1, max_seconds, overlap_seconds)  # validates the two settings
+    lo, hi = float(target_range[0]), float(target_range[1])
+    if not lo < hi:
+        raise MicroserError(f"target range {lo:g},{hi:g} must have LO < HI: pass e.g. --target-range 0,1")
+
+    sources, root = _list_sources(Path(audio), allow_absolute_paths)
+    models = [make_teacher(s, audio=audio, device=device, target_range=(lo, hi), rescale_from=rescale_from,
+                           allow_absolute_paths=allow_absolute_paths) for s in teachers]
+    sources = _fill_speakers(sources, models)
+    for m in models:
+        m.check([s.path for s in sources])
+    splits, split_by = _assign_splits(sources, split_seed)
+    settings = {"max_seconds": float(max_seconds), "overlap_seconds": float(overlap_seconds),
+                "split_seed": int(split_seed), "target_range": [lo, hi],
+                "rescale_from": None if rescale_from is None else [float(x) for x in rescale_from],
+                "embeddings": bool(embeddings)}
+    listing = hashlib.sha256(json.dumps([[s.key, s.speaker, sp] for s, sp in zip(sources, splits)]).encode())
+    identity = {"teachers": [m.identity() for m in models], "settings": settings,
+                "audio_listing_sha256": listing.hexdigest()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        done = _existing_build(out, identity, teachers)
+        if done is not None:
+            meta = done
+            return BuildReport(out, meta["n_items"], meta["n_sources"], meta["n_skipped"], meta["audio_seconds"],
+                               0.0, time.perf_counter() - t0, meta["n_items"], meta["fingerprint"])
+        state = _start_or_resume(out, identity, teachers)
+        writer = _Writer(out)
+        resumed = len(writer.items)
+        try:
+            run_seconds = _run(sources, splits, models, writer, settings, batch_size, progress)
+        finally:
+            writer.close()
+        meta = _finalise(out, writer, state, identity, teachers, split_by)
+    return BuildReport(out, meta["n_items"], meta["n_sources"], meta["n_skipped"], meta["audio_seconds"],
+                       run_seconds, time.perf_counter() - t0, resumed, meta["fingerprint"])
+
+
+def _list_sources(audio: Path, allow_absolute_paths: bool) -> tuple[list[_Source], Path]:
+    """The audio files in a folder (recursive, sorted) or listed in a CSV (its row order)."""
+    if audio.is_dir():
+        files = sorted((p for p in audio.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS),
+                       key=lambda p: p.relative_to(audio).as_posix())
+        if not files:
+            raise MicroserError(f"audio folder {audio} holds no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}): "
+                                "pass a folder with audio or a CSV listing it")
+        return [_Source(p, p.relative_to(audio).as_posix(), None, None) for p in files], audio
+    if audio.suffix.lower() != ".csv" or not audio.is_file():
+        raise MicroserError(f"--audio {audio} is neither a folder nor a CSV file: pass a folder of audio files or "
+                            "a CSV with a path column")
+    base = audio.parent
+    with open(audio, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if "path" not in cols:
+            raise MicroserError(f"audio CSV {audio} has no 'path' column (has: {', '.join(cols) or 'none'}); "
+                                "expected path[,speaker][,split]: rename the column holding file paths")
+        rows = list(enumerate(reader, start=2))
+    problems, sources, seen = [], [], set()
+    for line, row in rows:
+        text = (row.get("path") or "").strip()
+        if not text:
+            problems.append(f"line {line}: empty path")
+            continue
+        p = resolve_listed_path(base, text, where=f"{audio} line {line}", allow_absolute_paths=allow_absolute_paths)
+        split = (row.get("split") or "").strip() or None
+        if split is not None and split not in SPLITS:
+            problems.append(f"line {line}: split {split!r} is not one of {', '.join(SPLITS)}")
+        if not p.is_file():
+            problems.append(f"line {line}: {text} does not exist")
+        key = p.relative_to(os.path.normpath(base)).as_posix() if p.is_relative_to(os.path.normpath(base)) else str(p)
+        if key in seen:
+            problems.append(f"line {line}: {text} is listed twice")
+        seen.add(key)
+        sources.append(_Source(p, key, (row.get("speaker") or "").strip() or None, split))
+    if problems:
+        raise MicroserError(f"audio CSV {audio}: {len(problems)} problem(s): {listed(problems)}; "
+                            "fix or remove those rows")
+    if not sources:
+        raise MicroserError(f"audio CSV {audio} lists no files: add rows path[,speaker]")
+    return sources, base
+
+
+def _fill_speakers(sources: list[_Source], models) -> list[_Source]:
+    """Take a speaker from a csv teacher's speaker column where the audio list has none."""
+    known = {}
+    for m in models:
+        for k, v in getattr(m, "speakers", {}).items():
+            known.setdefault(k, v)
+    if not known:
+        return sources
+    return [s if s.speaker else _Source(s.path, s.key, known.get(match_key(s.path)), s.split) for s in sources]
+
+
+def _assign_splits(sources: list[_Source], seed: int) -> tuple[list[str], str]:
+    """train/valid/test per source: by speaker when >= 3 speakers are known, else by file; a given split wins.
+
+    Groups (speakers, or files) are shuffled with ``seed``; about 10 % go to
+    valid and 10 % to test, at least one each when there are >= 3 groups
+    (with 2: one train, one valid; with 1: train).
+    """
+    speakers = sorted({s.speaker for s in sources if s.speaker and s.split is None})
+    by_speaker = len(speakers) >= 3
+    groups = sorted({_group(s, by_speaker) for s in sources if s.split is None})
+    rng = np.random.default_rng(seed)
+    order = [groups[i] for i in rng.permutation(len(groups))]
+    n = len(order)
+    n_held = max(1, round(0.1 * n)) if n >= 3 else 0
+    n_valid = n_held if n >= 3 else (1 if n == 2 else 0)
+    assign = {g: "valid" for g in order[:n_valid]}
+    assign.update({g: "test" for g in order[n_valid : n_valid + n_held]})
+    splits = [s.split or assign.get(_group(s, by_speaker), "train") for s in sources]
+    given = any(s.split for s in sources)
+    split_by = ("csv+" if given else "") + ("speaker" if by_speaker else "source")
+    return splits, split_by
+
+
+def _group(s: _Source, by_speaker: bool) -> str:
+    return f"speaker:{s.speaker}" if by_speaker and s.speaker else f"file:{s.key}"
+
+
+class _locked:
+    """An exclusive lock on ``out/.lock`` for the duration of a build (two builds never write one folder)."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        self.f = open(self.path, "a")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.close()
+            raise MicroserError(f"another `microser cache build` is writing {self.path.parent}: wait for it, "
+                                "or pass another --out") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _describe(identity: dict, specs) -> str:
+    """A short human description of a build identity for refusal messages."""
+    t = ", ".join(f"{d.get('kind')}:{d.get('file') or d.get('name') or ''}"
+                  f"@{(d.get('sha256') or d.get('weights_sha256') or '')[:8]}" for d in identity.get("teachers", []))
+    s = identity.get("settings", {})
+    return (f"teachers [{t}] max_seconds={s.get('max_seconds')} overlap={s.get('overlap_seconds')} "
+            f"split_seed={s.get('split_seed')} target_range={s.get('target_range')} "
+            f"rescale_from={s.get('rescale_from')} embeddings={s.get('embeddings')} "
+            f"audio list {identity.get('audio_listing_sha256', '')[:8]}")
+
+
+def _refuse_mix(out: Path, old: dict, new: dict, specs) -> MicroserError:
+    return MicroserError(f"{out} holds a cache of {_describe(old, specs)} but this build is {_describe(new, specs)}; "
+                         f"they are never mixed: pass another --out, or delete {out} to rebuild")
+
+
+def _existing_build(out: Path, identity: dict, specs) -> dict | None:
+    """The meta of a complete cache with this identity (nothing to do), None to build; refuses a different one."""
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            raise MicroserError(f"{meta_path} is not valid JSON: delete {out} and build again") from None
+        old = meta.get("identity", {})
+        if old != identity:
+            raise _refuse_mix(out, old, identity, specs)
+        if meta.get("complete") is True:
+            return meta
+    elif not (out / "build.json").is_file():
+        other = [p.name for p in out.iterdir() if p.name != ".lock"]
+        if other:
+            raise MicroserError(f"--out {out} exists and is not a microser cache (holds {', '.join(sorted(other)[:3])}"
+                                f"{'...' if len(other) > 3 else ''}): pass a new or empty folder")
+    return None
+
+
+def _start_or_resume(out: Path, identity: dict, specs) -> dict:
+    state_path = out / "build.json"
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state.get("identity") != identity:
+            raise _refuse_mix(out, state.get("identity", {}), identity, specs)
+        if not (out / _PARTS[0]).exists() and (out / "audio.i16").is_file():
+            os.replace(out / "audio.i16", out / _PARTS[0])  # killed while finalising: undo the rename
+        return state
+    state = {"identity": identity, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    _write_atomic(state_path, json.dumps(state, indent=1))
+    for name in (*_PARTS, "journal.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    return state
+
+
+class _Writer:
+    """Append-only data files plus a journal; on open, replays the journal and truncates torn writes."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.items: list[dict] = []
+        self.skipped: dict[int, tuple[str, str]] = {}  # source index -> (key, reason)
+        self.ends = {"audio": 0, "targets": 0, "embeddings": 0}  # bytes
+        self.emb_dim: int | None = None
+        journal = out / "journal.jsonl"
+        if journal.is_file():
+            raw = journal.read_bytes()
+            good = 0
+            for line in raw.splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break  # torn last line: ignored, truncated below
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    break
+                good += len(line)
+                if "skip" in entry:
+                    self.skipped[entry["source"]] = (entry["key"], entry["skip"])
+                else:
+                    self.items.extend(entry["items"])
+                    self.ends = entry["ends"]
+                    self.emb_dim = entry.get("emb_dim")
+            if good != len(raw):
+                with open(journal, "r+b") as f:
+                    f.truncate(good)
+        self.files = {}
+        for name, part in zip(("audio", "targets", "embeddings"), _PARTS):
+            f = open(out / part, "a+b")
+            f.truncate(self.ends[name])  # drop bytes written after the last journal line
+            f.seek(0, os.SEEK_END)
+            self.files[name] = f
+        self.journal = open(journal, "ab")
+
+    def position(self) -> tuple[int, int]:
+        """(source index, segment index) of the next segment to process."""
+        if not self.items:
+            return 0, 0
+        last = self.items[-1]
+        return last["_source"], last["segment"] + 1
+
+    def commit(self, items: list[dict], audio: list[np.ndarray], targets: np.ndarray, emb: np.ndarray | None):
+        for x in audio:
+            self.files["audio"].write(x.tobytes())
+        self.files["targets"].write(np.ascontiguousarray(targets, dtype="<f4").tobytes())
+        if emb is not None:
+            self.files["embeddings"].write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
+            self.emb_dim = int(emb.shape[1])
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self.ends = {k: f.tell() for k, f in self.files.items()}
+        self._append({"items": items, "ends": self.ends, "emb_dim": self.emb_dim})
+        self.items.extend(items)
+
+    def skip(self, source: int, key: str, reason: str) -> None:
+        if source not in self.skipped:
+            self._append({"source": source, "key": key, "skip": reason})
+            self.skipped[source] = (key, reason)
+
+    def _append(self, entry: dict) -> None:
+        self.journal.write((json.dumps(entry) + "\n").encode())
+        self.journal.flush()
+        os.fsync(self.journal.fileno())
+
+    def close(self) -> None:
+        for f in (*self.files.values(), self.journal):
+            f.close()
+
+
+def _run(sources, splits, models, writer: _Writer, settings: dict, batch_size: int, progress) -> float:
+    """Process every segment after the journal's position; returns the audio seconds processed in this call."""
+    max_s, ov_s = settings["max_seconds"], settings["overlap_seconds"]
+    infos, bounds, total = {}, {}, 0
+    for i, s in enumerate(sources):  # headers only: cheap; unreadable/empty files are skipped here
+        if i in writer.skipped:
+            continue
+        try:
+            infos[i] = audio_info(s.path)
+        except MicroserError as e:
+            writer.skip(i, s.key, _reason(e, s.path))
+            continue
+        bounds[i] = segment_bounds(infos[i].n_samples, max_s, ov_s)
+        total += len(bounds[i])
+    done_seconds = sum(it["length"] for it in writer.items) / SAMPLE_RATE
+    run_seconds = 0.0
+    if progress:
+        progress(len(writer.items), total, done_seconds)
+    src0, seg0 = writer.position()
+    pending: list[tuple[dict, np.ndarray, Segment]] = []
+
+    def flush():
+        nonlocal done_seconds, run_seconds
+        if not pending:
+            return
+        segs = [p[2] for p in pending]
+        outs = [m.predict(segs, embeddings=settings["embeddings"]) for m in models]
+        targets = np.mean([o[0] for o in outs], axis=0).astype(np.float32)  # (B, 3)
+        if not np.isfinite(targets).all():
+            bad = sorted({p[0]["source"] for p, ok in zip(pending, np.isfinite(targets).all(1)) if not ok})
+            raise MicroserError(f"teacher output is NaN/Inf for {listed(bad)}: check the teacher model")
+        emb = None
+        if settings["embeddings"]:
+            parts = [o[1] for o in outs if o[1] is not None]
+            if not parts:
+                raise MicroserError("--embeddings needs a teacher with embeddings (hf:..., or onnx:... with a "
+                                    "hidden_states output); these teachers give none: drop --embeddings")
+            emb = np.concatenate(parts, axis=1).astype(np.float32)
+        writer.commit([p[0] for p in pending], [p[1] for p in pending], targets, emb)
+        seconds = sum(len(p[1]) for p in pending) / SAMPLE_RATE
+        done_seconds += seconds
+        run_seconds += seconds
+        pending.clear()
+        if progress:
+            progress(len(writer.items), total, done_seconds)
+
+    for i in range(src0, len(sources)):
+        if i not in bounds:
+            continue
+        s, info = sources[i], infos[i]
+        first = seg0 if i == src0 else 0
+        if first >= len(bounds[i]):
+            continue
+        try:
+            whole = load_audio(s.path) if info.seconds <= _WHOLE_FILE_SECONDS else None
+            if whole is None:
+                check_audio(s.path)
+            digest = sha256_file(s.path)
+        except MicroserError as e:
+            flush()  # earlier sources first, so the journal stays in order
+            writer.skip(i, s.key, _reason(e, s.path))
+            total -= len(bounds[i])
+            continue
+        for j in range(first, len(bounds[i])):
+            a, b = bounds[i][j]
+            x = to_int16(whole[a:b] if whole is not None else read_segment(info, a, b))
+            item = {"_source": i, "source": s.key, "segment": j, "offset": 0, "length": b - a,
+                    "start_s": round(a / SAMPLE_RATE, 6), "end_s": round(b / SAMPLE_RATE, 6),
+                    "speaker": s.speaker, "split": splits[i], "source_sha256": digest}
+            pending.append((item, x, Segment(from_int16(x), s.path, a / SAMPLE_RATE, b / SAMPLE_RATE)))
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    return run_seconds
+
+
+def _reason(e: MicroserError, path: Path) -> str:
+    """The skip reason: the error message without the leading file name."""
+    text = str(e)
+    prefix = f"{path}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def _finalise(out: Path, writer: _Writer, state: dict, identity: dict, specs, split_by: str) -> dict:
+    """Turn the journal and parts into the final files; meta.json (complete) last, then drop the build files."""
+    if not writer.items:
+        _write_skipped(out / "skipped.csv", writer.skipped)
+        raise MicroserError(f"no usable audio: all {len(writer.skipped)} file(s) were skipped (reasons in "
+                            f"{out / 'skipped.csv'}): fix the audio, then build again")
+    items, offset = [], 0
+    for k, it in enumerate(writer.items):
+        row = {c: it[c] for c in ITEM_COLUMNS if c in it}
+        row.update(index=k, offset=offset)
+        offset += it["length"]
+        items.append(row)
+    n = len(items)
+    targets = np.fromfile(out / _PARTS[1], dtype="<f4").reshape(n, len(TARGETS)).astype(np.float32)
+    np.save(out / "targets.npy", targets)
+    emb_dim = writer.emb_dim if identity["settings"]["embeddings"] else None
+    if emb_dim:
+        np.save(out / "embeddings.npy", np.fromfile(out / _PARTS[2], dtype="<f4").reshape(n, emb_dim))
+    _write_items(out / "items.csv", items)
+    _write_skipped(out / "skipped.csv", writer.skipped)
+    os.replace(out / _PARTS[0], out / "audio.i16")
+    names = ["audio.i16", "targets.npy", "items.csv", "skipped.csv"] + (["embeddings.npy"] if emb_dim else [])
+    s = identity["settings"]
+    meta = {
+        "format": FORMAT, "version": VERSION, "complete": True,
+        "sample_rate": SAMPLE_RATE, "targets": list(TARGETS),
+        "teachers": identity["teachers"], "teacher_specs": list(specs),
+        "created_at": state["created_at"], "microser_version": microser.__version__,
+        "split_seed": s["split_seed"], "split_by": split_by,
+        "max_seconds": s["max_seconds"], "overlap_seconds": s["overlap_seconds"],
+        "target_range": s["target_range"], "rescale_from": s["rescale_from"],
+        "n_items": n, "n_sources": len({it["source"] for it in items}), "n_skipped": len(writer.skipped),
+        "audio_seconds": offset / SAMPLE_RATE, "embedding_dim": emb_dim,
+        "identity": identity,
+        "checksums": {name: sha256_file(out / name) for name in names},
+    }
+    meta["fingerprint"] = _fingerprint(meta, items)
+    _write_atomic(out / "meta.json", json.dumps(meta, indent=1))
+    for name in (*_PARTS, "journal.jsonl", "build.json"):
+        (out / name).unlink(missing_ok=True)
+    return meta
+
+
+def _write_skipped(path: Path, skipped: dict[int, tuple[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        for i in sorted(skipped):
+            w.writerow(skipped[i])
+
+
+def _fingerprint(meta: dict, items: list[dict]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"teachers": meta.get("teachers"), "settings": meta.get("identity", {}).get("settings")},
+                        sort_keys=True).encode())
+    for it in items:
+        h.update(json.dumps([it[c] for c in ITEM_COLUMNS]).encode())
+    return h.hexdigest()
+
+
+def _write_items(path: Path, items: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(ITEM_COLUMNS)
+        for it in items:
+            w.writerow(["" if it[c] is None else it[c] for c in ITEM_COLUMNS])
+
+
+def _read_items(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{"index": int(r["index"]), "source": r["source"], "segment": int(r["segment"]),
+             "offset": int(r["offset"]), "length": int(r["length"]), "start_s": float(r["start_s"]),
+             "end_s": float(r["end_s"]), "speaker": r["speaker"] or None, "split": r["split"],
+             "source_sha256": r["source_sha256"]} for r in rows]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:160]
