@@ -234,6 +234,7 @@ def cache_info(path) -> dict:
         "hours": sum(it["length"] for it in items) / SAMPLE_RATE / 3600.0,
         "speakers": len(cache.speakers),
         "split_by": meta.get("split_by"),
+        "split_seed": meta.get("split_seed"),
         "items_per_split": {s: len(v) for s, v in per_split.items()},
         "speakers_per_split": {s: len({it["speaker"] for it in v if it["speaker"]}) for s, v in per_split.items()},
         "targets": stats,

@@ -39,6 +39,68 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 # ---- commands (each section: parse, call one library function, render with microser.show) ----
 
 
+# -- cache --
+
+
+def _pair(text: Optional[str], option: str) -> Optional[tuple[float, float]]:
+    """'LO,HI' -> (LO, HI) for --target-range / --rescale-from."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise MicroserError(f"{option} {text!r} is not understood: expected LO,HI, e.g. {option} 0,1") from None
+    return lo, hi
+
+
+@cache_app.command("build")
+def cache_build(
+    audio: Annotated[Path, typer.Option("--audio", help="Folder of audio (recursive) or CSV with path[,speaker][,split].")],
+    teacher: Annotated[list[str], typer.Option("--teacher", help="csv:FILE, hf:NAME_OR_PATH, onnx:FILE or demo; "
+                                                "repeat to average several teachers.")],
+    out: Annotated[Path, typer.Option("--out", help="Cache folder to write (an interrupted build there resumes).")],
+    max_seconds: Annotated[float, typer.Option("--max-seconds", help="Longer files are cut into segments of this length.")] = 8.0,
+    overlap_seconds: Annotated[float, typer.Option("--overlap-seconds", help="Overlap of consecutive segments.")] = 1.0,
+    target_range: Annotated[str, typer.Option("--target-range", help="Scale of the targets, LO,HI.")] = "0,1",
+    rescale_from: Annotated[Optional[str], typer.Option("--rescale-from", help="Map CSV labels from LO,HI onto the target range.")] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also store the teacher's pooled hidden states.")] = False,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the train/valid/test split.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per teacher call.")] = 8,
+    allow_absolute_paths: Annotated[bool, typer.Option("--allow-absolute-paths", help="Let CSV paths leave the CSV's folder.")] = False,
+) -> None:
+    """Run the teacher(s) once over every segment of the audio and store audio + A/D/V targets."""
+    from microser import show
+    from microser.cache import build_cache
+
+    with show.cache_progress() as progress:
+        report = build_cache(audio, teacher, out, max_seconds=max_seconds, overlap_seconds=overlap_seconds,
+                             split_seed=split_seed, target_range=_pair(target_range, "--target-range"),
+                             rescale_from=_pair(rescale_from, "--rescale-from"), embeddings=embeddings,
+                             batch_size=batch_size, allow_absolute_paths=allow_absolute_paths, progress=progress)
+    show.cache_built(report)
+
+
+@cache_app.command("info")
+def cache_info(path: Annotated[Path, typer.Argument(help="Cache folder.")], json_: JsonOpt = False) -> None:
+    """Items, hours, speakers, splits, target statistics and teachers of a cache."""
+    from microser import show
+    from microser.cache import cache_info as info
+
+    show.cache_info(info(path), as_json=json_)
+
+
+@cache_app.command("verify")
+def cache_verify(path: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
+    """Check a cache's integrity (sizes, checksums, shapes, NaN); exit 1 with the problems, else print ok."""
+    from microser import show
+    from microser.cache import verify_cache
+
+    problems = verify_cache(path)
+    show.cache_verified(path, problems)
+    if problems:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning MicroserError into a one-line message (exit 2)."""
     try:

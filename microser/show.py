@@ -14,3 +14,91 @@ err_console = Console(stderr=True)
 def print_json(obj) -> None:
     """Print ``obj`` as indented JSON on stdout (plain, no colour), for scripts."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ---- cache (microser cache build | info | verify) ----
+
+
+class cache_progress:
+    """A rich progress bar for `microser.cache.build_cache`: items, ETA and the real-time factor.
+
+    Use as ``with show.cache_progress() as cb: build_cache(..., progress=cb)``.
+    The real-time factor (wall seconds per audio second; lower is faster)
+    counts only this run, so a resumed build does not look faster than it is.
+    """
+
+    def __enter__(self):
+        import time
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._time = time.perf_counter
+        self.bar = Progress(TextColumn("cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[rtf]}"),
+                            console=err_console, transient=False)
+        self.bar.__enter__()
+        self.task = None
+        return self
+
+    def __call__(self, done: int, total: int, audio_seconds: float) -> None:
+        now = self._time()
+        if self.task is None:
+            self.start = (now, audio_seconds)
+            self.task = self.bar.add_task("cache", total=total, completed=done, rtf="")
+            return
+        run_audio = audio_seconds - self.start[1]
+        rtf = f"RTF {(now - self.start[0]) / run_audio:.4f}" if run_audio > 0 else ""
+        self.bar.update(self.task, total=total, completed=done, rtf=rtf)
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+
+def cache_built(report) -> None:
+    """One paragraph after `microser cache build`: what was written and how fast."""
+    rtf = report.rtf
+    speed = f"RTF {rtf:.4f} ({1 / rtf:.0f}x real time)" if rtf else "nothing to do: the cache was already complete"
+    resumed = f", {report.resumed_items} resumed from an interrupted run" if report.resumed_items else ""
+    console.print(
+        f"cache [bold]{report.out}[/]: {report.n_items} items from {report.n_sources} files "
+        f"({report.audio_seconds / 3600:.2f} h), {report.n_skipped} skipped{resumed}; "
+        f"{report.elapsed_seconds:.1f} s, {speed}"
+    )
+    if report.n_skipped:
+        console.print(f"skipped files and reasons: {report.out / 'skipped.csv'}")
+
+
+def cache_info(info: dict, as_json: bool = False) -> None:
+    """`microser cache info`: counts, splits, target statistics and teachers."""
+    if as_json:
+        print_json(info)
+        return
+    from rich.table import Table
+
+    console.print(
+        f"[bold]{info['path']}[/]: {info['items']} items, {info['sources']} files, {info['hours']:.2f} h, "
+        f"{info['speakers']} speakers, split by {info['split_by']} (seed {info['split_seed']}), {info['skipped']} skipped"
+    )
+    splits = Table("split", "items", "speakers", title="splits")
+    for s, n in info["items_per_split"].items():
+        splits.add_row(s, str(n), str(info["speakers_per_split"][s]))
+    console.print(splits)
+    targets = Table("target", "mean", "std", "min", "max", title="teacher targets")
+    for name, st in info["targets"].items():
+        targets.add_row(name, *("-" if st[k] is None else f"{st[k]:.3f}" for k in ("mean", "std", "min", "max")))
+    console.print(targets)
+    for spec, ident in zip(info["teacher_specs"], info["teachers"]):
+        console.print(f"teacher {spec}: {json.dumps(ident, default=str)}")
+    extra = f", embeddings {info['embedding_dim']}-d" if info.get("embedding_dim") else ""
+    console.print(f"segments <= {info['max_seconds']} s (overlap {info['overlap_seconds']} s), "
+                  f"target range {info['target_range']}{extra}; fingerprint {info['fingerprint'][:16]}")
+
+
+def cache_verified(path, problems: list[str]) -> None:
+    """`microser cache verify`: "ok", or the problems one per line (on stderr)."""
+    if not problems:
+        console.print(f"{path}: ok")
+        return
+    for p in problems:
+        err_console.print(f"{path}: {p}", markup=False, highlight=False)
