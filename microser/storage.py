@@ -36,6 +36,7 @@ import hashlib
 import os
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from microser.errors import MicroserError
 
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
-SETTINGS_ATTR = "microser"   # study user attr: the search settings (objectives, budgets, cache, ...)
+SETTINGS_ATTR = "config"     # study user attr: the search settings (objectives, budgets, cache, ...)
 FINAL_PREFIX = "final:"      # study user attr "final:<trial number>": the final stage's record
 _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 
@@ -123,13 +124,15 @@ def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorag
     try:
         import sqlalchemy.exc
 
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
+        with warnings.catch_warnings():   # heartbeat_interval is marked experimental; it is what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
     except ImportError as e:
         raise MicroserError(f"storage {safe_url(given)!r} needs a database driver that is not installed "
                             f"({_first_line(e)}): pip install 'microser[postgres]'") from None

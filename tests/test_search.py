@@ -1,0 +1,164 @@
+"""Search orchestration: budgets reject before training, counting, resume, refusal, final stage; then real searches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from microser.errors import MicroserError
+from microser.search import REJECTED_CCC, Components, SearchConfig, TrainOutcome, run_search
+from microser.storage import final_record, load_study, load_trial_weights
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+# ---- fakes: a one-dimensional space whose costs and CCC are known in closed form ----
+
+
+@dataclass(frozen=True)
+class FakeSpec:
+    width: int
+    family: str = "fake"
+
+    def summary(self) -> str:
+        return f"fake w{self.width}"
+
+    def to_json(self) -> str:
+        return json.dumps({"width": self.width})
+
+
+class FakeSpace:
+    def suggest(self, trial):
+        return FakeSpec(trial.suggest_int("width", 1, 64))
+
+
+def fake_measure(spec, input_seconds):
+    w = spec.width
+    return {"params": 1000 * w, "trainable_params": 1000 * w, "macs": 10_000 * w * input_seconds,
+            "onnx_bytes": 4000 * w, "ram_bytes": 100 * w, "ram_bytes_fp32": 400 * w, "input_seconds": input_seconds}
+
+
+class FakeTrainer:
+    """CCC rises with width (0.01 per unit); records every (width, epochs, seed) it trains."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, spec, data, train_config, *, test=False, progress=None, should_stop=None):
+        self.calls.append((spec.width, train_config.epochs, train_config.seed))
+        ccc = 0.01 * spec.width + (0.1 if train_config.epochs >= 8 else 0.0)
+        report = {"arousal": ccc, "dominance": ccc, "valence": ccc, "mean": ccc}
+        return TrainOutcome(state_dict={"w": torch.full((2,), float(spec.width))}, ccc=report,
+                            train_seconds=0.01, samples_per_second=100.0,
+                            test_ccc=dict(report) if test else None)
+
+
+class FakeData:
+    fingerprint = "fake-data-1"
+    path = "<fake>"
+
+
+def fake_components(trainer):
+    return Components(trainer=trainer, measure=fake_measure, space=FakeSpace(), data=FakeData(),
+                      resolve_reference=lambda name: FakeSpec(10), load_spec=lambda s: FakeSpec(json.loads(s)["width"]))
+
+
+def fake_config(tmp_path, **kw):
+    base = dict(study="s", storage=f"sqlite:///{tmp_path}/s.db", budgets=("20k-params",), trials=6, epochs=1.0,
+                final_epochs=8.0, final_k=2, threads=1, seed=3, sampler="random", space=str(tmp_path / "space.toml"))
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_over_budget_candidates_are_recorded_and_never_trained(tmp_path):
+    trainer = FakeTrainer()
+    summary = run_search(fake_config(tmp_path), components=fake_components(trainer))
+    study = load_study("s", f"sqlite:///{tmp_path}/s.db")
+    trials = study.get_trials()
+    search_widths = [w for w, epochs, _ in trainer.calls if epochs == 1.0]
+    rejected = [t for t in trials if t.user_attrs.get("rejected")]
+    trained = [t for t in trials if "ccc" in t.user_attrs and not t.user_attrs.get("reference")
+               and not t.user_attrs.get("rejected")]
+    # references (width 10) train once at search fidelity; every other trained width fits the budget
+    assert sorted(search_widths) == sorted([10] + [t.params["width"] for t in trained])
+    assert all(t.params["width"] <= 20 for t in trained)
+    assert len(trained) == 6 and summary.trained == 6
+    assert summary.rejected == len(rejected) > 0     # width is uniform in 1..64: most draws are over budget
+    for t in rejected:
+        w = t.params["width"]
+        assert t.state == TrialState.COMPLETE
+        assert t.values == [REJECTED_CCC, 1000.0 * w, 100.0 * w]
+        assert t.constraints == {"params": 1000.0 * w - 20_000}
+        assert t.user_attrs["rejected"] == f"over budget: params {1000 * w} > 20000"
+        assert "weights" not in t.user_attrs
+    for t in trained:
+        assert t.values == pytest.approx([0.01 * t.params["width"], 1000.0 * t.params["width"], 100.0 * t.params["width"]])
+        assert t.constraints["params"] <= 0
+
+
+def test_final_stage_retrains_top_k_and_references_with_a_fresh_seed(tmp_path):
+    trainer = FakeTrainer()
+    summary = run_search(fake_config(tmp_path), components=fake_components(trainer))
+    study = load_study("s", f"sqlite:///{tmp_path}/s.db")
+    finals = [(w, seed) for w, epochs, seed in trainer.calls if epochs == 8.0]
+    assert len(finals) == 3                       # final_k = 2 candidates + 1 reference
+    trained = [t for t in study.get_trials() if "ccc" in t.user_attrs and not t.user_attrs.get("rejected")
+               and not t.user_attrs.get("reference")]
+    # with CCC = 0.01 * width and cost = width, every trained trial is on the front: the top 2 by CCC go on
+    top2 = sorted(trained, key=lambda t: -t.params["width"])[:2]
+    assert sorted(w for w, _ in finals) == sorted([10] + [t.params["width"] for t in top2])
+    for t in top2:
+        record = final_record(study, t)
+        assert record["ccc"]["mean"] == pytest.approx(0.01 * t.params["width"] + 0.1)
+        assert record["seed"] != 3 + t.number
+        assert torch.equal(load_trial_weights(study, t)["w"], torch.full((2,), float(t.params["width"])))
+    assert summary.best["number"] == top2[0].number
+    assert summary.reference["reference"] == "fake" or summary.reference["summary"] == "fake w10"
+    assert summary.margin_test == pytest.approx(0.01 * (top2[0].params["width"] - 10))
+
+
+def test_resume_continues_to_n_trained_and_skips_done_work(tmp_path):
+    trainer = FakeTrainer()
+    run_search(fake_config(tmp_path, trials=3), components=fake_components(trainer))
+    first = len(trainer.calls)
+    summary = run_search(fake_config(tmp_path, trials=5), components=fake_components(trainer))
+    again = trainer.calls[first:]
+    assert summary.trained == 5
+    assert len([c for c in again if c[1] == 1.0]) == 2          # two new search trials, reference not retrained
+    summary = run_search(fake_config(tmp_path, trials=5), components=fake_components(trainer))
+    assert summary.trained == 5
+
+
+def test_impossible_budget_is_said_before_training_anything(tmp_path):
+    trainer = FakeTrainer()
+    with pytest.raises(MicroserError, match=r"budget 500-params looks impossible: none of \d+ candidates .* "
+                                            r"\(smallest seen: params \d+000\)"):
+        run_search(fake_config(tmp_path, budgets=("500-params",)), components=fake_components(trainer))
+    assert trainer.calls == []
+
+
+def test_existing_study_with_other_objectives_or_budgets_is_refused(tmp_path):
+    run_search(fake_config(tmp_path, trials=1, final_k=0, references=()), components=fake_components(FakeTrainer()))
+    with pytest.raises(MicroserError, match="created with objectives params,ram_bytes, this run asks for "
+                                            "params,onnx_bytes"):
+        run_search(fake_config(tmp_path, objectives=("params", "onnx_bytes")), components=fake_components(FakeTrainer()))
+    with pytest.raises(MicroserError, match="created with budgets 20k-params, this run asks for 30k-params"):
+        run_search(fake_config(tmp_path, budgets=("30k-params",)), components=fake_components(FakeTrainer()))
+
+
+def test_config_file_keys_match_the_cli_and_flags_override(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text('budgets = ["80k-params"]\ntrials = 7\nfinal-epochs = 20\nobjectives = "params,macs"\n')
+    config = SearchConfig.load(path, trials=9, seed=None)
+    assert (config.budgets, config.trials, config.final_epochs, config.objectives) == (
+        ("80k-params",), 9, 20, ("params", "macs"))
+    assert config.study_name == "search-80k-params"
+    (tmp_path / "bad.toml").write_text("trails = 3\n")
+    with pytest.raises(MicroserError, match="key\\(s\\) trails not known"):
+        SearchConfig.load(tmp_path / "bad.toml")
