@@ -48,12 +48,12 @@ def export_onnx(
        exporter (``dynamo=False``; it maps ``torch.stft`` to ONNX ``STFT`` at
        opset >= 17), input ``"audio"`` with dynamic batch and samples axes,
        output ``"adv"`` with a dynamic batch axis;
-    2. BatchNorm folding: the exporter folds Conv+BN itself; any
-       ``BatchNormalization`` left is folded into a preceding Conv or Gemm that
-       only it consumes, or else replaced by a per-channel ``Mul`` + ``Add``.
-       No ``BatchNormalization`` node remains;
-    3. onnxsim simplification (constant folding, dead code), with the time
+    2. onnxsim simplification (constant folding, dead code), with the time
        axis left dynamic;
+    3. BatchNorm folding: the exporter folds Conv+BN itself; any
+       ``BatchNormalization`` left is folded into a preceding Conv or Gemm that
+       only it consumes, or else replaced by a per-channel ``Mul`` + ``Add``,
+       and the graph is simplified again. No ``BatchNormalization`` node remains;
     4. doc strings stripped (node names are kept);
     5. if ``check``: onnxruntime against PyTorch on random audio of batch 2 at
        two lengths (``sample_seconds`` and 1.37x that), max abs difference
@@ -79,8 +79,9 @@ def export_onnx(
     model.eval()
     try:
         proto = _trace(model, n, opset)
-        proto = fold_batchnorm(proto)
         proto = _simplify(proto)
+        if any(node.op_type == "BatchNormalization" for node in proto.graph.node):
+            proto = _simplify(fold_batchnorm(proto))
         strip_doc_strings(proto)
         if check:
             for length in (n, int(n * 1.37) + 1):
@@ -137,13 +138,15 @@ def strip_doc_strings(proto: onnx.ModelProto) -> None:
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs with a tensor value, by name."""
+    """Initializers, Constant-node outputs with a tensor value and Identity aliases of either, by name."""
     out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     out[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input[0] in out:  # the exporter aliases equal constants
+            out[node.output[0]] = out[node.input[0]]
     return out
 
 
@@ -161,7 +164,6 @@ def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not any(n.op_type == "BatchNormalization" for n in graph.node):
         return proto
     consts = _constants(graph)
-    inits = {t.name: t for t in graph.initializer}
     producer = {o: node for node in graph.node for o in node.output}
     n_uses: dict[str, int] = {}
     for node in graph.node:
@@ -172,7 +174,6 @@ def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
     ranks = _ranks(proto)
 
     new_nodes = []
-    removed: set[int] = set()
     for node in graph.node:
         if node.op_type != "BatchNormalization":
             new_nodes.append(node)
@@ -185,7 +186,7 @@ def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
         s = (consts[gamma] / np.sqrt(consts[var] + eps)).astype(np.float32)
         b = (consts[beta] - consts[mean] * s).astype(np.float32)
         prev = producer.get(x)
-        if prev is not None and id(prev) not in removed and n_uses.get(x, 0) == 1 and _fold_into(graph, prev, s, b, inits):
+        if prev is not None and n_uses.get(x, 0) == 1 and _fold_into(graph, prev, s, b, consts):
             prev.output[0] = node.output[0]  # the folded layer now writes the BN's output
             continue
         rank = ranks.get(x)
@@ -207,8 +208,8 @@ def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _fold_into(graph: onnx.GraphProto, node: onnx.NodeProto, s: np.ndarray, b: np.ndarray, inits: dict) -> bool:
-    """Fold the per-channel affine ``(s, b)`` into a Conv or Gemm's weight/bias initializers; False if impossible."""
+def _fold_into(graph: onnx.GraphProto, node: onnx.NodeProto, s: np.ndarray, b: np.ndarray, consts: dict) -> bool:
+    """Fold the per-channel affine ``(s, b)`` into a Conv or Gemm's constant weight/bias; False if impossible."""
     if node.op_type == "Conv":
         axis = 0
     elif node.op_type == "Gemm":
@@ -218,21 +219,20 @@ def _fold_into(graph: onnx.GraphProto, node: onnx.NodeProto, s: np.ndarray, b: n
         axis = 0 if ("transB" in attrs and attrs["transB"].i == 1) else 1
     else:
         return False
-    if node.input[1] not in inits or (len(node.input) > 2 and node.input[2] and node.input[2] not in inits):
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if node.input[1] not in consts or (has_bias and node.input[2] not in consts):
         return False
-    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    w = consts[node.input[1]].astype(np.float32)
     if w.shape[axis] != len(s):
         return False
     shape = [1] * w.ndim
     shape[axis] = len(s)
-    bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] \
-        else np.zeros(len(s), np.float32)
+    bias = consts[node.input[2]].astype(np.float32) if has_bias else np.zeros(len(s), np.float32)
     if bias.shape != (len(s),):
         return False
     w_name, b_name = node.name + "/folded_weight", node.name + "/folded_bias"
-    inits[w_name] = numpy_helper.from_array(w * s.reshape(shape), w_name)
-    inits[b_name] = numpy_helper.from_array(bias * s + b, b_name)
-    graph.initializer.extend([inits[w_name], inits[b_name]])
+    graph.initializer.extend([numpy_helper.from_array(w * s.reshape(shape), w_name),
+                              numpy_helper.from_array(bias * s + b, b_name)])
     while len(node.input) < 3:
         node.input.append("")
     node.input[1], node.input[2] = w_name, b_name
@@ -240,8 +240,13 @@ def _fold_into(graph: onnx.GraphProto, node: onnx.NodeProto, s: np.ndarray, b: n
 
 
 def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
-    """Tensor ranks from ONNX shape inference (dynamic dims are fine: only the rank is needed)."""
-    inferred = onnx.shape_inference.infer_shapes(proto)
+    """Tensor ranks from ONNX shape inference, with dynamic input dims bound (STFT needs a known length)."""
+    bound = onnx.ModelProto.FromString(proto.SerializeToString())
+    for info in bound.graph.input:
+        for i, dim in enumerate(info.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                dim.dim_value = 1 if i == 0 else SAMPLE_RATE
+    inferred = onnx.shape_inference.infer_shapes(bound, data_prop=True)
     graph = inferred.graph
     out = {}
     for info in list(graph.input) + list(graph.value_info) + list(graph.output):
