@@ -205,7 +205,7 @@ def synthesize(latent, speaker: Speaker, rng: np.random.Generator) -> np.ndarray
         bump = np.exp(-0.5 * ((np.arange(s0, s1) - c) / (0.3 * w)) ** 2)
         log_f0[s0:s1] += accent * rng.uniform(0.2, 1.0) * bump
     drift = np.cumsum(rng.normal(0.0, 1.0, n // 160 + 2))
-    log_f0 += 0.02 * np.interp(np.arange(n) / 160, np.arange(drift.size), drift - drift.mean())
+    log_f0 += 0.005 * np.interp(np.arange(n) / 160, np.arange(drift.size), drift - drift.mean())
     f0 = np.clip(2.0**log_f0, 55.0, 600.0)
 
     # --- glottal source: Rosenberg pulses with jitter, shimmer, roughness, aspiration ---
@@ -214,7 +214,10 @@ def synthesize(latent, speaker: Speaker, rng: np.random.Generator) -> np.ndarray
     rough = 0.25 * max(0.0, 0.5 - v) * 2.0  # period-doubling depth, only for negative valence
     oq = float(np.clip(0.78 - 0.38 * a + speaker.open_quotient, 0.3, 0.9))
     closing = 0.42 - 0.22 * a  # closing phase as a fraction of the open phase: shorter = brighter
-    breath = 0.06 + 0.30 * (1.0 - a) ** 2
+    breath = 0.04 + 0.20 * (1.0 - a) ** 2
+    # Return phase (as in the LF model): a one-pole low-pass on the pulses; lax voice rolls off from
+    # ~600 Hz, tense voice from ~5 kHz, so arousal shows in the spectral tilt at any level.
+    return_pole = np.exp(-2.0 * np.pi * 600.0 * 8.0**a * np.exp(rng.normal(0.0, 0.1)) / sr)
 
     phase0 = np.cumsum(f0) / sr
     n_periods = int(phase0[-1]) + 2
@@ -233,8 +236,9 @@ def synthesize(latent, speaker: Speaker, rng: np.random.Generator) -> np.ndarray
     period_amp[1::2] *= 1.0 - rough
     flow *= period_amp[k]
     source = np.diff(flow, prepend=0.0) * (sr / f0.mean()) / 8.0  # flow derivative, about unit level
+    source = signal.lfilter([1.0 - return_pole], [1.0, -return_pole], source)
     noise = rng.standard_normal(n)
-    source += breath * (0.3 + flow) * np.diff(noise, prepend=0.0) * 0.25
+    source += breath * (0.3 + flow) * noise * 0.1
     source *= envelope * voiced
 
     # --- vocal tract: cascaded formant resonators, gliding between syllable vowels ---
@@ -360,3 +364,160 @@ def _channel(speech: np.ndarray, a: float, d: float, rng) -> np.ndarray:
     if peak > 0.98:
         x *= 0.98 / peak
     return x.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# on disk: the corpus folder and the demo cache
+# ---------------------------------------------------------------------------------------------
+
+_MARKER = ".microser-demo"  # written first: a folder with it (and no demo.json) is an interrupted demo write
+
+
+def _request(n_clips: int, n_speakers: int, seed: int) -> dict:
+    return {"generator_version": GENERATOR_VERSION, "seed": int(seed), "n_clips": int(n_clips),
+            "n_speakers": int(n_speakers), "sample_rate": SAMPLE_RATE}
+
+
+def _matches(out_dir: Path, request: dict) -> bool:
+    """Whether ``out_dir`` holds a complete corpus written for exactly ``request``."""
+    try:
+        meta = json.loads((out_dir / "demo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(meta.get(k) == v for k, v in request.items()) and (out_dir / "labels.csv").is_file()
+
+
+def write_demo_corpus(out_dir, *, n_clips: int = 1000, n_speakers: int = 24, seed: int = 0) -> Path:
+    """Generate the corpus and write it as WAV files plus ``labels.csv`` and ``demo.json``; returns the CSV's path.
+
+    Layout::
+
+        out_dir/audio/<speaker>/<speaker>_<clip>.wav   16 kHz mono int16
+        out_dir/labels.csv   path (relative to the CSV), speaker, arousal, dominance, valence (the teacher's
+                             outputs: latents + noise), latent_arousal, latent_dominance, latent_valence
+        out_dir/demo.json    generator version, seed, counts, CCC ceiling, durations (written last)
+
+    Idempotent: when ``demo.json`` already describes this request, nothing is
+    written. A folder that holds other files is refused, never overwritten.
+    """
+    import soundfile as sf
+
+    out_dir = Path(out_dir)
+    request = _request(n_clips, n_speakers, seed)
+    if _matches(out_dir, request):
+        return out_dir / "labels.csv"
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (
+        (out_dir / _MARKER).is_file() or (out_dir / "demo.json").is_file()
+    ):
+        raise MicroserError(
+            f"demo folder {out_dir} already holds other files (no demo.json): pass an empty or new folder"
+        )
+    corpus = generate_corpus(n_clips=n_clips, n_speakers=n_speakers, seed=seed)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / _MARKER).write_text("a microser demo corpus is being written here\n")
+    (out_dir / "demo.json").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "audio", ignore_errors=True)
+    rows = []
+    for i, (x, spk) in enumerate(zip(corpus.audio, corpus.speakers)):
+        rel = f"audio/{spk}/{spk}_{i:05d}.wav"
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(out_dir / rel, x, SAMPLE_RATE, subtype="PCM_16")
+        rows.append([rel, spk, *(f"{v:.6f}" for v in corpus.targets[i]), *(f"{v:.6f}" for v in corpus.latents[i])])
+    tmp = out_dir / "labels.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "speaker", *TARGETS, *(f"latent_{t}" for t in TARGETS)])
+        w.writerows(rows)
+    os.replace(tmp, out_dir / "labels.csv")
+
+    d = corpus.durations
+    meta = {
+        "format": "microser-demo",
+        **request,
+        "synthetic": True,
+        "speaker_groups": {g: sum(s.group == g for s in corpus.speaker_table) for g in SPEAKER_GROUPS},
+        "teacher_noise_sd": TEACHER_NOISE_SD,
+        "ceiling_ccc": {k: round(v, 6) for k, v in corpus.ceiling.items()},
+        "durations": {"total_seconds": round(float(d.sum()), 3), "min_seconds": round(float(d.min()), 3),
+                      "max_seconds": round(float(d.max()), 3), "mean_seconds": round(float(d.mean()), 3)},
+        "microser_version": __version__,
+    }
+    tmp = out_dir / "demo.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out_dir / "demo.json")
+    (out_dir / _MARKER).unlink(missing_ok=True)
+    return out_dir / "labels.csv"
+
+
+def default_demo_dir() -> Path:
+    """Where the demo lives by default: ``$MICROSER_HOME/demo``, with MICROSER_HOME defaulting to ~/.cache/microser."""
+    return Path(os.environ.get("MICROSER_HOME") or "~/.cache/microser").expanduser() / "demo"
+
+
+def ensure_demo_cache(root=None, *, progress=None, **gen_kwargs) -> Path:
+    """The demo teacher cache at ``root/cache`` (corpus at ``root/corpus``), written if not already complete.
+
+    ``root`` defaults to `default_demo_dir`; ``gen_kwargs`` (``n_clips``,
+    ``n_speakers``, ``seed``) go to `write_demo_corpus`; ``progress`` to
+    `microser.cache.build_cache`. A corpus written for another request is
+    replaced, and the cache built from it is removed first, so the cache
+    always describes the corpus beside it. An interrupted build resumes.
+    """
+    from microser.cache import Cache, build_cache
+
+    root = Path(root) if root is not None else default_demo_dir()
+    kwargs = {"n_clips": 1000, "n_speakers": 24, "seed": 0, **gen_kwargs}
+    unknown = set(kwargs) - {"n_clips", "n_speakers", "seed"}
+    if unknown:
+        raise TypeError(f"ensure_demo_cache got unexpected arguments {sorted(unknown)}")
+    corpus_dir, cache_dir = root / "corpus", root / "cache"
+    if not _matches(corpus_dir, _request(**kwargs)):
+        shutil.rmtree(cache_dir, ignore_errors=True)  # built from another corpus (or none): never mixed
+    labels = write_demo_corpus(corpus_dir, **kwargs)
+    try:
+        if len(Cache.open(cache_dir)) == kwargs["n_clips"]:
+            return cache_dir
+    except MicroserError:
+        pass  # missing or interrupted: build_cache creates or resumes it
+    build_cache(labels, ["demo"], cache_dir, progress=progress)
+    return cache_dir
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    """What `build_demo` produced: where, how much, and the CCC ceiling the teacher noise leaves."""
+
+    root: Path
+    corpus: Path  # the labels.csv
+    cache: Path
+    n_clips: int
+    n_speakers: int
+    seed: int
+    n_items: int
+    splits: dict  # split name -> items
+    audio_seconds: float
+    ceiling: dict  # TARGETS + "mean" -> CCC
+    elapsed_seconds: float
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def build_demo(root=None, *, n_clips: int = 1000, n_speakers: int = 24, seed: int = 0, progress=None) -> DemoReport:
+    """`ensure_demo_cache` plus a summary, for `microser demo`."""
+    from microser.cache import Cache
+
+    t0 = time.perf_counter()
+    root = Path(root) if root is not None else default_demo_dir()
+    cache_dir = ensure_demo_cache(root, n_clips=n_clips, n_speakers=n_speakers, seed=seed, progress=progress)
+    cache = Cache.open(cache_dir)
+    meta = json.loads((root / "corpus" / "demo.json").read_text())
+    splits = {}
+    for item in cache.items:
+        splits[item["split"]] = splits.get(item["split"], 0) + 1
+    return DemoReport(
+        root=root, corpus=root / "corpus" / "labels.csv", cache=cache_dir, n_clips=n_clips, n_speakers=n_speakers,
+        seed=seed, n_items=len(cache), splits=splits, audio_seconds=meta["durations"]["total_seconds"],
+        ceiling=meta["ceiling_ccc"], elapsed_seconds=time.perf_counter() - t0,
+    )
