@@ -101,6 +101,27 @@ def cache_verify(path: Annotated[Path, typer.Argument(help="Cache folder.")]) ->
         raise typer.Exit(1)
 
 
+# -- demo --
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Demo folder (corpus/ and cache/ inside). "
+                                                "Default: $MICROSER_HOME/demo, i.e. ~/.cache/microser/demo.")] = None,
+    clips: Annotated[int, typer.Option("--clips", help="Number of synthetic clips (1.5-4 s each).")] = 1000,
+    speakers: Annotated[int, typer.Option("--speakers", help="Number of synthetic speakers.")] = 24,
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same audio).")] = 0,
+    json_: JsonOpt = False,
+) -> None:
+    """Build the embedded SYNTHETIC demo corpus and its teacher cache (no download; reused when present)."""
+    from microser import show
+    from microser.demo import build_demo
+
+    with show.cache_progress() as progress:
+        report = build_demo(out, n_clips=clips, n_speakers=speakers, seed=seed, progress=progress)
+    show.demo_built(report, as_json=json_)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning MicroserError into a one-line message (exit 2)."""
     try:

@@ -157,10 +157,11 @@ def generate_corpus(*, n_clips: int = 1000, n_speakers: int = 24, seed: int = 0)
     ``i % n_speakers``, so a small corpus is the start of a larger one.
     """
     if n_clips < 2:
-        raise MicroserError(f"demo corpus n_clips={n_clips} is too small: expected at least 2 clips")
+        raise MicroserError(f"demo corpus n_clips={n_clips} is too small: expected at least 2 clips (--clips 2 or more)")
     if not 1 <= n_speakers <= n_clips:
         raise MicroserError(
-            f"demo corpus n_speakers={n_speakers} does not fit n_clips={n_clips}: expected 1 <= speakers <= clips"
+            f"demo corpus n_speakers={n_speakers} does not fit n_clips={n_clips}: expected 1 <= speakers <= clips "
+            "(lower --speakers or raise --clips)"
         )
     speakers = make_speakers(n_speakers, seed)
     audio, names = [], []

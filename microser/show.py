@@ -102,3 +102,20 @@ def cache_verified(path, problems: list[str]) -> None:
         return
     for p in problems:
         err_console.print(f"{path}: {p}", markup=False, highlight=False)
+
+
+# ---- demo (microser demo) ----
+
+
+def demo_built(report, as_json: bool = False) -> None:
+    """`microser demo`: where the synthetic corpus and its cache are, counts, and the teacher-noise CCC ceiling."""
+    if as_json:
+        print_json(report.to_dict())
+        return
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(report.splits.items()))
+    ceiling = ", ".join(f"{k} {v:.3f}" for k, v in report.ceiling.items())
+    console.print(f"demo cache [bold]{report.cache}[/] (SYNTHETIC speech, seed {report.seed})", highlight=False)
+    console.print(f"  {report.n_items} items from {report.n_clips} clips, {report.n_speakers} speakers, "
+                  f"{report.audio_seconds / 60:.1f} min; splits: {splits}", highlight=False)
+    console.print(f"  corpus {report.corpus}", highlight=False)
+    console.print(f"  CCC ceiling left by the simulated teacher's noise: {ceiling}", highlight=False)
