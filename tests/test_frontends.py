@@ -1,0 +1,223 @@
+"""Front-ends: framing, STFT power (PyTorch and ONNX Runtime) against numpy.fft, mel against torchaudio, PCEN, streaming."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torchaudio
+
+from microser.errors import MicroserError
+from microser.frontends import (
+    LOG_FLOOR, PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R, PRENORM_EPS, Frontend, FrontendSpec, num_frames, pcen_fir,
+    pcen_taps,
+)
+
+
+def audio(n: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Speech-like test signal: a harmonic tone with a slow envelope, plus noise and a DC offset."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n) / 16000
+    tone = torch.sin(2 * math.pi * 180 * t) + 0.5 * torch.sin(2 * math.pi * 360 * t)
+    env = 0.5 + 0.4 * torch.sin(2 * math.pi * 3 * t)
+    return (0.3 * tone * env + 0.05 * torch.randn(batch, n, generator=g) + 0.02).float()
+
+
+# ---- numpy reference of the documented computation ----
+
+
+def np_prenorm(x: np.ndarray, mode: str) -> np.ndarray:
+    x = x.astype(np.float64)
+    if mode == "clip":
+        return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + PRENORM_EPS)
+    if mode == "running":
+        out = np.zeros_like(x)
+        for b in range(x.shape[0]):
+            s = s2 = 0.0
+            for t in range(x.shape[1]):  # two running sums, as firmware would keep them
+                s += x[b, t]
+                s2 += x[b, t] ** 2
+                mu = s / (t + 1)
+                out[b, t] = (x[b, t] - mu) / (math.sqrt(max(s2 / (t + 1) - mu * mu, 0.0)) + PRENORM_EPS)
+        return out
+    return x
+
+
+def np_power(x: np.ndarray, spec: FrontendSpec) -> np.ndarray:
+    """(B, T) -> (B, frames, n_fft//2+1), framing written out from the module docstring."""
+    x = np_prenorm(x, spec.prenorm)
+    left = spec.n_fft // 2 if spec.center else 0
+    right = left + (spec.hop - 1 if spec.pad_end else 0)
+    x = np.pad(x, ((0, 0), (left, right)))
+    frames = 1 + (x.shape[1] - spec.n_fft) // spec.hop
+    win = spec.window_length
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)  # periodic Hann
+    window = np.zeros(spec.n_fft)
+    window[(spec.n_fft - win) // 2:(spec.n_fft - win) // 2 + win] = hann
+    out = []
+    for k in range(frames):
+        frame = x[:, k * spec.hop:k * spec.hop + spec.n_fft]
+        if spec.prenorm == "window":
+            frame = (frame - frame.mean(1, keepdims=True)) / (frame.std(1, keepdims=True) + PRENORM_EPS)
+        out.append(np.abs(np.fft.rfft(frame * window, axis=1)) ** 2)
+    return np.stack(out, 1)
+
+
+class PowerOnly(torch.nn.Module):
+    """The front-end up to the power spectrum, for checking that part alone in onnxruntime."""
+
+    def __init__(self, spec: FrontendSpec):
+        super().__init__()
+        self.fe = Frontend(spec)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.fe.power(self.fe.prenorm(audio))
+
+
+def run_onnx(module: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Export with a dynamic time axis at one length, run at the length of ``x``."""
+    f = io.BytesIO()
+    torch.onnx.export(module.eval(), (torch.zeros(1, 3000),), f, opset_version=17, dynamo=False,
+                      dynamic_axes={"audio": {0: "batch", 1: "samples"}}, input_names=["audio"], output_names=["y"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(f.getvalue(), options).run(None, {"audio": x.numpy()})[0]
+
+
+SPECS = [
+    FrontendSpec(prenorm="none", n_fft=512, hop=160),
+    FrontendSpec(prenorm="clip", n_fft=400, hop=160, center=True),
+    FrontendSpec(prenorm="running", n_fft=256, hop=128, pad_end=True),
+    FrontendSpec(prenorm="window", n_fft=512, hop=320, win_length=400, center=True, pad_end=True),
+    FrontendSpec(prenorm="clip", n_fft=64, hop=32, n_mels=26),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.summary())
+def test_power_spectrum_equals_numpy_fft_in_torch_and_onnxruntime(spec):
+    x = audio(4003)
+    want = np_power(x.numpy(), spec)
+    assert want.shape[1] == num_frames(spec, 4003)
+    scale = want.max()
+    with torch.no_grad():
+        got = PowerOnly(spec)(x).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5 * scale
+    got_onnx = run_onnx(PowerOnly(spec), x)
+    assert got_onnx.shape == want.shape
+    assert np.abs(got_onnx - want).max() <= 1e-5 * scale
+
+
+def test_frame_counts_by_hand():
+    # 1 s at 512/160: no padding 1 + 15488 // 160 = 97; pad_end adds 159 zeros: 1 + 15647 // 160 = 98;
+    # center adds 256 + 256: 1 + 16000 // 160 = 101; both: 1 + 16159 // 160 = 101.
+    base = dict(n_fft=512, hop=160)
+    assert num_frames(FrontendSpec(**base), 16000) == 97
+    assert num_frames(FrontendSpec(**base, pad_end=True), 16000) == 98
+    assert num_frames(FrontendSpec(**base, center=True), 16000) == 101
+    assert num_frames(FrontendSpec(**base, center=True, pad_end=True), 16000) == 101
+    assert num_frames(FrontendSpec(**base), 511) == 0
+    # Wav2Small: 64/32 on 1 s: 1 + 15936 // 32 = 499 frames, as in the paper's 13 x 499 x 26 activations
+    assert num_frames(FrontendSpec(n_fft=64, hop=32), 16000) == 499
+    with torch.no_grad():
+        assert Frontend(FrontendSpec(**base, pad_end=True))(audio(16000, 1)).shape == (1, 1, 98, 40)
+
+
+def test_log_mel_equals_torchaudio_melspectrogram():
+    spec = FrontendSpec(prenorm="none", n_fft=512, hop=160, win_length=400, n_mels=40, fmin=20.0, fmax=7600.0)
+    fe = Frontend(spec)
+    reference = torchaudio.functional.melscale_fbanks(257, 20.0, 7600.0, 40, 16000, norm=None, mel_scale="htk")
+    assert torch.equal(fe.fb, reference)
+    assert isinstance(fe.fb, torch.Tensor) and not isinstance(fe.fb, torch.nn.Parameter)
+    x = audio(8000)
+    mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=160, f_min=20.0,
+                                               f_max=7600.0, n_mels=40, center=False, power=2.0, norm=None,
+                                               mel_scale="htk")(x)  # (B, n_mels, frames)
+    want = 10 * torch.log10(torch.clamp(mel, min=LOG_FLOOR)).transpose(1, 2).unsqueeze(1)
+    with torch.no_grad():
+        got = fe(x)
+    assert got.shape == want.shape == (2, 1, num_frames(spec, 8000), 40)
+    assert torch.allclose(got, want, atol=1e-3)  # dB
+
+
+def test_clip_prenorm_gives_zero_mean_unit_std():
+    with torch.no_grad():
+        y = Frontend(FrontendSpec(prenorm="clip")).prenorm(audio(5000) * 7 + 3)
+    assert torch.allclose(y.mean(1), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(y.std(1, unbiased=False), torch.ones(2), atol=1e-5)
+
+
+def test_running_prenorm_equals_running_sums():
+    x = audio(600)
+    with torch.no_grad():
+        y = Frontend(FrontendSpec(prenorm="running")).prenorm(x).numpy()
+    assert np.abs(y - np_prenorm(x.numpy(), "running")).max() < 1e-3
+    assert y[0, 0] == 0.0
+
+
+def test_pcen_equals_its_formula_with_a_causal_fir():
+    spec = FrontendSpec(prenorm="none", n_fft=256, hop=128, n_mels=20, compression="pcen")
+    x = audio(6000)
+    # three time constants of 0.4 s at 125 frames/s: ceil(3 * 50) = 150 taps
+    assert pcen_taps(128) == 150 and pcen_taps(160) == 120
+    h = pcen_fir(128).double().numpy()
+    assert abs(h.sum() - 1) < 1e-6 and np.all(np.diff(h) < 0)
+    energy = np_power(x.numpy(), spec) @ Frontend(spec).fb.double().numpy()  # (B, frames, n_mels)
+    smooth = np.zeros_like(energy)
+    for t in range(energy.shape[1]):
+        for k in range(min(len(h), t + 1)):
+            smooth[:, t] += h[k] * energy[:, t - k]
+    want = (energy / (PCEN_EPS + smooth) ** PCEN_ALPHA + PCEN_DELTA) ** PCEN_R - PCEN_DELTA ** PCEN_R
+    with torch.no_grad():
+        got = Frontend(spec)(x)[:, 0].double().numpy()
+    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(run_onnx(Frontend(spec), x)[:, 0] - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("prenorm", ["none", "running", "window"])
+@pytest.mark.parametrize("compression", ["log", "pcen"])
+def test_streaming_safe_front_ends_do_not_look_ahead(prenorm, compression):
+    """A prefix of the audio gives exactly the leading frames of the whole: firmware can stream it."""
+    spec = FrontendSpec(prenorm=prenorm, n_fft=400, hop=160, n_mels=32, compression=compression)
+    x = audio(9000)
+    fe = Frontend(spec)
+    with torch.no_grad():
+        whole, prefix = fe(x), fe(x[:, :5000])
+    n = prefix.shape[2]
+    assert n == num_frames(spec, 5000) and n < whole.shape[2]
+    assert torch.allclose(prefix, whole[:, :, :n], atol=2e-3, rtol=1e-4)
+
+
+def test_clip_prenorm_looks_at_the_whole_clip():
+    fe = Frontend(FrontendSpec(prenorm="clip", n_fft=400, hop=160))
+    x = audio(9000)
+    x[:, 5000:] *= 10  # a louder second half changes the clip statistics
+    with torch.no_grad():
+        whole, prefix = fe(x), fe(x[:, :5000])
+    assert not torch.allclose(prefix, whole[:, :, :prefix.shape[2]], atol=0.1)
+
+
+def test_learnable_filterbank_starts_at_mel_and_trains():
+    spec = FrontendSpec(filterbank="learnable", n_mels=24)
+    fe = Frontend(spec)
+    assert isinstance(fe.fb, torch.nn.Parameter)
+    assert torch.equal(fe.fb.detach(), Frontend(FrontendSpec(n_mels=24)).fb)
+    fe(audio(4000)).sum().backward()
+    assert fe.fb.grad is not None and fe.fb.grad.abs().sum() > 0
+
+
+def test_frontend_spec_refuses_bad_values():
+    with pytest.raises(MicroserError, match=r"frontend.prenorm: 'global' is not allowed, expected one of 'none'"):
+        FrontendSpec(prenorm="global")
+    with pytest.raises(MicroserError, match=r"frontend.n_fft: '512' is a str, expected an int"):
+        FrontendSpec.from_dict({**FrontendSpec().to_dict(), "n_fft": "512"})
+    with pytest.raises(MicroserError, match=r"frontend.center: 1 is a int, expected a bool"):
+        FrontendSpec(center=1)
+    with pytest.raises(MicroserError, match=r"frontend.win_length: 600 exceeds n_fft 512"):
+        FrontendSpec(win_length=600)
+    with pytest.raises(MicroserError, match=r"spec key 'frontend.nfft' is unknown: allowed keys there are prenorm"):
+        FrontendSpec.from_dict({"nfft": 512})
