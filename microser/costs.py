@@ -197,17 +197,19 @@ _CUSTOM_THOP_RULES = {
 
 
 def stft_macs(n_fft: int, frames: int) -> int:
-    """MACs of an STFT plus power spectrum: ``frames * (n_fft + 4 * (n_fft/2) * log2(n_fft) + 2 * (n_fft//2 + 1))``.
+    """MACs of an STFT computed as an FFT: ``frames * (n_fft + round(2 * n_fft * log2(n_fft)))``.
 
-    Per frame: ``n_fft`` window multiplies; a radix-2 FFT of
-    ``(n_fft/2) * log2(n_fft)`` complex butterflies, each one complex multiply
-    (4 real MACs); ``|X|^2`` of the ``n_fft//2 + 1`` one-sided bins (2 MACs
-    each). The firmware runs an FFT, not a DFT matrix product.
+    Per frame: ``n_fft`` window multiplies, then a radix-2 FFT of
+    ``(n_fft / 2) * log2(n_fft)`` complex butterflies, each one complex
+    multiply (4 real MACs). For an ``n_fft`` that is not a power of two the
+    same formula with the real ``log2`` stands for a mixed-radix FFT. The
+    power spectrum that follows (``z * z``) is counted where it is computed.
+    The firmware runs an FFT, not a DFT matrix product.
 
-    >>> stft_macs(64, 1)
-    898
+    >>> stft_macs(64, 1)  # 64 + 4 * 32 * 6
+    832
     """
-    return int(frames * (n_fft + 4 * (n_fft // 2) * math.log2(n_fft) + 2 * (n_fft // 2 + 1)))
+    return int(frames) * (int(n_fft) + int(round(2 * n_fft * math.log2(n_fft))))
 
 
 class _FunctionalMacs(torch.overrides.TorchFunctionMode):
@@ -223,7 +225,7 @@ class _FunctionalMacs(torch.overrides.TorchFunctionMode):
     - ``einsum`` of two operands: the product of the sizes of all indices;
     - ``conv1d/2d/3d``: ``numel(out) * (C_in / groups) * prod(kernel)``;
       ``linear``: ``numel(out) * in_features`` (thop's conv/linear rules);
-    - ``stft``: :func:`stft_macs` per signal (includes the power spectrum);
+    - ``stft``: :func:`stft_macs` per signal;
     - ``softmax``: thop's rule, ``rows * (3 n - 1)``;
     - ``mul``/``*`` of two activations: one MAC per output element, e.g.
       attention weights times values or a squeeze-excitation gate. Products

@@ -109,14 +109,22 @@ def _trace(model: torch.nn.Module, n_samples: int, opset: int) -> onnx.ModelProt
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch", 1: "samples"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=True,
+            keep_initializers_as_inputs=True,  # True skips the exporter's deduplication of equal initializers
         )
-    return onnx.load_from_string(buffer.getvalue())
+    proto = onnx.load_from_string(buffer.getvalue())
+    constant = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in constant]  # weights are constants, not inputs
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    return proto
 
 
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     import onnxsim
 
-    simplified, ok = onnxsim.simplify(proto)
+    # no deduplication of equal initializers: an untrained model's folded BN biases are all equal, a trained
+    # one's are not, and the parameter count and file size must not depend on the weights' values
+    simplified, ok = onnxsim.simplify(proto, skipped_optimizers=["eliminate_duplicate_initializer"])
     if not ok:
         raise MicroserError("onnxsim could not verify the simplified model: expected an equivalent graph; "
                             "report the model spec (spec.summary()) as a bug")
