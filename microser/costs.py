@@ -356,6 +356,7 @@ class RamPlan:
     peak_step: str  # name of the node executing at the peak (op type and index when unnamed)
     live: tuple[LiveTensor, ...]  # activations alive at the peak step, largest first
     step_bytes: tuple[int, ...]  # live bytes at every node, in execution order
+    step_names: tuple[str, ...]  # the node at every step
     input_samples: int
     int8: bool
 
@@ -438,12 +439,13 @@ def ram_plan(onnx_model, input_samples: int, *, int8: bool = True) -> RamPlan:
                             "export one with microser.onnxio.export_onnx")
     peak = int(np.argmax(step_bytes))
     live = sorted((t for name, t in tensors.items() if born[name] <= peak <= last[name]), key=lambda t: -t.bytes)
-    node = nodes[peak]
+    names = tuple(node.name or f"{node.op_type}#{step}" for step, node in enumerate(nodes))
     return RamPlan(
         peak_bytes=int(step_bytes[peak]),
-        peak_step=node.name or f"{node.op_type}#{peak}",
+        peak_step=names[peak],
         live=tuple(live),
         step_bytes=tuple(int(b) for b in step_bytes),
+        step_names=names,
         input_samples=int(input_samples),
         int8=bool(int8),
     )
