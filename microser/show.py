@@ -101,7 +101,7 @@ def cache_verified(path, problems: list[str]) -> None:
         console.print(f"{path}: ok")
         return
     for p in problems:
-        err_console.print(f"{path}: {p}", markup=False, highlight=False)
+        err_console.print(f"{path}: {p}", markup=False, highlight=False, soft_wrap=True)
 
 
 # ---- demo (microser demo) ----
