@@ -107,28 +107,31 @@ class Rule:
             allowed = f"a list{f' of at least {self.min_items} items' if self.min_items else ''}, each {allowed}"
         return allowed + (" or null" if self.optional else "")
 
-    def check_item(self, where: str, value: Any) -> Any:
-        """Return ``value`` converted to the field's type (int -> float only), or raise MicroserError."""
+    def check_item(self, key: str, value: Any, label: str = "spec key") -> Any:
+        """Return ``value`` converted to the field's type (int -> float only), or raise MicroserError.
+
+        Messages read ``<label> '<key>': <value> ..., expected <allowed values>``.
+        """
         ok_type = isinstance(value, self.type) and not (self.type is not bool and isinstance(value, bool))
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok_type = float(value), True
         if not ok_type:
-            raise MicroserError(f"{where}: {value!r} is a {type(value).__name__}, expected {self.describe()}")
+            raise MicroserError(f"{label} '{key}': {value!r} is a {type(value).__name__}, expected {self.describe()}")
         if self.choices and value not in self.choices:
-            raise MicroserError(f"{where}: {value!r} is not allowed, expected {self.describe()}")
+            raise MicroserError(f"{label} '{key}': {value!r} is not allowed, expected {self.describe()}")
         if self.low is not None and not (self.low <= value <= self.high):
-            raise MicroserError(f"{where}: {value!r} is out of range, expected {self.describe()}")
+            raise MicroserError(f"{label} '{key}': {value!r} is out of range, expected {self.describe()}")
         return value
 
-    def check(self, where: str, value: Any) -> Any:
+    def check(self, key: str, value: Any, label: str = "spec key") -> Any:
         """Validate and normalise a whole field value (lists become tuples for per-item fields)."""
         if value is None and self.optional:
             return None
         if self.per_item:
             if not isinstance(value, (list, tuple)) or len(value) < self.min_items:
-                raise MicroserError(f"{where}: {value!r} is not allowed, expected {self.describe()}")
-            return tuple(self.check_item(f"{where}[{i}]", v) for i, v in enumerate(value))
-        return self.check_item(where, value)
+                raise MicroserError(f"{label} '{key}': {value!r} is not allowed, expected {self.describe()}")
+            return tuple(self.check_item(f"{key}[{i}]", v, label) for i, v in enumerate(value))
+        return self.check_item(key, value, label)
 
 
 def check_fields(obj, prefix: str) -> None:
@@ -141,7 +144,7 @@ def check_fields(obj, prefix: str) -> None:
 def spec_from_dict(cls, data: Any, prefix: str):
     """Build a spec dataclass from a JSON-like dict, refusing unknown and missing keys with MicroserError."""
     if not isinstance(data, dict):
-        raise MicroserError(f"{prefix.rstrip('.') or 'spec'}: expected a JSON object, got {type(data).__name__}")
+        raise MicroserError(f"spec key '{prefix.rstrip('.')}': expected a JSON object, got {type(data).__name__}")
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -195,10 +198,10 @@ class FrontendSpec:
     def __post_init__(self):
         check_fields(self, "frontend.")
         if self.win_length is not None and self.win_length > self.n_fft:
-            raise MicroserError(f"frontend.win_length: {self.win_length} exceeds n_fft {self.n_fft}; "
+            raise MicroserError(f"spec key 'frontend.win_length': {self.win_length} exceeds n_fft {self.n_fft}; "
                                 "use win_length <= n_fft or null")
         if self.fmin >= self.fmax:
-            raise MicroserError(f"frontend.fmin: {self.fmin} must be below fmax {self.fmax}")
+            raise MicroserError(f"spec key 'frontend.fmin': {self.fmin} must be below fmax {self.fmax}")
 
     @property
     def window_length(self) -> int:
@@ -210,7 +213,8 @@ class FrontendSpec:
 
     def summary(self) -> str:
         """Short text, e.g. ``stft512/160 m40 log clip``."""
-        parts = [f"stft{self.n_fft}/{self.hop}" + (f"w{self.win_length}" if self.win_length not in (None, self.n_fft) else "")]
+        win = f"w{self.win_length}" if self.win_length not in (None, self.n_fft) else ""
+        parts = [f"stft{self.n_fft}/{self.hop}{win}"]
         if self.center:
             parts.append("center")
         if self.pad_end:

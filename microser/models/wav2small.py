@@ -70,9 +70,10 @@ class Wav2SmallBody:
     def __post_init__(self):
         check_fields(self, "body.")
         if len(self.channels) > 32:
-            raise MicroserError(f"body.channels: {len(self.channels)} blocks, expected at most 32")
-        if list(self.pool_after) != sorted(set(self.pool_after)) or any(i >= len(self.channels) for i in self.pool_after):
-            raise MicroserError(f"body.pool_after: {list(self.pool_after)} must be increasing block indices below "
+            raise MicroserError(f"spec key 'body.channels': {len(self.channels)} blocks, expected at most 32")
+        pools = list(self.pool_after)
+        if pools != sorted(set(pools)) or any(i >= len(self.channels) for i in pools):
+            raise MicroserError(f"spec key 'body.pool_after': {pools} must be increasing block indices below "
                                 f"the depth {len(self.channels)}")
 
     @property
