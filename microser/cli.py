@@ -122,12 +122,27 @@ def demo(
     show.demo_built(report, as_json=json_)
 
 
+# -- describe --
+
+
+@app.command("describe")
+def describe(
+    spec: Annotated[str, typer.Argument(help="Reference name (wav2small-ref, mobilenetv3-s, mobilenetv4-s), "
+                                        "spec JSON or a .json file.")],
+    input_seconds: InputSeconds = 1.0,
+    json_: JsonOpt = False,
+) -> None:
+    """Print every cost of one architecture: params, MACs, ONNX bytes, peak RAM (int8 and fp32)."""
+    from microser import show
+    from microser.costs import measure_report
+
+    show.cost_report(measure_report(spec, input_seconds=input_seconds), as_json=json_)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning MicroserError into a one-line message (exit 2)."""
     try:
-        code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        app(args=argv, standalone_mode=False)
     except MicroserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -119,3 +119,29 @@ def demo_built(report, as_json: bool = False) -> None:
                   f"{report.audio_seconds / 60:.1f} min; splits: {splits}", highlight=False)
     console.print(f"  corpus {report.corpus}", highlight=False)
     console.print(f"  CCC ceiling left by the simulated teacher's noise: {ceiling}", highlight=False)
+
+
+# ---- costs (microser describe) ----
+
+
+def cost_report(report, as_json: bool = False) -> None:
+    """`microser describe`: every cost of one architecture, with the step where RAM peaks."""
+    if as_json:
+        print_json(report.to_dict())
+        return
+    from rich.table import Table
+
+    c, plan, plan32 = report.costs, report.plan, report.plan_fp32
+    table = Table("cost", "value", "", title=f"{report.name}  (at --input-seconds {c.input_seconds:g})")
+    table.add_row("params", f"{c.params:,}", "constants of the BN-folded ONNX graph (weights, mel, window)")
+    table.add_row("trainable params", f"{c.trainable_params:,}", "PyTorch, BN included")
+    table.add_row("MACs", f"{c.macs:,}", "one clip; STFT as an FFT")
+    table.add_row("ONNX", f"{c.onnx_bytes / 1000:,.1f} KB", "fp32 file")
+    table.add_row("peak RAM int8", f"{c.ram_bytes / 1000:,.1f} KB", f"at {plan.peak_step} (budgets use this)")
+    table.add_row("peak RAM fp32", f"{c.ram_bytes_fp32 / 1000:,.1f} KB", f"at {plan32.peak_step}")
+    console.print(table)
+    live = ", ".join(f"{t.name} {'x'.join(map(str, t.shape))} {'int8' if t.bytes_per_element == 1 else 'float'}"
+                     for t in plan.live[:4])
+    console.print(f"live at the int8 peak: {live}{', ...' if len(plan.live) > 4 else ''}")
+    console.print("RAM: activations alive at once in graph order, no in-place reuse, weights excluded; "
+                  "KB = 1000 bytes")

@@ -252,3 +252,34 @@ def _default_space():
     import microser
 
     return Path(microser.__file__).parent / "search_spaces" / "default.toml"
+
+
+# ---- microser describe ----
+
+
+def test_describe_command_json_matches_library(capsys):
+    import json
+
+    from microser.cli import main
+    from microser.models.spec import REFERENCES, ArchSpec
+
+    spec = REFERENCES["wav2small-ref"].to_dict()
+    spec["body"]["channels"] = [4, 4]
+    spec["body"]["pool_after"] = [0]
+    text = json.dumps(spec)
+    main(["describe", text, "--input-seconds", "0.5", "--json"])
+    shown = json.loads(capsys.readouterr().out)
+    costs = measure_costs(ArchSpec.from_dict(spec), input_seconds=0.5)
+    assert {k: shown[k] for k in costs.to_dict()} == costs.to_dict()
+    # two 4-channel conv outputs at 1 byte: frames (8000 - 64) // 32 + 1 = 249, 26 mels, or a float step above
+    assert shown["ram_bytes"] >= 2 * 4 * 249 * 26 and shown["ram_peak_step"]
+    assert shown["name"] == ArchSpec.from_dict(spec).summary()
+
+
+def test_describe_command_refuses_bad_input(capsys):
+    from microser.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["describe", "wav2small-ref", "--input-seconds", "0"])
+    assert exit_.value.code == 2
+    assert "--input-seconds 0.0 must be > 0" in capsys.readouterr().err
