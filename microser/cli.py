@@ -142,7 +142,9 @@ def describe(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning MicroserError into a one-line message (exit 2)."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MicroserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
