@@ -33,6 +33,7 @@ ceiling any student can reach and is stored in ``demo.json``.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -156,6 +157,19 @@ def generate_corpus(*, n_clips: int = 1000, n_speakers: int = 24, seed: int = 0)
     Clip ``i`` depends only on ``(seed, i, n_speakers)``: its speaker is
     ``i % n_speakers``, so a small corpus is the start of a larger one.
     """
+    clips = list(iter_clips(n_clips=n_clips, n_speakers=n_speakers, seed=seed))
+    return DemoCorpus(
+        audio=tuple(c[0] for c in clips),
+        speakers=tuple(c[1].name for c in clips),
+        latents=np.stack([c[2] for c in clips]),
+        targets=np.stack([c[3] for c in clips]),
+        seed=seed,
+        speaker_table=make_speakers(n_speakers, seed),
+    )
+
+
+def iter_clips(*, n_clips: int, n_speakers: int, seed: int):
+    """Yield ``(audio, speaker, latent, target)`` clip by clip, as `generate_corpus` makes them (low memory)."""
     if n_clips < 2:
         raise MicroserError(f"demo corpus n_clips={n_clips} is too small: expected at least 2 clips (--clips 2 or more)")
     if not 1 <= n_speakers <= n_clips:
@@ -164,17 +178,12 @@ def generate_corpus(*, n_clips: int = 1000, n_speakers: int = 24, seed: int = 0)
             "(lower --speakers or raise --clips)"
         )
     speakers = make_speakers(n_speakers, seed)
-    audio, names = [], []
-    latents = np.empty((n_clips, 3))
-    targets = np.empty((n_clips, 3))
     for i in range(n_clips):
         rng = np.random.default_rng([seed, 0, i])
-        latents[i] = sample_latents(rng)
-        targets[i] = np.clip(latents[i] + rng.normal(0.0, TEACHER_NOISE_SD, 3), 0.0, 1.0)
+        latent = sample_latents(rng)
+        target = np.clip(latent + rng.normal(0.0, TEACHER_NOISE_SD, 3), 0.0, 1.0)
         speaker = speakers[i % n_speakers]
-        audio.append(synthesize(latents[i], speaker, rng))
-        names.append(speaker.name)
-    return DemoCorpus(tuple(audio), tuple(names), latents, targets, seed, speakers)
+        yield synthesize(latent, speaker, rng), speaker, latent, target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,18 +422,22 @@ def write_demo_corpus(out_dir, *, n_clips: int = 1000, n_speakers: int = 24, see
         raise MicroserError(
             f"demo folder {out_dir} already holds other files (no demo.json): pass an empty or new folder"
         )
-    corpus = generate_corpus(n_clips=n_clips, n_speakers=n_speakers, seed=seed)
+    clips = iter_clips(n_clips=n_clips, n_speakers=n_speakers, seed=seed)  # validates the counts first
+    next_clip = next(clips)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / _MARKER).write_text("a microser demo corpus is being written here\n")
     (out_dir / "demo.json").unlink(missing_ok=True)
     shutil.rmtree(out_dir / "audio", ignore_errors=True)
-    rows = []
-    for i, (x, spk) in enumerate(zip(corpus.audio, corpus.speakers)):
-        rel = f"audio/{spk}/{spk}_{i:05d}.wav"
+    rows, latents, targets, durations = [], [], [], []
+    for i, (x, speaker, latent, target) in enumerate(itertools.chain([next_clip], clips)):
+        rel = f"audio/{speaker.name}/{speaker.name}_{i:05d}.wav"
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         sf.write(out_dir / rel, x, SAMPLE_RATE, subtype="PCM_16")
-        rows.append([rel, spk, *(f"{v:.6f}" for v in corpus.targets[i]), *(f"{v:.6f}" for v in corpus.latents[i])])
+        rows.append([rel, speaker.name, *(f"{v:.6f}" for v in target), *(f"{v:.6f}" for v in latent)])
+        latents.append(latent)
+        targets.append(target)
+        durations.append(len(x) / SAMPLE_RATE)
     tmp = out_dir / "labels.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -432,14 +445,15 @@ def write_demo_corpus(out_dir, *, n_clips: int = 1000, n_speakers: int = 24, see
         w.writerows(rows)
     os.replace(tmp, out_dir / "labels.csv")
 
-    d = corpus.durations
+    d = np.array(durations)
+    speaker_table = make_speakers(n_speakers, seed)
     meta = {
         "format": "microser-demo",
         **request,
         "synthetic": True,
-        "speaker_groups": {g: sum(s.group == g for s in corpus.speaker_table) for g in SPEAKER_GROUPS},
+        "speaker_groups": {g: sum(s.group == g for s in speaker_table) for g in SPEAKER_GROUPS},
         "teacher_noise_sd": TEACHER_NOISE_SD,
-        "ceiling_ccc": {k: round(v, 6) for k, v in corpus.ceiling.items()},
+        "ceiling_ccc": {k: round(v, 6) for k, v in ccc_report(np.array(targets), np.array(latents)).items()},
         "durations": {"total_seconds": round(float(d.sum()), 3), "min_seconds": round(float(d.min()), 3),
                       "max_seconds": round(float(d.max()), 3), "mean_seconds": round(float(d.mean()), 3)},
         "microser_version": __version__,
