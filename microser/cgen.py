@@ -1,0 +1,1342 @@
+"""Dependency-free C99 streaming inference for one Wav2Small-family student: the generator and its RAM plan.
+
+``generate(bundle_dir, model, spec, int8_onnx_path)`` writes ``bundle_dir/c/``:
+
+    <prefix>_f32.h/.c    float32 library: the whole graph from raw 16 kHz samples
+    <prefix>_int8.h/.c   int8 library reproducing the int8 QDQ ONNX graph (microser.compress)
+    <prefix>_*_main.c    a small driver: raw float32 audio file + chunk sizes -> 3 numbers
+    README.md            the API, the memory figures, how to build
+
+The C API (``P`` = prefix, e.g. ``ser_f32``)::
+
+    P_state st;                      /* caller-owned, plain data (no pointers): sizeof == P_RAM_BYTES */
+    P_init(&st);                     /* or P_reset(&st): same thing */
+    P_push(&st, samples, n);         /* any n >= 0, as often as wanted; returns 0, or -1 after result() */
+    P_result(&st, out3);             /* arousal, dominance, valence of everything pushed; 0, or -1 if too short */
+
+``result`` is final: it flushes the zero padding the offline model applies at
+the end (frames, "same" conv padding, max-pool padding) and leaves the state
+finished (``push`` returns -1 until ``reset``). Because the state holds no
+pointers, a running estimate is ``P_state copy = st; P_result(&copy, out3);``
+and pushing into ``st`` goes on. Specs with ``prenorm = "clip"`` (a
+whole-utterance statistic) get a documented two-pass entry point instead of a
+stream: ``P_prescan(&st, samples, n)`` over the whole utterance first, then
+``push`` the same samples again (see `CLIP_NOTE`).
+
+What is computed, in order (the same definitions as microser.frontends and
+microser.models.wav2small, read there):
+
+* prenorm: none | running (double accumulators, each statistic rounded to
+  float as torch's cumsum does) | window (per frame, in the spectrum, as the
+  PyTorch graph does) | clip (two passes);
+* framing with the spec's zero padding (``center``, ``pad_end``) kept as
+  pending zeros, periodic Hann window zero-padded to ``n_fft``;
+* FFT: a real FFT of even ``n_fft`` computed as a complex FFT of ``n_fft/2``
+  points (iterative Stockham autosort, mixed radix 4/2/3/5/any, twiddles as
+  const tables) plus the standard split step; odd ``n_fft`` runs the complex
+  FFT on all points. No DFT matrix;
+* mel matrix stored as one contiguous non-zero range per band; log
+  (``10 log10 max(e, 1e-10)``) or PCEN with its causal FIR smoother kept as a
+  ring of the last ``taps`` mel rows;
+* conv blocks row by row (time is the streaming axis): each stage keeps a
+  ring of ``k`` input rows (its receptive field in time), computes output row
+  ``j`` as soon as input row ``j*s - p + k - 1`` arrived, and at ``result``
+  the rows past the end count as the zero ("same") padding; BatchNorm folded
+  into the conv; LayerNorm over (channels, bands) of each row; ReLU; 3x3/2
+  max-pools the same way with padding ignored;
+* head: attention pooling with an online softmax per (channel, band)
+  (running max, running sum, running weighted sum), Gram matrix accumulated
+  online (upper triangle), or mean+std with Welford's update; then the Linear.
+
+int8 variant: every tensor the int8 ONNX graph quantizes is stored as int8
+with the graph's scale and zero point; quantized convs accumulate
+``(x - x_zp) * w`` in int32 plus the int32 bias and requantize like
+onnxruntime's QLinearConv (``float(acc) * (x_scale * w_scale / y_scale)``,
+clamped, rounded to nearest even, plus ``y_zp``); QuantizeLinear divides by
+the scale and rounds to nearest even; the front-end and the head run in float
+exactly as in the float variant, on the dequantized tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from microser import SAMPLE_RATE, TARGETS
+from microser.errors import MicroserError
+
+DEFAULT_PREFIX = "ser"
+GCC_FLAGS = ("-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O2")
+CLIP_NOTE = ("prenorm 'clip' divides by whole-utterance statistics, which no stream knows in advance: the C "
+             "library runs it in two passes (P_prescan over the whole utterance, then P_push of the same samples), "
+             "so the caller must keep or re-read the utterance; retrain with frontend.prenorm = 'running' (or "
+             "'window' or 'none') for a true stream")
+
+
+# ---- the shape plan: what the C code keeps per stage (shared by the generator and streaming_ram) ----
+
+
+@dataclass
+class Tensor:
+    """One row-streamed tensor: ``channels`` x ``bands`` per time row; ``quant`` = (scale, zero point) or None."""
+
+    channels: int
+    bands: int
+    quant: tuple[float, int] | None = None
+
+    @property
+    def row(self) -> int:
+        return self.channels * self.bands
+
+
+@dataclass
+class Stage:
+    """A windowed op over time rows: conv (``kind="conv"``) or max-pool (``kind="pool"``), kernel k, stride s, pad p."""
+
+    kind: str
+    block: int
+    src: int  # index of the input tensor
+    dst: int  # index of the output tensor
+    k: int
+    s: int
+    p: int
+    norm: str = "none"  # conv only: "batch" (folded), "layer", "none"
+    relu: bool = True  # conv only: apply ReLU in float before storing (False when the int8 graph folded it)
+    int8: bool = False  # conv only: int8 weights, int32 accumulation, QLinearConv requantization
+    weight: np.ndarray | None = None  # (cout, cin, k, k) float, or int8 when int8
+    bias: np.ndarray | None = None  # (cout,) float, or int32 when int8
+    w_scale: np.ndarray | None = None  # (cout,) float32 per-channel weight scales (int8)
+    ln: tuple[np.ndarray, np.ndarray, float] | None = None  # LayerNorm gamma, beta (C, F), eps
+
+
+@dataclass
+class Plan:
+    """Everything the C code computes, as data: front-end settings, stages, tensors, head."""
+
+    spec: object
+    tensors: list[Tensor]
+    stages: list[Stage]
+    pooling: str
+    # front-end constants (filled by _frontend_tables for generation; shapes only for streaming_ram)
+    window: np.ndarray | None = None
+    fbank: np.ndarray | None = None
+    pcen_fir: np.ndarray | None = None  # oldest tap first, as the PyTorch conv weight
+    window_spectrum: np.ndarray | None = None
+    head: dict = field(default_factory=dict)
+
+    @property
+    def fe(self):
+        return self.spec.frontend
+
+
+def _check_family(spec) -> None:
+    if spec.family != "wav2small":
+        raise MicroserError(f"spec family {spec.family!r}: C export supports the wav2small family; "
+                            "mobilenet specs export ONNX only (use the bundle's model.onnx / model.int8.onnx)")
+
+
+def shape_plan(spec, *, int8: bool = True) -> Plan:
+    """The stages and tensor shapes of a Wav2Small spec; with ``int8`` every body tensor is int8 (a placeholder scale).
+
+    This is the int8 deployment of microser.compress (front-end output and body
+    quantized, head float) without reading a graph: enough to size the state.
+    """
+    from microser.models.wav2small import band_counts, halve
+
+    _check_family(spec)
+    body = spec.body
+    q = (1.0, 0) if int8 else None
+    tensors = [Tensor(1, spec.frontend.n_mels, q)]
+    stages: list[Stage] = []
+    f = spec.frontend.n_mels
+    bands = band_counts(body, f)
+    for i, c in enumerate(body.channels):
+        s = body.stem_stride if i == 0 else 1
+        f_out = halve(f) if s == 2 else f
+        assert f_out == bands[i]
+        tensors.append(Tensor(c, f_out, q))
+        stages.append(Stage("conv", i, len(tensors) - 2, len(tensors) - 1, body.kernel, s, body.kernel // 2,
+                            norm=body.norm, int8=int8))
+        f = f_out
+        if i in body.pool_after:
+            f = halve(f)
+            tensors.append(Tensor(c, f, q))
+            stages.append(Stage("pool", i, len(tensors) - 2, len(tensors) - 1, 3, 2, 1))
+    return Plan(spec=spec, tensors=tensors, stages=stages, pooling=body.pooling)
+
+
+# ---- the state layout (one struct, no pointers) and the RAM figures ----
+
+
+_SIZES = {"double": 8, "float": 4, "int32_t": 4, "int8_t": 1}
+
+
+def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
+    """(ctype, name, count, comment) of every persistent state member, largest alignment first."""
+    fe = plan.fe
+    m: list[tuple[str, str, int, str]] = []
+    if fe.prenorm in ("running", "clip"):
+        m.append(("double", "pn_sum", 1, "prenorm: sum of samples"))
+        m.append(("double", "pn_sumsq", 1, "prenorm: sum of squared samples"))
+        m.append(("double", "pn_count", 1, "prenorm: samples seen"))
+    if fe.prenorm == "clip":
+        m.append(("double", "clip_count", 1, "clip: samples pushed in the second pass"))
+        m.append(("float", "clip_mean", 1, "clip: whole-utterance mean (prescan)"))
+        m.append(("float", "clip_den", 1, "clip: std + eps (prescan)"))
+    m.append(("float", "frame", fe.n_fft, "samples of the frame being filled"))
+    if fe.compression == "pcen":
+        m.append(("float", "pcen_ring", len(plan.pcen_fir) * fe.n_mels if plan.pcen_fir is not None
+                  else _pcen_taps(fe.hop) * fe.n_mels, "last taps mel rows (PCEN smoother)"))
+    for i, st in enumerate(plan.stages):
+        t = plan.tensors[st.src]
+        if t.quant is None:
+            m.append(("float", f"ring{i}", st.k * t.row, f"stage {i} input rows ({st.k} x {t.channels} x {t.bands})"))
+    c, f = plan.tensors[-1].channels, plan.tensors[-1].bands
+    if plan.pooling.startswith("attention"):
+        m += [("float", "att_max", c * f, "online softmax: running max"),
+              ("float", "att_sum", c * f, "online softmax: running sum"),
+              ("float", "att_acc", c * f, "online softmax: running weighted sum of values")]
+        if plan.pooling == "attention+gram":
+            m.append(("float", "gram", c * (c + 1) // 2, "Gram matrix, upper triangle, running sum"))
+    else:
+        m += [("float", "ms_mean", c * f, "Welford mean over time"), ("float", "ms_m2", c * f, "Welford M2")]
+    m.append(("int32_t", "frame_fill", 1, "samples in frame"))
+    m.append(("int32_t", "frame_skip", 1, "samples to skip (hop > n_fft)"))
+    if fe.compression == "pcen":
+        m.append(("int32_t", "pcen_n", 1, "mel rows seen"))
+    for i, _ in enumerate(plan.stages):
+        m.append(("int32_t", f"n{i}", 1, f"stage {i}: input rows received"))
+        m.append(("int32_t", f"next{i}", 1, f"stage {i}: next output row"))
+    m.append(("int32_t", "head_rows", 1, "rows pooled by the head"))
+    m.append(("int32_t", "finished", 1, "1 after result()"))
+    m.append(("int32_t", "status", 1, "0 ok; -2 push before prescan (clip)"))
+    for i, st in enumerate(plan.stages):
+        t = plan.tensors[st.src]
+        if t.quant is not None:
+            m.append(("int8_t", f"ring{i}", st.k * t.row, f"stage {i} input rows, int8 ({st.k} x {t.channels} x {t.bands})"))
+    return m
+
+
+def _arena_floats(plan: Plan) -> int:
+    """Scratch floats: max over the phases (front-end frame, body row, head features) that never overlap in time."""
+    fe = plan.fe
+    m = fe.n_fft // 2 if fe.n_fft % 2 == 0 else fe.n_fft
+    front = 4 * m + fe.n_fft // 2 + 1 + 2 * fe.n_mels
+    temp = max((plan.tensors[st.dst].row for st in plan.stages if st.kind == "conv"), default=0)
+    body = temp + plan.tensors[-1].row
+    c, f = plan.tensors[-1].channels, plan.tensors[-1].bands
+    feats = {"attention+gram": c * f + c * c, "attention": c * f, "meanstd": 2 * c * f}[plan.pooling]
+    return max(front, body, feats)
+
+
+def state_bytes(plan: Plan) -> dict:
+    """Byte counts of the state struct: ``state`` (persistent), ``arena`` (scratch), ``total`` (= sizeof)."""
+    persistent = sum(_SIZES[t] * n for t, _, n, _ in _members(plan))
+    persistent = -(-persistent // 8) * 8  # the struct pads its int8 tail to 8 bytes (explicit member)
+    arena = 4 * _arena_floats(plan)
+    return {"state": persistent, "arena": arena, "total": persistent + arena}
+
+
+def _pcen_taps(hop: int) -> int:
+    from microser.frontends import pcen_taps
+
+    return pcen_taps(hop)
+
+
+def streaming_ram(spec, *, int8: bool = True, input_seconds: float | None = None) -> dict:
+    """Streaming RAM of the C library for ``spec``: state + scratch, independent of the utterance length.
+
+    Args:
+        spec: an ArchSpec (or a name / JSON accepted by resolve_spec) of the wav2small family.
+        int8: size the int8 deployment (front-end output and body int8, head float; the budget figure),
+            else the float32 library.
+        input_seconds: only used for ``prenorm = "clip"``, whose two-pass C entry point needs the
+            caller to keep the utterance: ``replay_bytes`` = float32 samples of that duration.
+
+    Returns:
+        ``{"state_bytes", "arena_bytes", "replay_bytes", "ram_streaming_bytes", "two_pass", "note"}`` where
+        ``ram_streaming_bytes = state_bytes + arena_bytes + replay_bytes`` (the worst stack, measured
+        by compiling, comes on top: see `measure`).
+    """
+    from microser.models.spec import resolve_spec
+
+    spec = resolve_spec(spec)
+    plan = shape_plan(spec, int8=int8)
+    sizes = state_bytes(plan)
+    two_pass = spec.frontend.prenorm == "clip"
+    replay = 0
+    note = "state + scratch of the streaming C library, independent of the utterance length"
+    if two_pass:
+        if input_seconds is None:
+            raise MicroserError("streaming_ram: prenorm 'clip' needs input_seconds (its two-pass C entry point "
+                                "keeps the utterance); pass input_seconds, or retrain with prenorm 'running'")
+        replay = 4 * int(round(input_seconds * SAMPLE_RATE))
+        note = (f"prenorm 'clip' is not streamable: the C library takes two passes, so the caller keeps the "
+                f"{input_seconds:g} s utterance ({replay} B float32) beside the state; retrain with "
+                "frontend.prenorm 'running' to drop it")
+    return {"state_bytes": sizes["state"], "arena_bytes": sizes["arena"], "replay_bytes": replay,
+            "ram_streaming_bytes": sizes["total"] + replay, "two_pass": two_pass, "note": note}
+
+
+# ---- weights: the float plan from the PyTorch model, the int8 plan from the int8 ONNX graph ----
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def float_plan(model, spec=None) -> Plan:
+    """The float32 plan of an eval-mode Wav2Small `Student`: BatchNorm folded into the convs (in float64)."""
+    from torch import nn
+
+    from microser.frontends import PowerSpectrum
+
+    spec = spec if spec is not None else model.spec
+    plan = shape_plan(spec, int8=False)
+    fe = spec.frontend
+    power: PowerSpectrum = model.frontend.power
+    win = np.zeros(fe.n_fft)
+    left = (fe.n_fft - power.win) // 2
+    win[left:left + power.win] = _np(power.window)
+    plan.window = win
+    plan.fbank = _np(model.frontend.filterbank())
+    if fe.compression == "pcen":
+        plan.pcen_fir = _np(model.frontend.pcen_fir).reshape(-1)
+    if fe.prenorm == "window":
+        plan.window_spectrum = _np(power.window_spectrum)
+    for st in plan.stages:
+        if st.kind != "conv":
+            continue
+        block = model.body[st.block]
+        w = _np(block.conv.weight)
+        b = _np(block.conv.bias) if block.conv.bias is not None else np.zeros(w.shape[0])
+        if isinstance(block.norm, nn.BatchNorm2d):
+            bn = block.norm
+            s = _np(bn.weight) / np.sqrt(_np(bn.running_var) + bn.eps)
+            w = w * s[:, None, None, None]
+            b = (b - _np(bn.running_mean)) * s + _np(bn.bias)
+        elif st.norm == "layer":
+            ln = block.norm.norm
+            st.ln = (_np(ln.weight), _np(ln.bias), float(ln.eps))
+        st.weight, st.bias = w, b
+    plan.head = _head_weights(model, plan)
+    return plan
+
+
+def _head_weights(model, plan: Plan) -> dict:
+    pool, fc = model.head.pool, model.head.fc
+    head = {"fc_w": _np(fc.weight), "fc_b": _np(fc.bias)}
+    if plan.pooling.startswith("attention"):
+        c = plan.tensors[-1].channels
+        head.update(v_w=_np(pool.values.weight).reshape(c, c), v_b=_np(pool.values.bias),
+                    s_w=_np(pool.scores.weight).reshape(c, c), s_b=_np(pool.scores.bias))
+    else:
+        from microser.models.wav2small import MEANSTD_EPS
+
+        head["eps"] = MEANSTD_EPS
+    return head
+
+
+class _Graph:
+    """Read-only helpers over an int8 QDQ ONNX graph."""
+
+    def __init__(self, path):
+        import onnx
+        from onnx import numpy_helper
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MicroserError(f"int8 ONNX model {self.path} does not exist: expected the file written by "
+                                "microser.compress.quantize_int8")
+        g = onnx.load(str(self.path)).graph
+        self.nodes = list(g.node)
+        self.init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for n in self.nodes:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        self.init[n.output[0]] = numpy_helper.to_array(a.t)
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def dq(self, name: str):
+        """(int array, scale, zero point) if ``name`` is a DequantizeLinear output of a constant, else None."""
+        n = self.producer.get(name)
+        if n is None or n.op_type != "DequantizeLinear" or n.input[0] not in self.init:
+            return None
+        zp = self.init[n.input[2]] if len(n.input) > 2 and n.input[2] else np.zeros(1, np.int8)
+        return self.init[n.input[0]], np.asarray(self.init[n.input[1]], np.float32), np.asarray(zp)
+
+    def act_quant(self, name: str) -> tuple[float, int] | None:
+        """(scale, zero point) if the activation ``name`` is a DequantizeLinear output, else None (float)."""
+        n = self.producer.get(name)
+        if n is None or n.op_type != "DequantizeLinear" or n.input[0] in self.init:
+            return None
+        scale = np.asarray(self.init[n.input[1]], np.float32)
+        zp = np.asarray(self.init[n.input[2]])
+        if scale.size != 1 or zp.dtype != np.int8:
+            raise MicroserError(f"{self.path}: activation {name!r} is quantized with shape {scale.shape} / "
+                                f"{zp.dtype}: expected per-tensor int8 (microser.compress.quantize_int8)")
+        return float(scale.reshape(())), int(zp.reshape(()))
+
+    def weight(self, name: str) -> np.ndarray:
+        if name in self.init:
+            return np.asarray(self.init[name], np.float64)
+        q = self.dq(name)
+        if q is None:
+            raise MicroserError(f"{self.path}: weight {name!r} is neither a constant nor a dequantized constant")
+        vals, scale, zp = q
+        shape = (-1,) + (1,) * (vals.ndim - 1)
+        return (vals.astype(np.float64) - zp.reshape(shape)) * scale.astype(np.float64).reshape(shape)
+
+
+def int8_plan(model, spec, int8_onnx_path) -> Plan:
+    """The int8 plan: float plan for the float parts, scales, zero points and int8 weights read from the graph.
+
+    Body convs are matched to the graph's Conv nodes with a k x k kernel in
+    graph order, max-pools to its MaxPool nodes, the head input to the input
+    of the attention score conv (or the first node of the head); names are
+    not needed (bundle graphs have theirs stripped).
+    """
+    plan = float_plan(model, spec)
+    g = _Graph(int8_onnx_path)
+    k = spec.body.kernel
+    convs = [n for n in g.nodes if n.op_type == "Conv" and _kernel(g, n) == (k, k)]
+    pools = [n for n in g.nodes if n.op_type == "MaxPool"]
+    conv_stages = [st for st in plan.stages if st.kind == "conv"]
+    pool_stages = [st for st in plan.stages if st.kind == "pool"]
+    if len(convs) != len(conv_stages) or len(pools) != len(pool_stages):
+        raise MicroserError(f"{int8_onnx_path}: {len(convs)} {k}x{k} convs and {len(pools)} max-pools, but spec "
+                            f"{spec.summary()!r} has {len(conv_stages)} and {len(pool_stages)}: expected the int8 "
+                            "graph of this very model; re-run microser compress / export")
+    if spec.body.norm == "layer" and any(g.dq(n.input[1]) is not None for n in convs):
+        raise MicroserError(f"{int8_onnx_path}: int8 C export of body.norm 'layer' is not supported (the graph "
+                            "requantizes around each LayerNormalization); export the float32 C library, or "
+                            "use body.norm 'batch' or 'none'")
+    consumers_of = {}
+    for st, node in zip(conv_stages, convs):
+        consumers_of[st.src] = node.input[0]
+        q = g.dq(node.input[1])
+        if q is not None:
+            w, ws, wzp = q
+            if w.dtype != np.int8 or np.any(wzp != 0) or ws.size != w.shape[0]:
+                raise MicroserError(f"{int8_onnx_path}: conv weight {node.input[1]!r} is {w.dtype} with zero points "
+                                    f"{np.unique(wzp)[:3]} and {ws.size} scales: expected int8 symmetric per-channel")
+            bq = g.dq(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if bq is None or bq[0].dtype != np.int32:
+                raise MicroserError(f"{int8_onnx_path}: quantized conv {node.name or node.output[0]!r} has no int32 "
+                                    "bias: expected onnxruntime's QDQ conv (weight, bias both dequantized)")
+            st.int8, st.weight, st.bias, st.w_scale = True, w, bq[0].astype(np.int64), ws.reshape(-1)
+        else:
+            st.int8 = False
+            st.weight = g.weight(node.input[1])
+            st.bias = g.weight(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(st.weight.shape[0])
+        out = node.output[0]
+        users = g.consumers.get(out, [])
+        st.relu = any(u.op_type == "Relu" for u in users)
+        if st.int8 and st.relu:
+            raise MicroserError(f"{int8_onnx_path}: a Relu follows quantized conv {node.output[0]!r}: expected "
+                                "asymmetric activations, whose QuantizeLinear clamp is the ReLU "
+                                "(microser.compress.ACTIVATION_SYMMETRIC = False)")
+    for st, node in zip(pool_stages, pools):
+        consumers_of[st.src] = node.input[0]
+    head_in = _head_input(g, plan)
+    consumers_of[len(plan.tensors) - 1] = head_in
+    for i, t in enumerate(plan.tensors):
+        if i not in consumers_of:  # the input of a pool that follows a conv is consumed by the pool: covered
+            continue
+        t.quant = g.act_quant(consumers_of[i])
+    # a conv's output tensor that a pool reads is the pool's src: quant set above; check int8 convs write int8
+    for st in conv_stages:
+        if st.int8 and (plan.tensors[st.src].quant is None or plan.tensors[st.dst].quant is None):
+            raise MicroserError(f"{int8_onnx_path}: quantized conv of block {st.block} reads or writes a float "
+                                "tensor: expected QuantizeLinear/DequantizeLinear on both sides (QDQ format)")
+    return plan
+
+
+def _kernel(g: _Graph, node) -> tuple[int, ...]:
+    for a in node.attribute:
+        if a.name == "kernel_shape":
+            return tuple(a.ints)
+    try:
+        return tuple(g.weight(node.input[1]).shape[2:])
+    except MicroserError:
+        return ()
+
+
+def _head_input(g: _Graph, plan: Plan) -> str:
+    """Name of the tensor the pooling head reads (the last body tensor as the head sees it)."""
+    if plan.pooling.startswith("attention"):
+        heads = [n for n in g.nodes if n.op_type == "Conv" and _kernel(g, n) == (1, 1)]
+        if len(heads) != 2:
+            raise MicroserError(f"{g.path}: expected the 2 attention 1x1 convs of the head, found {len(heads)}")
+        return heads[0].input[0]
+    means = [n for n in g.nodes if n.op_type == "ReduceMean"]
+    if not means:
+        raise MicroserError(f"{g.path}: no ReduceMean for the mean+std head")
+    return means[-1].input[0] if len(means) == 1 else _first_head_mean(g, means)
+
+
+def _first_head_mean(g: _Graph, means) -> str:
+    # the head's mean over time reads the last body tensor; front-end ReduceMeans (clip prenorm) read audio
+    body_out = [m.input[0] for m in means if g.producer.get(m.input[0]) is not None
+                and g.producer[m.input[0]].op_type in ("DequantizeLinear", "Relu", "MaxPool", "Conv")]
+    if not body_out:
+        raise MicroserError(f"{g.path}: cannot find the mean+std head's input")
+    return body_out[0]
+
+
+# ---- C emission ----
+
+
+def _flit(x) -> str:
+    """A C float literal that round-trips float32 exactly."""
+    v = float(np.float32(x))
+    if not math.isfinite(v):
+        raise MicroserError(f"cannot write non-finite weight {v} into C: expected finite weights; check the model")
+    s = f"{v:.9g}"
+    if not any(ch in s for ch in ".en"):
+        s += ".0"
+    return s + "f"
+
+
+def _array(ctype: str, name: str, values, per_line: int = 8) -> str:
+    vals = np.asarray(values).reshape(-1)
+    if ctype == "float":
+        items = [_flit(v) for v in vals]
+    else:
+        items = [str(int(v)) for v in vals]
+    if not items:
+        items = ["0"]
+    lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
+    return f"static const {ctype} {name}[{len(items)}] = {{\n    " + ",\n    ".join(lines) + "\n};\n"
+
+
+def _factors(n: int) -> list[int]:
+    out = []
+    while n % 4 == 0 and n > 4:
+        out.append(4)
+        n //= 4
+    for p in (4, 2, 3, 5):
+        while n % p == 0 and n > 1:
+            out.append(p)
+            n //= p
+    p = 7
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 2
+    return out or [1]
+
+
+def _qparams(t: Tensor) -> tuple[str, str]:
+    scale, zp = t.quant
+    return _flit(scale), str(zp)
+
+
+class _Emitter:
+    """Writes the header and source of one variant (float32 or int8) of a plan."""
+
+    def __init__(self, plan: Plan, prefix: str, variant: str):
+        self.plan, self.P, self.variant = plan, prefix, variant
+        self.fe = plan.fe
+        self.N = self.fe.n_fft
+        self.real = self.N % 2 == 0
+        self.M = self.N // 2 if self.real else self.N
+        self.nf = self.N // 2 + 1
+        self.members = _members(plan)
+        sizes = state_bytes(plan)
+        raw = sum(_SIZES[t] * n for t, _, n, _ in self.members)
+        self.pad = sizes["state"] - raw
+        self.arena = _arena_floats(plan)
+        self.arena += self.arena % 2
+        self.state_bytes = sizes["state"]
+        self.arena_bytes = 4 * self.arena
+
+    # -- header --
+    def header(self) -> str:
+        P, U = self.P, self.P.upper()
+        fe, plan = self.fe, self.plan
+        lines = [f"/* {P}.h: generated by microser.cgen ({self.variant}) for {plan.spec.summary()} */",
+                 f"/* Streaming A/D/V inference from raw {SAMPLE_RATE} Hz float samples. C99, no malloc, no globals. */",
+                 f"#ifndef {U}_H", f"#define {U}_H", "", "#include <stdint.h>", "",
+                 f"#define {U}_SAMPLE_RATE {SAMPLE_RATE}",
+                 f"#define {U}_N_OUTPUTS 3 /* {', '.join(TARGETS)} (the model's linear head, about 0..1) */",
+                 f"#define {U}_STATE_BYTES {self.state_bytes} /* persistent streaming state */",
+                 f"#define {U}_ARENA_BYTES {self.arena_bytes} /* scratch arena inside the state */",
+                 f"#define {U}_RAM_BYTES {self.state_bytes + self.arena_bytes} /* == sizeof({P}_state) */",
+                 f"#define {U}_MIN_SAMPLES {self._min_samples()} /* shorter input: result() returns -1 */",
+                 f"#define {U}_TWO_PASS {1 if fe.prenorm == 'clip' else 0} /* 1: call {P}_prescan first (prenorm clip) */",
+                 "", "typedef struct {"]
+        for ctype, name, n, comment in self.members:
+            dim = f"[{n}]" if n != 1 or name.startswith("ring") else ""
+            lines.append(f"    {ctype} {name}{dim}; /* {comment} */")
+        if self.pad:
+            lines.append(f"    int8_t pad_[{self.pad}]; /* keeps the arena 8-byte aligned on every ABI */")
+        lines.append(f"    float arena[{self.arena}]; /* scratch, contents meaningless between calls */")
+        lines += [f"}} {P}_state;", "",
+                  f"/* Start an utterance (zeroes the state). */",
+                  f"void {P}_init({P}_state *st);",
+                  f"/* Same as init: forget everything pushed. */",
+                  f"void {P}_reset({P}_state *st);",
+                  f"/* Push n >= 0 samples (float, {SAMPLE_RATE} Hz, about -1..1). 0 ok; -1 after result() (call reset); "
+                  "-2 before prescan (two-pass specs). */",
+                  f"int {P}_push({P}_state *st, const float *samples, int n);",
+                  f"/* Final outputs for everything pushed; flushes the end padding, so the state is finished after it.",
+                  f"   For a running estimate copy the state (plain data) and call result on the copy.",
+                  f"   0 ok; -1 too short (fewer than {U}_MIN_SAMPLES samples: out3 is set to 0); -3 two-pass "
+                  "sample counts differ. */",
+                  f"int {P}_result({P}_state *st, float out3[3]);"]
+        if fe.prenorm == "clip":
+            lines += [f"/* Two-pass prenorm 'clip': push the WHOLE utterance here first, then push it again with "
+                      f"{P}_push. */",
+                      f"int {P}_prescan({P}_state *st, const float *samples, int n);"]
+        lines += ["", f"#endif /* {U}_H */", ""]
+        return "\n".join(lines)
+
+    def _min_samples(self) -> int:
+        """Fewest samples for which every stage yields at least one row (found by stepping the shape plan)."""
+        from microser.frontends import num_frames
+
+        n = 1
+        while True:
+            rows = num_frames(self.fe, n)
+            ok = rows > 0
+            for st in self.plan.stages:
+                rows = (rows + 2 * st.p - st.k) // st.s + 1 if rows + 2 * st.p - st.k >= 0 else 0
+                ok = ok and rows > 0
+            if ok:
+                return n
+            n += 1
+
+    # -- source --
+    def source(self) -> str:
+        P = self.P
+        out = [f"/* {P}.c: generated by microser.cgen ({self.variant}) for {self.plan.spec.summary()} */",
+               "/* Exact streaming computation of the offline model; see microser/cgen.py for the scheme. */",
+               f'#include "{P}.h"', "#include <math.h>", "#include <string.h>", "",
+               f"typedef char {P}_layout_check[(sizeof({P}_state) == {P.upper()}_RAM_BYTES) ? 1 : -1];", ""]
+        out.append(self._tables())
+        out.append(self._quant_fn())
+        out.append(self._fft())
+        for i in reversed(range(len(self.plan.stages))):
+            out.append(self._stage_decl(i))
+        out.append(self._head_push())
+        for i in range(len(self.plan.stages)):
+            out.append(self._stage(i))
+        out.append(self._frame())
+        out.append(self._api())
+        return "\n".join(out)
+
+    def _tables(self) -> str:
+        plan, fe, N, M = self.plan, self.fe, self.N, self.M
+        t = []
+        k = np.arange(M)
+        t.append(_array("float", "TW_RE", np.cos(2 * np.pi * k / M)))
+        t.append(_array("float", "TW_IM", -np.sin(2 * np.pi * k / M)))
+        if self.real:
+            kk = np.arange(M + 1)
+            t.append(_array("float", "RT_RE", np.cos(2 * np.pi * kk / N)))
+            t.append(_array("float", "RT_IM", -np.sin(2 * np.pi * kk / N)))
+        t.append(_array("int", "FFT_FACTORS", _factors(M)))
+        t.append(_array("float", "WINDOW", plan.window))
+        fb = np.asarray(plan.fbank)  # (n_freqs, n_mels)
+        starts, lens, weights = [], [], []
+        for b in range(fb.shape[1]):
+            nz = np.nonzero(fb[:, b])[0]
+            lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
+            starts.append(lo)
+            lens.append(hi - lo)
+            weights.extend(fb[lo:hi, b])
+        t.append(_array("int", "MEL_START", starts, 16))
+        t.append(_array("int", "MEL_LEN", lens, 16))
+        t.append(_array("float", "MEL_W", weights))
+        if fe.prenorm == "window":
+            t.append(_array("float", "WSPEC", plan.window_spectrum))
+        if fe.compression == "pcen":
+            t.append(_array("float", "PCEN_H", plan.pcen_fir))
+        for i, st in enumerate(plan.stages):
+            if st.kind != "conv":
+                continue
+            if st.int8:
+                t.append(_array("int8_t", f"W{i}", st.weight, 16))
+                t.append(_array("int32_t", f"B{i}", st.bias))
+                xs = np.float32(plan.tensors[st.src].quant[0])
+                ys = np.float32(plan.tensors[st.dst].quant[0])
+                scale = (xs * st.w_scale.astype(np.float32)).astype(np.float32) / ys  # onnxruntime's order, float32
+                t.append(_array("float", f"SC{i}", scale.astype(np.float32)))
+            else:
+                t.append(_array("float", f"W{i}", st.weight))
+                t.append(_array("float", f"B{i}", st.bias))
+            if st.ln is not None:
+                t.append(_array("float", f"LNG{i}", st.ln[0]))
+                t.append(_array("float", f"LNB{i}", st.ln[1]))
+        h = plan.head
+        if plan.pooling.startswith("attention"):
+            t += [_array("float", "HV_W", h["v_w"]), _array("float", "HV_B", h["v_b"]),
+                  _array("float", "HS_W", h["s_w"]), _array("float", "HS_B", h["s_b"])]
+        t += [_array("float", "FC_W", h["fc_w"]), _array("float", "FC_B", h["fc_b"])]
+        return "\n".join(t)
+
+    def _fft(self) -> str:
+        M = self.M
+        nfac = len(_factors(M))
+        final = "x" if nfac % 2 == 0 else "y"
+        return f"""
+/* Complex FFT of {M} points: iterative Stockham autosort, mixed radix (factors in FFT_FACTORS), no recursion.
+   Input in (xr, xi); the output lands in ({final}r, {final}i); both buffers are overwritten. */
+static void fft(float *xr, float *xi, float *yr, float *yi)
+{{
+    int n = {M}, s = 1, f, i, q, k, r;
+    for (f = 0; f < {nfac}; f++) {{
+        const int p = FFT_FACTORS[f], m = n / p, tw = {M} / n;
+        for (i = 0; i < m; i++) {{
+            for (q = 0; q < s; q++) {{
+                if (p == 2) {{
+                    const float ar = xr[q + s * i], ai = xi[q + s * i];
+                    const float br = xr[q + s * (i + m)], bi = xi[q + s * (i + m)];
+                    const float dr = ar - br, di = ai - bi, wr = TW_RE[i * tw], wi = TW_IM[i * tw];
+                    yr[q + s * (2 * i)] = ar + br;
+                    yi[q + s * (2 * i)] = ai + bi;
+                    yr[q + s * (2 * i + 1)] = dr * wr - di * wi;
+                    yi[q + s * (2 * i + 1)] = dr * wi + di * wr;
+                }} else if (p == 4) {{
+                    const float a0r = xr[q + s * i], a0i = xi[q + s * i];
+                    const float a1r = xr[q + s * (i + m)], a1i = xi[q + s * (i + m)];
+                    const float a2r = xr[q + s * (i + 2 * m)], a2i = xi[q + s * (i + 2 * m)];
+                    const float a3r = xr[q + s * (i + 3 * m)], a3i = xi[q + s * (i + 3 * m)];
+                    const float t0r = a0r + a2r, t0i = a0i + a2i, t1r = a0r - a2r, t1i = a0i - a2i;
+                    const float t2r = a1r + a3r, t2i = a1i + a3i, t3r = a1i - a3i, t3i = a3r - a1r;
+                    float vr[4], vi[4];
+                    vr[0] = t0r + t2r; vi[0] = t0i + t2i;
+                    vr[1] = t1r + t3r; vi[1] = t1i + t3i;
+                    vr[2] = t0r - t2r; vi[2] = t0i - t2i;
+                    vr[3] = t1r - t3r; vi[3] = t1i - t3i;
+                    for (k = 0; k < 4; k++) {{
+                        const float wr = TW_RE[i * k * tw], wi = TW_IM[i * k * tw];
+                        yr[q + s * (4 * i + k)] = vr[k] * wr - vi[k] * wi;
+                        yi[q + s * (4 * i + k)] = vr[k] * wi + vi[k] * wr;
+                    }}
+                }} else {{
+                    for (k = 0; k < p; k++) {{
+                        float accr = 0.0f, acci = 0.0f;
+                        for (r = 0; r < p; r++) {{
+                            const int t = (r * k * ({M} / p)) % {M};
+                            const float br = xr[q + s * (i + r * m)], bi = xi[q + s * (i + r * m)];
+                            accr += br * TW_RE[t] - bi * TW_IM[t];
+                            acci += br * TW_IM[t] + bi * TW_RE[t];
+                        }}
+                        {{
+                            const float wr = TW_RE[i * k * tw], wi = TW_IM[i * k * tw];
+                            yr[q + s * (p * i + k)] = accr * wr - acci * wi;
+                            yi[q + s * (p * i + k)] = accr * wi + acci * wr;
+                        }}
+                    }}
+                }}
+            }}
+        }}
+        n = m;
+        s *= p;
+        {{ float *t = xr; xr = yr; yr = t; t = xi; xi = yi; yi = t; }}
+    }}
+}}
+"""
+
+    # -- stages --
+    def _ctype(self, t: Tensor) -> str:
+        return "float" if t.quant is None else "int8_t"
+
+    def _stage_decl(self, i: int) -> str:
+        return f"static void s{i}_push({self.P}_state *st);"
+
+    def _dest(self, i: int) -> tuple[str, str]:
+        """(C code declaring `dst` for the output row of stage i, C code delivering it)."""
+        plan = self.plan
+        d = plan.stages[i].dst
+        if i + 1 < len(plan.stages):
+            nt = plan.tensors[d]
+            nst = plan.stages[i + 1]
+            decl = f"{self._ctype(nt)} *dst = st->ring{i + 1} + (st->n{i + 1} % {nst.k}) * {nt.row};"
+            return decl, f"s{i + 1}_push(st);"
+        off = max((t_.row for t_ in (plan.tensors[s_.dst] for s_ in plan.stages if s_.kind == "conv")), default=0)
+        t = plan.tensors[d]
+        if t.quant is None:
+            return f"float *dst = st->arena + {off};", f"head_push(st, st->arena + {off});"
+        return f"float *hrow = st->arena + {off};", "head_push(st, hrow);"
+
+    def _store(self, i: int, value: str, index: str) -> str:
+        """C statement storing float `value` at `index` of the stage's output (quantizing / dequantizing as needed)."""
+        plan = self.plan
+        d = plan.stages[i].dst
+        t = plan.tensors[d]
+        last = i + 1 == len(plan.stages)
+        if t.quant is None:
+            return f"dst[{index}] = {value};"
+        s, zp = _qparams(t)
+        q = f"quant({value}, {s}, {zp})"
+        if last:  # the head reads the dequantized int8 value
+            return f"hrow[{index}] = (float)({q} - ({zp})) * {s};"
+        return f"dst[{index}] = (int8_t){q};"
+
+    def _stage(self, i: int) -> str:
+        plan, P = self.plan, self.P
+        st = plan.stages[i]
+        src, dst = plan.tensors[st.src], plan.tensors[st.dst]
+        K, S, Pd = st.k, st.s, st.p
+        fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
+        decl, deliver = self._dest(i)
+        last = i + 1 == len(plan.stages)
+        body = []
+        if st.kind == "conv":
+            body.append(self._conv_body(i, st, src, dst, decl, last))
+        else:
+            body.append(self._pool_body(i, st, src, dst, decl, last))
+        return f"""
+/* stage {i}: {st.kind} of block {st.block}, {cin}x{fin} -> {cout}x{fout} per row, kernel {K}, stride {S}, pad {Pd} */
+static void s{i}_row({P}_state *st, int32_t j)
+{{
+    const int32_t n = st->n{i}, r0 = j * {S} - {Pd};
+    const int dt_lo = r0 < 0 ? (int)-r0 : 0;
+    const int dt_hi = r0 + {K} > n ? (int)(n - r0) : {K};
+{body[0]}
+    {deliver}
+}}
+
+static void s{i}_push({P}_state *st)
+{{
+    const int32_t r = st->n{i}++, t = r + {Pd} - {K} + 1;
+    if (t >= 0 && t % {S} == 0) {{
+        st->next{i} = t / {S} + 1;
+        s{i}_row(st, t / {S});
+    }}
+}}
+
+static void s{i}_flush({P}_state *st)
+{{
+    const int32_t len = st->n{i} + {2 * Pd - K};
+    const int32_t nout = len >= 0 ? len / {S} + 1 : 0;
+    while (st->next{i} < nout) {{
+        const int32_t j = st->next{i}++;
+        s{i}_row(st, j);
+    }}
+}}
+"""
+
+    def _conv_body(self, i, st, src, dst, decl, last) -> str:
+        K, S, Pd = st.k, st.s, st.p
+        fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
+        ring = f"st->ring{i}"
+        if st.int8:
+            xs, xzp = _qparams(src)
+            ys, yzp = _qparams(dst)
+            inner = f"acc += (int32_t)w[df] * ((int32_t)x[base + df] - ({xzp}));"
+            acc_decl = f"int32_t acc = B{i}[co];"
+            ys_f, yzp_i = dst.quant
+            finish = (f"float v = (float)acc * SC{i}[co];\n"
+                      f"            v = v < {_flit(-128 - yzp_i)} ? {_flit(-128 - yzp_i)} : "
+                      f"(v > {_flit(127 - yzp_i)} ? {_flit(127 - yzp_i)} : v);\n"
+                      f"            {{\n                const int q = (int)lrintf(v) + ({yzp});\n")
+            if last:
+                finish += f"                hrow[co * {fout} + fo] = (float)(q - ({yzp})) * {ys};\n            }}"
+            else:
+                finish += f"                dst[co * {fout} + fo] = (int8_t)q;\n            }}"
+            xtype = "int8_t"
+        else:
+            if src.quant is None:
+                inner = "acc += w[df] * x[base + df];"
+            else:
+                xs, xzp = _qparams(src)
+                inner = f"acc += w[df] * ((float)((int)x[base + df] - ({xzp})) * {xs});"
+            acc_decl = f"float acc = B{i}[co];"
+            xtype = self._ctype(src)
+            if st.ln is not None:
+                finish = f"tmp[co * {fout} + fo] = acc;"
+            else:
+                v = "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc"
+                finish = self._store(i, v, f"co * {fout} + fo")
+        code = f"""    {decl}
+    int co, fo;
+    for (co = 0; co < {cout}; co++) {{
+        for (fo = 0; fo < {fout}; fo++) {{
+            const int f0 = fo * {S} - {Pd};
+            const int df_lo = f0 < 0 ? -f0 : 0, df_hi = f0 + {K} > {fin} ? {fin} - f0 : {K};
+            int dt, ci, df;
+            {acc_decl}
+            for (dt = dt_lo; dt < dt_hi; dt++) {{
+                const {xtype} *x = {ring} + ((r0 + dt) % {K}) * {src.row};
+                for (ci = 0; ci < {cin}; ci++) {{
+                    const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                    const int base = ci * {fin} + f0;
+                    for (df = df_lo; df < df_hi; df++)
+                        {inner}
+                }}
+            }}
+            {finish}
+        }}
+    }}"""
+        if st.ln is not None:
+            n = cout * fout
+            v = "(y > 0.0f ? y : 0.0f)" if st.relu else "y"
+            code = code.replace(f"    {decl}\n", f"    {decl}\n    float *tmp = st->arena;\n", 1)
+            code += f"""
+    {{ /* LayerNorm over (channels, bands) of this row, then ReLU */
+        float mean = 0.0f, var = 0.0f;
+        int e;
+        for (e = 0; e < {n}; e++) mean += tmp[e];
+        mean /= {float(n)}f;
+        for (e = 0; e < {n}; e++) var += (tmp[e] - mean) * (tmp[e] - mean);
+        var /= {float(n)}f;
+        {{
+            const float inv = 1.0f / sqrtf(var + {_flit(st.ln[2])});
+            for (e = 0; e < {n}; e++) {{
+                const float y = (tmp[e] - mean) * inv * LNG{i}[e] + LNB{i}[e];
+                {self._store(i, v, 'e')}
+            }}
+        }}
+    }}"""
+        return code
+
+    def _pool_body(self, i, st, src, dst, decl, last) -> str:
+        K, S, Pd = st.k, st.s, st.p
+        fin, fout, c = src.bands, dst.bands, src.channels
+        ctype = self._ctype(src)
+        same = src.quant == dst.quant and not last
+        if same:
+            store = "dst[c * %d + fo] = m;" % fout
+        elif src.quant is None:
+            store = self._store(i, "m", f"c * {fout} + fo")
+        else:
+            s, zp = _qparams(src)
+            store = self._store(i, f"((float)((int)m - ({zp})) * {s})", f"c * {fout} + fo")
+            if last and dst.quant == src.quant:
+                store = f"hrow[c * {fout} + fo] = (float)((int)m - ({zp})) * {s};"
+        return f"""    {decl}
+    int c, fo;
+    for (c = 0; c < {c}; c++) {{
+        for (fo = 0; fo < {fout}; fo++) {{
+            const int f0 = fo * {S} - {Pd};
+            const int df_lo = f0 < 0 ? -f0 : 0, df_hi = f0 + {K} > {fin} ? {fin} - f0 : {K};
+            int dt, df, first = 1;
+            {ctype} m = 0;
+            for (dt = dt_lo; dt < dt_hi; dt++) {{
+                const {ctype} *x = st->ring{i} + ((r0 + dt) % {K}) * {src.row} + c * {fin} + f0;
+                for (df = df_lo; df < df_hi; df++)
+                    if (first || x[df] > m) {{ m = x[df]; first = 0; }}
+            }}
+            {store}
+        }}
+    }}"""
+
+    def _head_push(self) -> str:
+        plan, P = self.plan, self.P
+        t = plan.tensors[-1]
+        C, F = t.channels, t.bands
+        code = [f"""
+/* Pooling head, fed one float row (C={C} x F={F}) at a time. */
+static void head_push({P}_state *st, const float *x)
+{{
+    int c, f, ci;
+    (void)ci; (void)f;"""]
+        if plan.pooling.startswith("attention"):
+            code.append(f"""    for (c = 0; c < {C}; c++) {{
+        for (f = 0; f < {F}; f++) {{
+            float v = HV_B[c], s = HS_B[c];
+            const int e = c * {F} + f;
+            for (ci = 0; ci < {C}; ci++) {{
+                v += HV_W[c * {C} + ci] * x[ci * {F} + f];
+                s += HS_W[c * {C} + ci] * x[ci * {F} + f];
+            }}
+            if (st->head_rows == 0) {{
+                st->att_max[e] = s; st->att_sum[e] = 1.0f; st->att_acc[e] = v;
+            }} else if (s > st->att_max[e]) {{
+                const float r = expf(st->att_max[e] - s);
+                st->att_sum[e] = st->att_sum[e] * r + 1.0f;
+                st->att_acc[e] = st->att_acc[e] * r + v;
+                st->att_max[e] = s;
+            }} else {{
+                const float r = expf(s - st->att_max[e]);
+                st->att_sum[e] += r;
+                st->att_acc[e] += r * v;
+            }}
+        }}
+    }}""")
+            if plan.pooling == "attention+gram":
+                code.append(f"""    {{
+        int c2, g = 0;
+        for (c = 0; c < {C}; c++) {{
+            for (c2 = c; c2 < {C}; c2++) {{
+                float acc = 0.0f;
+                for (f = 0; f < {F}; f++) acc += x[c * {F} + f] * x[c2 * {F} + f];
+                st->gram[g++] += acc;
+            }}
+        }}
+    }}""")
+        else:
+            code.append(f"""    {{
+        const float inv = 1.0f / (float)(st->head_rows + 1);
+        for (c = 0; c < {C * F}; c++) {{
+            const float d = x[c] - st->ms_mean[c];
+            st->ms_mean[c] += d * inv;
+            st->ms_m2[c] += d * (x[c] - st->ms_mean[c]);
+        }}
+    }}""")
+        code.append("    st->head_rows++;\n}")
+        # final
+        nfeat = {"attention+gram": C * F + C * C, "attention": C * F, "meanstd": 2 * C * F}[plan.pooling]
+        fin = [f"""
+static void head_final({P}_state *st, float out3[3])
+{{
+    float *feat = st->arena;
+    int c, k;"""]
+        if plan.pooling.startswith("attention"):
+            fin.append(f"    for (c = 0; c < {C * F}; c++) feat[c] = st->att_acc[c] / st->att_sum[c];")
+            if plan.pooling == "attention+gram":
+                fin.append(f"""    {{
+        const float tf = (float)st->head_rows * {float(F)}f;
+        int c2, g = 0;
+        for (c = 0; c < {C}; c++) {{
+            for (c2 = c; c2 < {C}; c2++, g++) {{
+                feat[{C * F} + c * {C} + c2] = st->gram[g] / tf;
+                feat[{C * F} + c2 * {C} + c] = st->gram[g] / tf;
+            }}
+        }}
+    }}""")
+        else:
+            fin.append(f"""    {{
+        const float n = (float)st->head_rows;
+        for (c = 0; c < {C * F}; c++) {{
+            feat[c] = st->ms_mean[c];
+            feat[{C * F} + c] = sqrtf(st->ms_m2[c] / n + {_flit(plan.head['eps'])});
+        }}
+    }}""")
+        fin.append(f"""    for (k = 0; k < 3; k++) {{
+        float acc = FC_B[k];
+        for (c = 0; c < {nfeat}; c++) acc += FC_W[k * {nfeat} + c] * feat[c];
+        out3[k] = acc;
+    }}
+}}""")
+        return "\n".join(code) + "\n" + "\n".join(fin)
+
+    # -- front-end --
+    def _frame(self) -> str:
+        plan, fe, P = self.plan, self.fe, self.P
+        N, M, nf = self.N, self.M, self.nf
+        nm = fe.n_mels
+        st0 = plan.stages[0]
+        t0 = plan.tensors[0]
+        nfac = len(_factors(M))
+        o = "x" if nfac % 2 == 0 else "y"
+        c = [f"""
+/* One analysis frame (st->frame, {N} samples) -> one feature row -> stage 0. */
+static void process_frame({P}_state *st)
+{{
+    float *xr = st->arena, *xi = xr + {M}, *yr = xr + {2 * M}, *yi = xr + {3 * M};
+    float *pw = xr + {4 * M}, *mel = pw + {nf}, *feat = mel + {nm};
+    int k, b;"""]
+        if fe.prenorm == "window":
+            c.append(f"""    float wm, wden;
+    {{ /* per-frame mean and std of the {N} samples, removed in the spectrum as the PyTorch graph does */
+        double s1 = 0.0, s2 = 0.0;
+        float m2;
+        for (k = 0; k < {N}; k++) {{ s1 += st->frame[k]; s2 += (double)(st->frame[k] * st->frame[k]); }}
+        wm = (float)(s1 / {N}.0);
+        m2 = (float)(s2 / {N}.0);
+        m2 = m2 - wm * wm;
+        wden = sqrtf(m2 > 0.0f ? m2 : 0.0f) + {_flit(1e-7)};
+    }}""")
+        if self.real:
+            c.append(f"""    for (k = 0; k < {M}; k++) {{
+        xr[k] = st->frame[2 * k] * WINDOW[2 * k];
+        xi[k] = st->frame[2 * k + 1] * WINDOW[2 * k + 1];
+    }}
+    fft(xr, xi, yr, yi);
+    for (k = 0; k <= {M}; k++) {{ /* split the packed real FFT: X[k] = E[k] + W^k O[k] */
+        const int a = k % {M}, bb = ({M} - k) % {M};
+        const float zr = {o}r[a], zi = {o}i[a], cr = {o}r[bb], ci = -{o}i[bb];
+        const float er = 0.5f * (zr + cr), ei = 0.5f * (zi + ci);
+        const float or_ = 0.5f * (zi - ci), oi = -0.5f * (zr - cr);
+        float re = er + RT_RE[k] * or_ - RT_IM[k] * oi;
+        float im = ei + RT_RE[k] * oi + RT_IM[k] * or_;""")
+        else:
+            c.append(f"""    for (k = 0; k < {M}; k++) {{ xr[k] = st->frame[k] * WINDOW[k]; xi[k] = 0.0f; }}
+    fft(xr, xi, yr, yi);
+    for (k = 0; k < {nf}; k++) {{
+        float re = {o}r[k], im = {o}i[k];""")
+        if fe.prenorm == "window":
+            c.append("""        re = (re - wm * WSPEC[2 * k]) / wden;
+        im = (im - wm * WSPEC[2 * k + 1]) / wden;""")
+        c.append("""        pw[k] = re * re + im * im;
+    }""")
+        c.append(f"""    {{
+        int off = 0;
+        for (b = 0; b < {nm}; b++) {{
+            float acc = 0.0f;
+            for (k = 0; k < MEL_LEN[b]; k++) acc += pw[MEL_START[b] + k] * MEL_W[off + k];
+            off += MEL_LEN[b];
+            mel[b] = acc;
+        }}
+    }}""")
+        if fe.compression == "log":
+            c.append(f"""    for (b = 0; b < {nm}; b++)
+        feat[b] = 10.0f * log10f(mel[b] > {_flit(1e-10)} ? mel[b] : {_flit(1e-10)});""")
+        else:
+            from microser.frontends import PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R
+
+            L = len(plan.pcen_fir)
+            c.append(f"""    {{ /* PCEN: causal FIR smoother over the last {L} mel rows (ring), zeros before the first */
+        const int32_t t = st->pcen_n++;
+        int d;
+        memcpy(st->pcen_ring + (t % {L}) * {nm}, mel, {nm} * sizeof(float));
+        for (b = 0; b < {nm}; b++) {{
+            float sm = 0.0f;
+            for (d = (t < {L - 1} ? {L - 1} - (int)t : 0); d < {L}; d++)
+                sm += PCEN_H[d] * st->pcen_ring[((t - {L - 1} + d) % {L}) * {nm} + b];
+            feat[b] = powf(mel[b] / powf({_flit(PCEN_EPS)} + sm, {_flit(PCEN_ALPHA)}) + {_flit(PCEN_DELTA)}, {_flit(PCEN_R)})
+                      - {_flit(PCEN_DELTA ** PCEN_R)};
+        }}
+    }}""")
+        row = f"(st->n0 % {st0.k}) * {t0.row}"
+        if t0.quant is None:
+            c.append(f"    memcpy(st->ring0 + {row}, feat, {nm} * sizeof(float));")
+        else:
+            s, zp = _qparams(t0)
+            c.append(f"""    {{
+        int8_t *dst = st->ring0 + {row};
+        for (b = 0; b < {nm}; b++) dst[b] = (int8_t)quant(feat[b], {s}, {zp});
+    }}""")
+        c.append("    s0_push(st);\n}")
+        fill = self._feed()
+        return "\n".join(c) + "\n" + fill
+
+    def _feed(self) -> str:
+        fe, P, N, hop = self.fe, self.P, self.N, self.fe.hop
+        if hop < N:
+            after = f"""        memmove(st->frame, st->frame + {hop}, {N - hop} * sizeof(float));
+        st->frame_fill = {N - hop};"""
+        else:
+            after = f"""        st->frame_fill = 0;
+        st->frame_skip = {hop - N};"""
+        return f"""
+/* One sample of the (prenormalised, zero-padded) signal into the framer. */
+static void feed({P}_state *st, float y)
+{{
+    if (st->frame_skip > 0) {{
+        st->frame_skip--;
+        return;
+    }}
+    st->frame[st->frame_fill++] = y;
+    if (st->frame_fill == {N}) {{
+        process_frame(st);
+{after}
+    }}
+}}
+"""
+
+    def _api(self) -> str:
+        from microser.frontends import PRENORM_EPS, frame_padding
+
+        fe, P, plan = self.fe, self.P, self.plan
+        left, right = frame_padding(fe)
+        U = P.upper()
+        if fe.prenorm == "running":
+            pre = f"""        st->pn_count += 1.0;
+        st->pn_sum += (double)x;
+        st->pn_sumsq += (double)(x * x);
+        {{ /* torch: cumsum (double accumulation, float result) / count, var clamped at 0 */
+            const float cnt = (float)st->pn_count, mu = (float)st->pn_sum / cnt;
+            float var = (float)st->pn_sumsq / cnt - mu * mu;
+            if (var < 0.0f) var = 0.0f;
+            y = (x - mu) / (sqrtf(var) + {_flit(PRENORM_EPS)});
+        }}"""
+        elif fe.prenorm == "clip":
+            pre = """        st->clip_count += 1.0;
+        y = (x - st->clip_mean) / st->clip_den;"""
+        else:
+            pre = "        y = x;"
+        flush_stages = "\n".join(f"    s{i}_flush(st);" for i in range(len(plan.stages)))
+        prescan = ""
+        push_guard = "    if (st->finished) return -1;"
+        result_guard = ""
+        if fe.prenorm == "clip":
+            prescan = f"""
+int {P}_prescan({P}_state *st, const float *samples, int n)
+{{
+    int i;
+    if (st->finished || st->clip_count > 0.0) return -1;
+    for (i = 0; i < n; i++) {{
+        st->pn_count += 1.0;
+        st->pn_sum += (double)samples[i];
+        st->pn_sumsq += (double)samples[i] * (double)samples[i];
+    }}
+    if (st->pn_count > 0.0) {{
+        const double mu = st->pn_sum / st->pn_count;
+        double var = st->pn_sumsq / st->pn_count - mu * mu;
+        if (var < 0.0) var = 0.0;
+        st->clip_mean = (float)mu;
+        st->clip_den = (float)sqrt(var) + {_flit(PRENORM_EPS)};
+    }}
+    return 0;
+}}
+"""
+            push_guard += "\n    if (n > 0 && st->pn_count <= 0.0) return -2;"
+            result_guard = "    if (st->clip_count != st->pn_count) { out3[0] = out3[1] = out3[2] = 0.0f; st->finished = 1; return -3; }\n"
+        return f"""
+void {P}_init({P}_state *st)
+{{
+    memset(st, 0, sizeof *st);
+    st->frame_fill = {left}; /* the left zero padding */
+}}
+
+void {P}_reset({P}_state *st)
+{{
+    {P}_init(st);
+}}
+{prescan}
+int {P}_push({P}_state *st, const float *samples, int n)
+{{
+    int i;
+{push_guard}
+    for (i = 0; i < n; i++) {{
+        const float x = samples[i];
+        float y;
+{pre}
+        feed(st, y);
+    }}
+    return 0;
+}}
+
+int {P}_result({P}_state *st, float out3[3])
+{{
+    int i;
+    if (st->finished) return -1;
+{result_guard}    for (i = 0; i < {right}; i++) feed(st, 0.0f); /* the right zero padding */
+{flush_stages}
+    st->finished = 1;
+    if (st->head_rows == 0) {{
+        out3[0] = out3[1] = out3[2] = 0.0f;
+        return -1;
+    }}
+    head_final(st, out3);
+    return 0;
+}}
+"""
+
+    def _quant_fn(self) -> str:
+        if not any(t.quant is not None for t in self.plan.tensors):
+            return ""
+        return """
+/* onnxruntime QuantizeLinear: x / scale, clamp to the int8 range, round half to even, + zero point */
+static int quant(float x, float scale, int zp)
+{
+    float v = x / scale;
+    const float lo = (float)(-128 - zp), hi = (float)(127 - zp);
+    v = v < lo ? lo : (v > hi ? hi : v);
+    return (int)lrintf(v) + zp;
+}
+"""
+
+
+def emit(plan: Plan, prefix: str, variant: str) -> tuple[str, str]:
+    """(header, source) of the C library for ``plan``."""
+    e = _Emitter(plan, prefix, variant)
+    src = e.source()
+    return e.header(), src
+
+
+def emit_driver(prefix: str, two_pass: bool) -> str:
+    """A test/bench driver: ``prog AUDIO.f32 [CHUNK ...]`` pushes raw float32 audio in chunks (sizes cycled) and
+    prints the 3 outputs; ``-peek`` as the first chunk argument also takes a running result on a copy of the
+    state after every chunk (which must not change the final result)."""
+    P = prefix
+    prescan = f"    if ({P}_prescan(&st, x, (int)n) != 0) return 4;\n" if two_pass else ""
+    return f"""/* {P}_main.c: generated by microser.cgen. Usage: {P}_main AUDIO.f32 [-peek] [CHUNK ...] */
+#include <stdio.h>
+#include <stdlib.h>
+#include "{P}.h"
+
+int main(int argc, char **argv)
+{{
+    static {P}_state st, copy;
+    float out[3], tmp[3];
+    float *x;
+    long n, pos = 0;
+    int a = 2, peek = 0, nchunks, c = 0, rc;
+    FILE *f;
+    if (argc < 2) {{ fprintf(stderr, "usage: %s AUDIO.f32 [-peek] [CHUNK ...]\\n", argv[0]); return 2; }}
+    f = fopen(argv[1], "rb");
+    if (!f) {{ perror(argv[1]); return 2; }}
+    fseek(f, 0, SEEK_END);
+    n = ftell(f) / (long)sizeof(float);
+    fseek(f, 0, SEEK_SET);
+    x = (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (!x || fread(x, sizeof(float), (size_t)n, f) != (size_t)n) {{ fclose(f); return 3; }}
+    fclose(f);
+    if (argc > 2 && argv[2][0] == '-') {{ peek = 1; a = 3; }}
+    nchunks = argc - a;
+    {P}_init(&st);
+{prescan}    while (pos < n) {{
+        long k = nchunks > 0 ? atol(argv[a + (c++ % nchunks)]) : n;
+        if (k > n - pos) k = n - pos;
+        if ({P}_push(&st, x + pos, (int)k) != 0) return 5;
+        pos += k;
+        if (peek) {{ copy = st; (void){P}_result(&copy, tmp); }}
+    }}
+    rc = {P}_result(&st, out);
+    printf("%.9g %.9g %.9g\\n", out[0], out[1], out[2]);
+    free(x);
+    return rc == 0 ? 0 : 10 - rc;
+}}
+"""
+
+
+def write_library(plan: Plan, out_dir, prefix: str, variant: str) -> dict:
+    """Write ``<prefix>.h``, ``<prefix>.c`` and ``<prefix>_main.c`` into ``out_dir``; returns paths and byte plan."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    e = _Emitter(plan, prefix, variant)
+    (out_dir / f"{prefix}.h").write_text(e.header())
+    (out_dir / f"{prefix}.c").write_text(e.source())
+    (out_dir / f"{prefix}_main.c").write_text(emit_driver(prefix, plan.fe.prenorm == "clip"))
+    return {"prefix": prefix, "variant": variant, "header": f"{prefix}.h", "source": f"{prefix}.c",
+            "driver": f"{prefix}_main.c", "state_bytes": e.state_bytes, "arena_bytes": e.arena_bytes,
+            "ram_bytes": e.state_bytes + e.arena_bytes, "min_samples": e._min_samples()}
+
+
+def compile_driver(out_dir, prefix: str, *, extra_flags=(), exe: str | None = None) -> Path:
+    """Build ``<prefix>_main`` with the strict flags (GCC_FLAGS); MicroserError with gcc's first lines on failure."""
+    out_dir = Path(out_dir)
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise MicroserError("gcc not found on PATH: the C export's checks need a C99 compiler; install gcc")
+    exe = out_dir / (exe or f"{prefix}_main")
+    cmd = [gcc, *GCC_FLAGS, *extra_flags, "-o", str(exe), str(out_dir / f"{prefix}.c"),
+           str(out_dir / f"{prefix}_main.c"), "-lm"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        first = " | ".join(r.stderr.strip().splitlines()[:3])
+        raise MicroserError(f"gcc failed on {out_dir / (prefix + '.c')}: {first}; report the spec as a cgen bug")
+    return exe
+
+
+def run_driver(exe, audio: np.ndarray, chunks=(), *, peek: bool = False, workdir=None, wrapper=()) -> np.ndarray:
+    """Run a compiled driver on float32 audio pushed in ``chunks`` (cycled); returns the 3 outputs."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / "audio.f32"
+        np.asarray(audio, dtype=np.float32).tofile(path)
+        args = [*wrapper, str(exe), str(path)] + (["-peek"] if peek else []) + [str(int(c)) for c in chunks]
+        r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MicroserError(f"{exe} exited with {r.returncode} on {len(audio)} samples: {r.stderr.strip()[:200]}")
+    return np.array([float(v) for v in r.stdout.split()], dtype=np.float64)
