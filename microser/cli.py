@@ -139,6 +139,164 @@ def describe(
     show.cost_report(measure_report(spec, input_seconds=input_seconds), as_json=json_)
 
 
+# -- pareto, trials, show: inspect a study --
+
+StageOpt = Annotated[str, typer.Option("--stage", help="CCC fidelity: 'final' (a trial's final-stage CCC when it was "
+                                       "retrained, else its search CCC; the table says which) or 'search'.")]
+TrialOpt = Annotated[int, typer.Option("--trial", help="Trial number (see `microser trials`).")]
+
+
+@app.command()
+def pareto(
+    study: StudyOpt,
+    storage: StorageOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the 3-panel front plot (PNG/PDF/SVG).")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write the same plot as interactive HTML.")] = None,
+    stage: StageOpt = "final",
+    json_: JsonOpt = False,
+) -> None:
+    """Show the feasible Pareto-optimal trials of a study (references marked below), with plots."""
+    from microser import show
+    from microser.pareto import front_report, plot_front, plot_front_html
+    from microser.storage import load_study
+
+    report = front_report(load_study(study, storage), stage=stage)
+    if plot:
+        plot_front(report, plot)
+    if html:
+        plot_front_html(report, html)
+    show.pareto_front(report, as_json=json_, files=tuple(str(f) for f in (plot, html) if f))
+
+
+@app.command("trials")
+def trials_cmd(study: StudyOpt, storage: StorageOpt = None, stage: StageOpt = "final", json_: JsonOpt = False) -> None:
+    """List every trial of a study: state, CCC, costs, rejected reason, reference."""
+    from microser import show
+    from microser.pareto import all_rows
+    from microser.storage import load_study
+
+    show.trials_table(all_rows(load_study(study, storage), stage=stage), as_json=json_)
+
+
+@app.command("show")
+def show_cmd(study: StudyOpt, trial: TrialOpt, storage: StorageOpt = None, json_: JsonOpt = False) -> None:
+    """Show one trial in full: spec, costs, CCC, constraints, weights, final stage, compression."""
+    from microser import show
+    from microser.pareto import trial_detail
+    from microser.storage import load_study
+
+    show.trial_full(trial_detail(load_study(study, storage), trial), as_json=json_)
+
+
+# -- compress, export: shrink a trial and hand it to firmware --
+
+CacheOpt = Annotated[Optional[str], typer.Option("--cache", help="Cache folder. Default: the study's cache.")]
+
+
+def _keep_float(text: str):
+    return "auto" if text == "auto" else [] if text in ("", "none") else [t.strip() for t in text.split(",")]
+
+
+@app.command()
+def compress(
+    study: StudyOpt,
+    trial: TrialOpt,
+    storage: StorageOpt = None,
+    target_params: Annotated[Optional[int], typer.Option("--target-params", help="Prune body channels until "
+                             "params (ONNX initializer elements) <= K.")] = None,
+    prune_ratio: Annotated[Optional[float], typer.Option("--prune-ratio", help="Prune this fraction of the channels "
+                           "of every body block but the last (0..1).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Iterative pruning steps, fine-tuned after each.")] = 3,
+    epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs before pruning (0: none).")] = 10.0,
+    finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs after each "
+                               "pruning step.")] = 2.0,
+    keep_float: Annotated[str, typer.Option("--keep-float", help="Body ops kept float beside the front-end and the "
+                          "head: 'auto' (measure the first/last conv on the validation split), 'none', or "
+                          "comma-separated node-name prefixes / op types.")] = "auto",
+    cache: CacheOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Fine-tuning and calibration seed.")] = 0,
+    json_: JsonOpt = False,
+) -> None:
+    """Fine-tune, prune (Torch-Pruning) and int8-quantize one trial; print the before/after table."""
+    from microser import show
+    from microser.compress import compress_trial
+    from microser.storage import load_study
+
+    with show.step_progress() as progress:
+        report = compress_trial(load_study(study, storage), trial, target_params=target_params,
+                                prune_ratio=prune_ratio, steps=steps, epochs=epochs, finetune_epochs=finetune_epochs,
+                                cache=cache, keep_float=_keep_float(keep_float), seed=seed, progress=progress)
+    show.compress_result(report, as_json=json_)
+
+
+@app.command()
+def export(
+    study: StudyOpt,
+    trial: TrialOpt,
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder.")],
+    storage: StorageOpt = None,
+    compressed: Annotated[bool, typer.Option("--compressed", help="Export the result of `microser compress` "
+                          "instead of the trial's trained weights.")] = False,
+    c: Annotated[bool, typer.Option("--c", help="Also generate the dependency-free C library.")] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest allowed mean-CCC drop fp32 -> int8 on "
+                         "the validation and test splits; worse parity refuses the export.")] = 0.02,
+    keep_float: Annotated[str, typer.Option("--keep-float", help="As for compress (without --compressed).")] = "auto",
+    cache: CacheOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Write the firmware bundle: stripped fp32/int8 ONNX, model.h, model card, parity report."""
+    from microser import show
+    from microser.export import Tolerance, export_trial
+    from microser.storage import load_study
+
+    with show.step_progress() as progress:
+        report = export_trial(load_study(study, storage), trial, out, compressed=compressed, cache=cache, c=c,
+                              tolerance=Tolerance(int8_ccc_drop=tolerance), keep_float=_keep_float(keep_float),
+                              progress=progress)
+    show.bundle_result(report, as_json=json_)
+
+
+# -- evaluate, predict: use a model --
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[Path], typer.Argument(help="A bundle folder or an .onnx file (or give --study "
+                     "and --trial).")] = None,
+    study: StudyOpt = None,
+    trial: Annotated[Optional[int], typer.Option("--trial", help="Trial number.")] = None,
+    storage: StorageOpt = None,
+    compressed: Annotated[bool, typer.Option("--compressed", help="The trial's compressed model.")] = False,
+    cache: Annotated[Optional[str], typer.Option("--cache", help="Evaluate on this cache. Default: the study's "
+                     "or the bundle's cache (required for a bare .onnx).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train | valid | test.")] = "test",
+    json_: JsonOpt = False,
+) -> None:
+    """CCC per dimension of a trial, a compressed trial, a bundle or an ONNX file on a cache split."""
+    from microser import show
+    from microser.export import evaluate_target
+    from microser.storage import load_study
+
+    loaded = load_study(study, storage) if study else None
+    show.evaluation(evaluate_target(study=loaded, trial=trial, compressed=compressed, path=model, cache=cache,
+                                    split=split), as_json=json_)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A bundle folder or an .onnx file.")],
+    audio: Annotated[Path, typer.Argument(help="An audio folder or a CSV with a path column.")],
+    out: Annotated[Path, typer.Option("--out", help="Output CSV: path, arousal, dominance, valence, segments.")],
+    int8: Annotated[bool, typer.Option("--int8", help="Use the bundle's int8 graph.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Predict arousal, dominance, valence per audio file (any rate/channels; long files: mean over segments)."""
+    from microser import show
+    from microser.export import predict_files
+
+    show.predictions(predict_files(model, audio, out, int8=int8), as_json=json_)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning MicroserError into a one-line message (exit 2)."""
     try:

@@ -145,3 +145,184 @@ def cost_report(report, as_json: bool = False) -> None:
     console.print(f"live at the int8 peak: {live}{', ...' if len(plan.live) > 4 else ''}")
     console.print("RAM: activations alive at once in graph order, no in-place reuse, weights excluded; "
                   "KB = 1000 bytes")
+
+
+# ---- pareto, trials, show, compress, export, evaluate, predict ----
+
+
+def _kb(x) -> str:
+    return "-" if x is None else f"{x / 1000:,.1f}"
+
+
+def _int(x) -> str:
+    return "-" if x is None else f"{int(x):,}"
+
+
+def _ccc_cells(ccc: dict | None) -> list[str]:
+    if not ccc:
+        return ["-"] * 4
+    return [f"{ccc[k]:.3f}" for k in ("arousal", "dominance", "valence", "mean")]
+
+
+def pareto_front(report, *, as_json: bool = False, files: tuple = ()) -> None:
+    """`microser pareto`: the feasible front (references marked below it), counts, and the plot files."""
+    if as_json:
+        print_json(report.to_dict())
+        return
+    from rich.table import Table
+
+    c = report.counts
+    table = Table(title=f"study {report.study}: feasible Pareto front (mean CCC vs "
+                        f"{', '.join(report.objectives)}; {report.stage} stage, validation split)")
+    for name in ("trial", "family", "architecture", "A", "D", "V", "CCC", "params", "ONNX KB", "RAM int8 KB",
+                 "MACs", "train s", ""):
+        table.add_column(name, no_wrap=name not in ("architecture", ""), overflow="fold")
+
+    def add(r, tag):
+        table.add_row(str(r.number), r.family or "-", r.summary or "-", *_ccc_cells(r.ccc), _int(r.costs.get("params")),
+                      _kb(r.costs.get("onnx_bytes")), _kb(r.costs.get("ram_bytes")), _int(r.costs.get("macs")),
+                      "-" if r.train_seconds is None else f"{r.train_seconds:.0f}", tag)
+
+    for r in report.front:
+        add(r, "" if r.ccc_stage == report.stage else f"({r.ccc_stage} CCC)")
+    if report.references:
+        table.add_section()
+        for r in report.references:
+            add(r, f"reference {r.reference}")
+    console.print(table)
+    budgets = ", ".join(f"{k} <= {v:,.0f}" for k, v in report.budgets.items()) or "none"
+    console.print(f"{c['front']} on the front of {c['feasible']} feasible trials; {c['rejected']} rejected over "
+                  f"budget ({budgets}), {c['infeasible']} infeasible, {c['failed']} failed, {c['running']} running; "
+                  f"{c['final_stage']} with final-stage CCC. KB = 1000 bytes.", highlight=False)
+    for f in files:
+        console.print(f"wrote {f}", highlight=False)
+
+
+def trials_table(rows, *, as_json: bool = False) -> None:
+    """`microser trials`: every trial, its state, CCC, costs, and why it is not on the front."""
+    if as_json:
+        from dataclasses import asdict
+
+        print_json([asdict(r) for r in rows])
+        return
+    from rich.table import Table
+
+    table = Table(title="all trials")
+    for name in ("trial", "state", "architecture", "CCC", "stage", "params", "RAM int8 KB", "ONNX KB", "note"):
+        table.add_column(name, no_wrap=name not in ("architecture", "note"), overflow="fold")
+    for r in rows:
+        if r.reference:
+            note = f"reference {r.reference}"
+        elif r.rejected:
+            note = r.rejected
+        elif r.violations:
+            note = "infeasible: " + ", ".join(f"{k} over by {v:,.0f}" for k, v in r.violations.items())
+        else:
+            note = "front" if r.on_front else ""
+        table.add_row(str(r.number), r.state, r.summary or "-", "-" if not r.ccc else f"{r.ccc['mean']:.3f}",
+                      r.ccc_stage or "-", _int(r.costs.get("params")), _kb(r.costs.get("ram_bytes")),
+                      _kb(r.costs.get("onnx_bytes")), note)
+    console.print(table)
+
+
+def trial_full(detail: dict, *, as_json: bool = False) -> None:
+    """`microser show --trial N`: everything stored about one trial."""
+    if as_json:
+        print_json(detail)
+        return
+    from rich.pretty import Pretty
+
+    console.print(f"[bold]trial {detail['number']}[/] {detail['state']}: {detail['summary'] or '-'}", highlight=False)
+    console.print(Pretty({k: v for k, v in detail.items() if k not in ("number", "state", "summary")}))
+
+
+def _stage_table(stages, title: str):
+    from rich.table import Table
+
+    table = Table("stage", "params", "ONNX KB fp32", "ONNX KB int8", "RAM KB fp32", "RAM KB int8", "MACs",
+                  "CCC PyTorch", "CCC fp32 ONNX", "CCC int8 ONNX", "kept float", title=title)
+    for s in stages:
+        table.add_row(s["stage"], _int(s["params"]), _kb(s["onnx_bytes"]), _kb(s["int8_bytes"]),
+                      _kb(s["ram_bytes_fp32"]), _kb(s["ram_bytes"]), _int(s["macs"]),
+                      f"{s['ccc_torch']['mean']:.3f}", f"{s['ccc_fp32_onnx']['mean']:.3f}",
+                      f"{s['ccc_int8_onnx']['mean']:.3f}", "front-end, head" + "".join(
+                          f", {k}" for k in s["keep_float"]))
+    return table
+
+
+class step_progress:
+    """Stage lines for compress/export (``progress(event_dict)``), on stderr."""
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, event: dict) -> None:
+        text = ", ".join(f"{k} {v}" for k, v in event.items() if k != "kind")
+        err_console.print(f"[dim]{event.get('kind', '')}[/] {text}", highlight=False)
+
+    def __exit__(self, *exc):
+        return False
+
+
+def compress_result(report, *, as_json: bool = False) -> None:
+    """`microser compress`: the before/after table (CCC on the validation split) and where the result is."""
+    if as_json:
+        print_json(report.to_dict())
+        return
+    split = report.stages[0]["split"] if report.stages else "valid"
+    console.print(_stage_table(report.stages, f"study {report.study} trial {report.trial}: before / after "
+                                              f"(CCC on the {split} split, from each graph's own outputs)"))
+    for h in report.prune_history:
+        console.print(f"prune step {h['step']}: channels {h['channels']}, {h['params']:,} params, valid CCC "
+                      f"{h['valid_ccc']['mean']:.3f}", highlight=False)
+    console.print(f"started from {report.start_weights} weights; wrote {report.folder} (spec.json, weights.pt, "
+                  f"model.onnx, model.int8.onnx, report.json). KB = 1000 bytes.", highlight=False)
+
+
+def bundle_result(report, *, as_json: bool = False) -> None:
+    """`microser export`: files, CCC (test and validation), size accounting and parity."""
+    if as_json:
+        print_json(report.to_dict())
+        return
+    from rich.table import Table
+
+    card = report.card
+    table = Table("split", "graph", "A", "D", "V", "CCC", title=f"{card['architecture']['summary']}")
+    for split in ("test", "valid"):
+        for graph in ("fp32", "int8"):
+            table.add_row(split, graph, *_ccc_cells(card["ccc"][split][graph]))
+    console.print(table)
+    s = card["size"]
+    console.print(f"model.int8.onnx {s['file_bytes']:,} B = int8 weights {s['int8_weight_bytes']:,} + int32 biases "
+                  f"{s['int32_bias_bytes']:,} + scales {s['scale_bytes']:,} + zero points {s['zero_point_bytes']:,} "
+                  f"+ float {s['float_bytes']:,} + shape constants {s['other_bytes']:,} + graph "
+                  f"{s['graph_overhead_bytes']:,} (goal {s['size_goal_bytes']:,}: "
+                  f"{'met' if s['size_goal_met'] else 'not met'})", highlight=False)
+    floats = card["quantization"]["float_op_counts"]
+    console.print(f"float ops: {floats}; parity passed (tolerance {card['parity']['tolerance']})", highlight=False)
+    console.print(f"wrote {report.folder}: {', '.join(report.files)}", highlight=False)
+
+
+def evaluation(result: dict, *, as_json: bool = False) -> None:
+    """`microser evaluate`: CCC per dimension for every graph or model of the target."""
+    if as_json:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table("model", "A", "D", "V", "CCC",
+                  title=f"{result['target']} on {result['cache']} ({result['split']} split, "
+                        f"{result['segments']} segments)")
+    for name, ccc in result["results"].items():
+        table.add_row(name, *_ccc_cells(ccc))
+    console.print(table)
+
+
+def predictions(result: dict, *, as_json: bool = False) -> None:
+    """`microser predict`: how many files, where the CSV is, and the segmentation rule used."""
+    if as_json:
+        print_json(result)
+        return
+    console.print(f"{result['files']} files -> {result['out']} ({'int8' if result['int8'] else 'fp32'} "
+                  f"{result['model']}); files longer than {result['max_seconds']:g} s were cut into segments "
+                  f"overlapping {result['overlap_seconds']:g} s and their outputs averaged", highlight=False)
