@@ -89,6 +89,10 @@ def measure_report(spec_or_model, *, input_seconds: float = 1.0,
     if not input_seconds > 0:
         raise MicroserError(f"--input-seconds {input_seconds} must be > 0, e.g. 1 or 5")
     model, name = _as_model(spec_or_model)
+    shortest = getattr(model, "min_seconds", 0.0)
+    if input_seconds < shortest:
+        raise MicroserError(f"--input-seconds {input_seconds:g} is shorter than the {shortest:g} s this model "
+                            f"accepts: pass --input-seconds {shortest:g} or more")
     samples = seconds_to_samples(input_seconds)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="microser-costs-") as tmp:
@@ -115,7 +119,8 @@ def _measure(model, name, input_seconds, samples, workdir: Path) -> CostReport:
 
 def _as_model(spec_or_model) -> tuple[torch.nn.Module, str]:
     if isinstance(spec_or_model, torch.nn.Module):
-        return spec_or_model, type(spec_or_model).__name__
+        spec = getattr(spec_or_model, "spec", None)
+        return spec_or_model, spec.summary() if hasattr(spec, "summary") else type(spec_or_model).__name__
     from microser.models.spec import ArchSpec, build_model, resolve_spec
 
     spec = spec_or_model if isinstance(spec_or_model, ArchSpec) else resolve_spec(str(spec_or_model))

@@ -180,6 +180,9 @@ def test_costs_record_and_workdir(tmp_path):
     assert costs.input_seconds == 0.5
     with pytest.raises(MicroserError, match="--input-seconds 0 must be > 0"):
         measure_costs(model, input_seconds=0)
+    model.min_seconds = 0.25  # what every Student declares
+    with pytest.raises(MicroserError, match=r"--input-seconds 0\.1 is shorter than the 0\.25 s"):
+        measure_costs(model, input_seconds=0.1)
 
 
 # ---- the functional MAC rules, by hand ----

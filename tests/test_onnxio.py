@@ -156,3 +156,25 @@ def test_ort_session_and_run_onnx_accept_bytes_and_1d(exported):
     assert np.max(np.abs(run_onnx(session, audio) - expected)) <= 1e-4
     with pytest.raises(MicroserError, match=r"shape \(1, 2, 3\): expected \(batch, samples\)"):
         run_onnx(session, np.zeros((1, 2, 3), np.float32))
+
+
+class _TwinConvs(nn.Module):
+    """Two conv+BN layers of equal width: untrained, both fold to equal (zero) biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(1, 4, 3, bias=False), nn.BatchNorm1d(4),
+                                  nn.Conv1d(4, 4, 3, bias=False), nn.BatchNorm1d(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, audio):  # (B, T)
+        return self.head(self.body(audio.unsqueeze(1)).mean(-1))
+
+
+def test_equal_constants_are_not_deduplicated(tmp_path):
+    """The stored size must not depend on the weights' values (trained biases differ, untrained ones are equal)."""
+    path = export_onnx(_TwinConvs(), tmp_path / "twin.onnx", sample_seconds=0.01)
+    inits = onnx.load(path).graph.initializer
+    floats = sum(int(np.prod(t.dims)) for t in inits if t.data_type == onnx.TensorProto.FLOAT)
+    # conv weights 4*1*3 + 4*4*3, one folded bias of 4 per conv, Linear 4*3 + 3
+    assert floats == 12 + 48 + 4 + 4 + 12 + 3
