@@ -9,6 +9,7 @@ because every chunk starts on the resampler's phase grid.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
@@ -193,8 +194,16 @@ def _resample(data: np.ndarray, sample_rate: int) -> np.ndarray:
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if sample_rate == SAMPLE_RATE:
         return np.ascontiguousarray(mono, dtype=np.float32)
-    y = AF.resample(torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)), sample_rate, SAMPLE_RATE)
+    with torch.inference_mode():
+        y = _resampler(int(sample_rate))(torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)))
     return y.numpy()
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(sample_rate: int) -> torchaudio.transforms.Resample:
+    """torchaudio's sinc resampler to 16 kHz with its kernel computed once per source rate (it costs more than
+    applying it to a few seconds of audio); same output as ``torchaudio.functional.resample``."""
+    return torchaudio.transforms.Resample(sample_rate, SAMPLE_RATE)
 
 
 def _check_samples(path: Path, data: np.ndarray) -> None:

@@ -429,12 +429,19 @@ class HFTeacher:
             raise MicroserError("teacher hf:... needs transformers: pip install 'microser[hf]'") from None
         self.name = name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from transformers.utils import logging as hf_logging
+
         cls = _emotion_model_class()
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # library code does not print; the CLI shows its own progress
         try:
             model, info = cls.from_pretrained(name, output_loading_info=True, weights_only=True)
         except (OSError, ValueError) as e:
             raise MicroserError(f"hf teacher {name!r} does not load ({' '.join(str(e).split())[:200]}): "
                                 "pass a local folder or hub name of a wav2vec2 dimensional model") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         missing = [k for k in info.get("missing_keys", []) if k.startswith(("classifier.", "wav2vec2."))]
         if missing:
             raise MicroserError(

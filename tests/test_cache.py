@@ -326,3 +326,15 @@ def test_espeak_emo_builds_by_speaker(espeak_dir, tmp_path):
     info = cache_info(tmp_path / "c")
     assert info["items"] == 640 and info["speakers"] == 8 and info["split_by"] == "speaker"
     assert info["speakers_per_split"] == {"train": 6, "valid": 1, "test": 1}
+
+
+def test_long_files_are_read_segment_by_segment_with_the_same_result(tmp_path, monkeypatch):
+    import microser.cache as cache_mod
+
+    labels = _corpus(tmp_path / "data", n=3, long_seconds=20.0)
+    whole = Cache.open(build_cache(labels, [f"csv:{labels}"], tmp_path / "whole").out)
+    monkeypatch.setattr(cache_mod, "_WHOLE_FILE_SECONDS", 0.1)  # every file takes the long-file path
+    seg = Cache.open(build_cache(labels, [f"csv:{labels}"], tmp_path / "seg").out)
+    assert [it["length"] for it in seg.items] == [it["length"] for it in whole.items]
+    for i in range(len(whole)):
+        np.testing.assert_allclose(seg.audio(i), whole.audio(i), atol=1 / 32768)  # at most one int16 step apart
