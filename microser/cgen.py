@@ -131,6 +131,10 @@ class Plan:
     pcen_fir: np.ndarray | None = None  # oldest tap first, as the PyTorch conv weight
     window_spectrum: np.ndarray | None = None
     head: dict = field(default_factory=dict)
+    # log compression as the int8 graph computes it: ln(max(e, floor)) then scalar ops in order
+    # (the exporter folds the x10 of 10*log10 into the first conv's weights); None: 10*log10(max(e, 1e-10))
+    log_chain: list[tuple[str, float]] | None = None
+    log_floor: float = 1e-10
 
     @property
     def fe(self):
@@ -451,6 +455,8 @@ def int8_plan(model, spec, int8_onnx_path) -> Plan:
                                 "(microser.compress.ACTIVATION_SYMMETRIC = False)")
     for st, node in zip(pool_stages, pools):
         consumers_of[st.src] = node.input[0]
+    if spec.frontend.compression == "log":
+        plan.log_chain, plan.log_floor = _log_chain(g, convs[0].input[0])
     head_in = _head_input(g, plan)
     consumers_of[len(plan.tensors) - 1] = head_in
     for i, t in enumerate(plan.tensors):
@@ -463,6 +469,35 @@ def int8_plan(model, spec, int8_onnx_path) -> Plan:
             raise MicroserError(f"{int8_onnx_path}: quantized conv of block {st.block} reads or writes a float "
                                 "tensor: expected QuantizeLinear/DequantizeLinear on both sides (QDQ format)")
     return plan
+
+
+def _log_chain(g: _Graph, tensor: str) -> tuple[list[tuple[str, float]], float]:
+    """The scalar Mul/Div ops between ``Log`` and the first conv's input, first op first, and the Clip floor."""
+    dq = g.producer.get(tensor)
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        q = g.producer[dq.input[0]]
+        tensor = q.input[0]
+    chain: list[tuple[str, float]] = []
+    node = g.producer.get(tensor)
+    while node is not None and node.op_type in ("Mul", "Div"):
+        consts = [i for i in node.input if i in g.init]
+        if len(consts) != 1 or np.asarray(g.init[consts[0]]).size != 1:
+            break
+        value = float(np.asarray(g.init[consts[0]]).reshape(()))
+        if node.op_type == "Div" and node.input[1] != consts[0]:
+            break
+        chain.append(("mul" if node.op_type == "Mul" else "div", value))
+        node = g.producer.get(next(i for i in node.input if i not in g.init))
+    if node is None or node.op_type != "Log":
+        raise MicroserError(f"{g.path}: the first conv does not read Log(...) through scalar Mul/Div ops: expected "
+                            "the log-mel front-end of microser.frontends; re-export the model")
+    clip = g.producer.get(node.input[0])
+    floor = 1e-10
+    if clip is not None and clip.op_type == "Clip" and len(clip.input) > 1 and clip.input[1] in g.init:
+        floor = float(np.asarray(g.init[clip.input[1]]).reshape(()))
+    elif clip is not None and clip.op_type == "Max":
+        floor = float(np.asarray(g.init[[i for i in clip.input if i in g.init][0]]).reshape(()))
+    return chain[::-1], floor
 
 
 def _kernel(g: _Graph, node) -> tuple[int, ...]:
@@ -1088,9 +1123,16 @@ static void process_frame({P}_state *st)
             mel[b] = acc;
         }}
     }}""")
-        if fe.compression == "log":
+        if fe.compression == "log" and plan.log_chain is None:
             c.append(f"""    for (b = 0; b < {nm}; b++)
         feat[b] = 10.0f * log10f(mel[b] > {_flit(1e-10)} ? mel[b] : {_flit(1e-10)});""")
+        elif fe.compression == "log":  # the int8 graph's own arithmetic (scalars folded by the exporter)
+            ops = "".join(f" {'*' if op == 'mul' else '/'} {_flit(v)}" for op, v in plan.log_chain)
+            fl = _flit(plan.log_floor)
+            c.append(f"""    for (b = 0; b < {nm}; b++) {{
+        float v = logf(mel[b] > {fl} ? mel[b] : {fl});
+        feat[b] = v{ops};
+    }}""")
         else:
             from microser.frontends import PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R
 
