@@ -476,6 +476,8 @@ def _existing_build(out: Path, identity: dict, specs) -> dict | None:
         if old != identity:
             raise _refuse_mix(out, old, identity, specs)
         if meta.get("complete") is True:
+            for name in (*_PARTS, "journal.jsonl", "build.json"):  # left if killed right after finalising
+                (out / name).unlink(missing_ok=True)
             return meta
     elif not (out / "build.json").is_file():
         other = [p.name for p in out.iterdir() if p.name != ".lock"]
