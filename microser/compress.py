@@ -546,7 +546,12 @@ def ratio_for_params(model, target_params: int, *, max_ratio: float = 0.95, tol:
     now = params_of(model)
     if now <= target_params:
         return 0.0
+    # Torch-Pruning skips a layer that a ratio would empty, so params are not monotonic near 1: step down
+    # from max_ratio to the largest ratio that prunes at all; below it they fall monotonically with the ratio.
     floor = after(max_ratio)
+    while floor >= now and max_ratio > 0.1:
+        max_ratio = round(max_ratio - 0.05, 4)
+        floor = after(max_ratio)
     if floor > target_params:
         raise MicroserError(f"--target-params {target_params} is below what pruning can reach: {floor} params at "
                             f"a pruning ratio of {max_ratio} (the head, front-end and last block are not pruned); "

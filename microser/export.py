@@ -245,9 +245,9 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
     from microser.compress import classify_nodes, size_accounting
 
     out = Path(out)
-    if c and importlib.util.find_spec("microser.cgen") is None:
-        raise MicroserError(f"C export is not available for family {spec.family!r}: microser.cgen is not "
-                            "installed in this version; export without --c")
+    if c and _c_generator() is None:
+        raise MicroserError(f"C export is not available for family {spec.family!r}: this version's microser.cgen "
+                            "has no generate(bundle_dir, model, spec, int8_onnx_path); export without --c")
     fp32_named, int8_named = Path(fp32_named), Path(int8_named)
     parity = parity_report(model, fp32_named, int8_named, data, tolerance=tolerance)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,11 +318,18 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
     if stale.exists():
         stale.unlink()
     if c:
-        from microser import cgen
-
-        cgen.generate(out, model, spec, int8_named)
-        files.append("c/")
+        _c_generator()(out, model, spec, int8_named)
+        files.append("C library (microser.cgen)")
     return BundleReport(folder=str(out), files=files, card=card, parity=parity)
+
+
+def _c_generator():
+    """``microser.cgen.generate`` when this installation has it, else None."""
+    if importlib.util.find_spec("microser.cgen") is None:
+        return None
+    from microser import cgen
+
+    return getattr(cgen, "generate", None)
 
 
 def _counts(ops: list[dict]) -> dict[str, int]:
