@@ -49,11 +49,17 @@ def _run(job: tuple[str, int, float, str]) -> dict:
             "valid": result.ccc, "test": evaluate(model, cache, split="test"), "collapsed": result.collapsed}
 
 
+def _fmt(report: dict) -> str:
+    dims = " ".join(f"{k[0].upper()} {v:.3f}" for k, v in report.items() if k != "mean")
+    return f"{dims} mean {report['mean']:.3f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=None, help="demo folder (default: microser.demo.default_demo_dir())")
     p.add_argument("--epochs", type=float, default=8.0)
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--students", default=",".join(STUDENTS), help=f"comma-separated subset of {', '.join(STUDENTS)}")
     p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per run, up to cores)")
     args = p.parse_args()
 
@@ -62,12 +68,11 @@ def main() -> None:
     t0 = time.perf_counter()
     cache_dir = str(ensure_demo_cache(args.root))
     print(f"demo cache {cache_dir} ready in {time.perf_counter() - t0:.1f} s", flush=True)
-    jobs = [(n, int(s), args.epochs, cache_dir) for n in STUDENTS for s in args.seeds.split(",")]
+    jobs = [(n, int(s), args.epochs, cache_dir) for n in args.students.split(",") for s in args.seeds.split(",")]
     with mp.get_context("spawn").Pool(args.jobs or min(len(jobs), mp.cpu_count())) as pool:
         for r in pool.imap_unordered(_run, jobs):
-            fmt = lambda d: " ".join(f"{k[0].upper()} {v:.3f}" for k, v in d.items() if k != "mean") + f" mean {d['mean']:.3f}"
             print(f"{r['name']:14s} seed {r['seed']} {r['params']:6d} params {args.epochs:g} epochs "
-                  f"{r['seconds']:5.0f} s | valid {fmt(r['valid'])} | test {fmt(r['test'])}"
+                  f"{r['seconds']:5.0f} s | valid {_fmt(r['valid'])} | test {_fmt(r['test'])}"
                   + ("  COLLAPSED" if r["collapsed"] else ""), flush=True)
 
 

@@ -177,7 +177,9 @@ def generate_corpus(*, n_clips: int = 1000, n_speakers: int = 24, seed: int = 0)
 def iter_clips(*, n_clips: int, n_speakers: int, seed: int):
     """Yield ``(audio, speaker, latent, target)`` clip by clip, as `generate_corpus` makes them (low memory)."""
     if n_clips < 2:
-        raise MicroserError(f"demo corpus n_clips={n_clips} is too small: expected at least 2 clips (--clips 2 or more)")
+        raise MicroserError(
+            f"demo corpus n_clips={n_clips} is too small: expected at least 2 clips (--clips 2 or more)"
+        )
     if not 1 <= n_speakers <= n_clips:
         raise MicroserError(
             f"demo corpus n_speakers={n_speakers} does not fit n_clips={n_clips}: expected 1 <= speakers <= clips "
