@@ -8,12 +8,31 @@ model per trial) three ways and prints trial throughput:
 - ``2x1``: two processes side by side, 1 thread each, each running half the trials
   (what ``microser search --workers 2`` does).
 
-Data: a teacher cache (``--cache DIR``, read with microser.cache) or the espeak-emo
+Data: a teacher cache (``--cache DIR``, read with microser.cache), the espeak-emo
 corpus read directly (``--espeak DIR``, default ../shared/data/espeak-emo; speakers
-d00-d05 train, d06 valid). Each process loads the data before a barrier; only the
+d00-d05 train, d06 valid), or ``--synthetic N`` clips of the same lengths. Each process loads the data before a barrier; only the
 trials are timed. Usage::
 
     python bench/distill_threads.py [--trials 4] [--epochs 1] [--cores 0,1]
+
+Measured (idle 16-core x86-64 VM, each run pinned to 2 cores with --cores, torch
+2.11.0 CPU, ``--synthetic 160``: 120 train clips of 2-4.5 s, TrainConfig defaults;
+wav2small-ref: 4 trials of 2 epochs, run twice on different core pairs;
+wav2small-80k (7 x 36 channels, 78,771 params): 2 trials of 1 epoch):
+
+    model           mode  s/trial   trials/h  vs 1x1
+    wav2small-ref   1x1   8.5 / 9.2  424 / 390  1.00x
+    wav2small-ref   1x2   5.1 / 5.2  706 / 691  1.67x / 1.77x
+    wav2small-ref   2x1   4.9 / 5.0  740 / 727  1.75x / 1.87x
+    wav2small-80k   1x1   20.6        175       1.00x
+    wav2small-80k   1x2   11.5        313       1.80x
+    wav2small-80k   2x1   11.1        323       1.85x
+
+Both ways use the second core well; 2 processes x 1 thread is 3-5% ahead for both
+sizes (about the spread between the two wav2small-ref runs), and it also overlaps
+the single-threaded parts of a trial (ONNX export, cost measurement, Python).
+Recommendation: ``--workers 2`` with 1 thread each on 2 cores (TrainConfig.threads
+defaults to 1).
 """
 
 from __future__ import annotations
@@ -61,7 +80,33 @@ class EspeakData:
         return self._split[split]
 
 
+class SyntheticData:
+    """``n`` clips of 2-4.5 s (like espeak-emo) of tones in noise with random targets: throughput only, no files."""
+
+    def __init__(self, n: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.targets = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+        self._audio = []
+        for a, _, v in self.targets:
+            t = np.arange(int(rng.uniform(2.0, 4.5) * 16000)) / 16000
+            x = 0.3 * np.sin(2 * np.pi * (150 + 300 * a) * t) + 0.1 * (0.1 + v) * rng.standard_normal(len(t))
+            self._audio.append(x.astype(np.float32))
+        cut1, cut2 = int(0.75 * n), int(0.875 * n)
+        self._split = {"train": np.arange(cut1), "valid": np.arange(cut1, cut2), "test": np.arange(cut2, n)}
+
+    def __len__(self):
+        return len(self._audio)
+
+    def audio(self, i):
+        return self._audio[i]
+
+    def split_indices(self, split):
+        return self._split[split]
+
+
 def load_data(args):
+    if getattr(args, "synthetic", None):
+        return SyntheticData(args.synthetic), f"synthetic: {args.synthetic} clips of 2-4.5 s, 75% train / 12.5% valid"
     if args.cache:
         from microser.cache import Cache
 
@@ -130,6 +175,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", help="teacher cache folder (default: read espeak-emo directly)")
     ap.add_argument("--espeak", default=str(REPO.parent / "shared" / "data" / "espeak-emo"))
+    ap.add_argument("--synthetic", type=int, help="use N synthetic clips instead (no audio files needed)")
     ap.add_argument("--trials", type=int, default=4, help="trials per mode (even)")
     ap.add_argument("--epochs", type=float, default=1.0, help="epochs per trial")
     ap.add_argument("--models", default="wav2small-ref,wav2small-80k")
