@@ -39,6 +39,7 @@ on one core of the development machine (bench/demo_corpus.py).
 from __future__ import annotations
 
 import csv
+import fcntl
 import itertools
 import json
 import os
@@ -495,16 +496,29 @@ def ensure_demo_cache(root=None, *, progress=None, **gen_kwargs) -> Path:
     if unknown:
         raise TypeError(f"ensure_demo_cache got unexpected arguments {sorted(unknown)}")
     corpus_dir, cache_dir = root / "corpus", root / "cache"
-    if not _matches(corpus_dir, _request(**kwargs)):
-        shutil.rmtree(cache_dir, ignore_errors=True)  # built from another corpus (or none): never mixed
-    labels = write_demo_corpus(corpus_dir, **kwargs)
-    try:
-        if len(Cache.open(cache_dir)) == kwargs["n_clips"]:
-            return cache_dir
-    except MicroserError:
-        pass  # missing or interrupted: build_cache creates or resumes it
-    build_cache(labels, ["demo"], cache_dir, progress=progress)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as lock:  # concurrent callers (search workers) wait for the first
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _matches(corpus_dir, _request(**kwargs)):
+            _remove_cache(cache_dir)  # built from another corpus (or none): never mixed
+        labels = write_demo_corpus(corpus_dir, **kwargs)
+        try:
+            if len(Cache.open(cache_dir)) == kwargs["n_clips"]:
+                return cache_dir
+        except MicroserError:
+            pass  # missing or interrupted: build_cache creates or resumes it
+        build_cache(labels, ["demo"], cache_dir, progress=progress)
     return cache_dir
+
+
+def _remove_cache(cache_dir: Path) -> None:
+    """Delete a demo cache folder, refusing one that is not a microser cache (someone else's folder)."""
+    if not cache_dir.exists():
+        return
+    ours = (cache_dir / "meta.json").is_file() or (cache_dir / "build.json").is_file()
+    if not ours and any(cache_dir.iterdir()):
+        raise MicroserError(f"{cache_dir} exists but is not a microser cache: pass another --out folder for the demo")
+    shutil.rmtree(cache_dir)
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,28 @@ def test_ensure_demo_cache_builds_once_and_follows_the_request(tmp_path):
                                np.sort(generate_corpus(n_clips=6, n_speakers=3, seed=3).targets[:, 0]), atol=1e-6)
 
 
+def test_ensure_demo_cache_never_deletes_a_foreign_cache_folder(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "notes.txt").write_text("mine")
+    with pytest.raises(MicroserError, match="is not a microser cache: pass another --out folder"):
+        ensure_demo_cache(tmp_path, n_clips=2, n_speakers=1)
+    assert (tmp_path / "cache" / "notes.txt").read_text() == "mine"
+
+
+def test_ensure_demo_cache_concurrent_callers_get_one_cache(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from microser.cache import Cache
+
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: ensure_demo_cache(tmp_path, n_clips=4, n_speakers=2, seed=0), range(3)))
+    assert paths == [tmp_path / "cache"] * 3
+    cache = Cache.open(tmp_path / "cache")
+    assert len(cache) == 4
+    np.testing.assert_allclose(np.sort(cache.targets[:, 2]),
+                               np.sort(generate_corpus(n_clips=4, n_speakers=2, seed=0).targets[:, 2]), atol=1e-6)
+
+
 def test_cli_demo_prints_where_counts_and_ceiling(tmp_path, capsys):
     from microser.cli import main
 
