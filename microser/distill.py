@@ -195,11 +195,14 @@ def predict(
     padding would change the waveform prenorm and the pooling. Runs in eval
     mode under ``torch.inference_mode``; the model's mode is restored afterwards.
     """
-    indices = np.asarray(indices, dtype=np.int64)
-    out = np.zeros((len(indices), len(TARGETS)), dtype=np.float32)
-    if len(indices) == 0:
+    clips = [np.asarray(data.audio(int(i)), dtype=np.float32) for i in np.asarray(indices, dtype=np.int64)]
+    return _predict_clips(model, clips, batch_seconds)
+
+
+def _predict_clips(model: nn.Module, clips: list[np.ndarray], batch_seconds: float) -> np.ndarray:
+    out = np.zeros((len(clips), len(TARGETS)), dtype=np.float32)
+    if not clips:
         return out
-    clips = [np.asarray(data.audio(int(i)), dtype=np.float32) for i in indices]
     was_training = model.training
     model.eval()
     try:
@@ -382,6 +385,7 @@ def train(
     hook = None
     try:
         bank = _AudioBank(data, tr)
+        valid_clips = [np.asarray(data.audio(int(i)), dtype=np.float32) for i in va]  # read once per call
         targets = torch.from_numpy(targets_all[tr])  # (N, 3)
         rng = np.random.default_rng(config.seed)
         gen = torch.Generator().manual_seed(config.seed)
@@ -440,7 +444,7 @@ def train(
                 audio_seen += len(pos) * length
             if losses:
                 t0 = time.perf_counter()
-                pred, pred_step = predict(model, data, va, batch_seconds=config.eval_batch_seconds), step
+                pred, pred_step = _predict_clips(model, valid_clips, config.eval_batch_seconds), step
                 entry = {
                     "epoch": epoch,
                     "step": step,
@@ -456,7 +460,7 @@ def train(
             if stopped or bad_step is not None:
                 break
         if pred_step != step:  # stopped before the first step
-            pred = predict(model, data, va, batch_seconds=config.eval_batch_seconds)
+            pred = _predict_clips(model, valid_clips, config.eval_batch_seconds)
     finally:
         if hook is not None:
             hook.remove()
