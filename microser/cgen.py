@@ -141,6 +141,11 @@ class Plan:
         return self.spec.frontend
 
 
+def check_exportable(spec) -> None:
+    """MicroserError unless ``spec`` can be exported to C (the wav2small family)."""
+    _check_family(spec)
+
+
 def _check_family(spec) -> None:
     if spec.family != "wav2small":
         raise MicroserError(f"spec family {spec.family!r}: C export supports the wav2small family; "
@@ -901,6 +906,7 @@ static void s{i}_flush({P}_state *st)
             else:
                 v = "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc"
                 finish = self._store(i, v, f"co * {fout} + fo")
+        unrolled = " ".join(inner.replace("[df]", f"[{d}]").replace("+ df]", f"+ {d}]") for d in range(K))
         code = f"""    {decl}
     int co, fo;
     for (co = 0; co < {cout}; co++) {{
@@ -911,6 +917,14 @@ static void s{i}_flush({P}_state *st)
             {acc_decl}
             for (dt = dt_lo; dt < dt_hi; dt++) {{
                 const {xtype} *x = {ring} + ((r0 + dt) % {K}) * {src.row};
+                if (df_lo == 0 && df_hi == {K}) {{ /* interior band: the {K} taps unrolled */
+                    for (ci = 0; ci < {cin}; ci++) {{
+                        const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                        const int base = ci * {fin} + f0;
+                        {unrolled}
+                    }}
+                    continue;
+                }}
                 for (ci = 0; ci < {cin}; ci++) {{
                     const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
                     const int base = ci * {fin} + f0;
@@ -1382,3 +1396,201 @@ def run_driver(exe, audio: np.ndarray, chunks=(), *, peek: bool = False, workdir
     if r.returncode != 0:
         raise MicroserError(f"{exe} exited with {r.returncode} on {len(audio)} samples: {r.stderr.strip()[:200]}")
     return np.array([float(v) for v in r.stdout.split()], dtype=np.float64)
+
+
+# ---- measurements: flash, RAM, stack, instructions ----
+
+
+def _worst_stack(ci_text: str, roots: list[str]) -> tuple[int, str]:
+    """Deepest stack (bytes) over call paths from ``roots`` in a GCC ``-fcallgraph-info=su`` graph, and that path.
+
+    Library calls (libm) have no stack figure and count 0 (they are leaf functions of a few dozen bytes).
+    """
+    size: dict[str, int] = {}
+    name: dict[str, str] = {}
+    edges: dict[str, list[str]] = {}
+    for m in re.finditer(r'node: \{ title: "([^"]+)" label: "([^"\\]+)[^"]*?(\d+) bytes', ci_text):
+        size[m.group(1)] = int(m.group(3))
+        name[m.group(1)] = m.group(2)
+    for m in re.finditer(r'edge: \{ sourcename: "([^"]+)" targetname: "([^"]+)"', ci_text):
+        edges.setdefault(m.group(1), []).append(m.group(2))
+    memo: dict[str, tuple[int, list[str]]] = {}
+
+    def deepest(node: str, depth: int = 0) -> tuple[int, list[str]]:
+        if node in memo:
+            return memo[node]
+        if depth > 200:
+            raise MicroserError("call graph deeper than 200 in the generated C: expected no recursion")
+        best = (0, [])
+        for child in edges.get(node, []):
+            sub = deepest(child, depth + 1)
+            if sub[0] > best[0]:
+                best = sub
+        memo[node] = (size.get(node, 0) + best[0], [name.get(node, node)] + best[1])
+        return memo[node]
+
+    worst = max((deepest(r) for r in roots if r in size), key=lambda x: x[0], default=(0, []))
+    return worst[0], " > ".join(worst[1])
+
+
+def _callgrind_ir(exe: Path, audio: np.ndarray, function: str, workdir: Path) -> int:
+    """Instructions executed inside ``function`` (and what it calls) while the driver runs on ``audio``."""
+    path = workdir / "cg-audio.f32"
+    np.asarray(audio, np.float32).tofile(path)
+    out = workdir / "callgrind.out"
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--toggle-collect={function}",
+           str(exe), str(path), "4096"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MicroserError(f"valgrind callgrind failed on {exe}: {r.stderr.strip()[-200:]}")
+    m = re.search(r"^(?:summary|totals):\s+(\d+)", out.read_text(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def measure(c_dir, prefix: str, *, seconds: float = 1.0, callgrind: bool = True, workdir=None) -> dict:
+    """Flash, RAM and instruction figures of one generated library (compiled here with GCC_FLAGS).
+
+    * ``flash_bytes`` = text + data of ``size`` on the compiled object (text includes .rodata: the const
+      weights and tables); ``bss_bytes`` must be 0 (no globals);
+    * ``ram_bytes`` = ``sizeof(state)`` (state + arena) + ``stack_bytes``, the deepest call path of
+      ``-fcallgraph-info=su`` from the API functions (libm leaf calls not included);
+    * ``instructions_per_audio_second``: valgrind callgrind, instructions inside ``<prefix>_push`` per second of
+      a pseudo-random signal of ``seconds`` (host x86-64, a proxy for DSP cycles), and
+      ``result_instructions`` for the end-of-utterance flush and head (on 0.5 s). Needs valgrind; else None.
+    """
+    c_dir = Path(c_dir)
+    gcc, size_tool = shutil.which("gcc"), shutil.which("size")
+    if gcc is None or size_tool is None:
+        raise MicroserError("gcc and size (binutils) are needed to measure the C library; install gcc")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        for f in (f"{prefix}.c", f"{prefix}.h", f"{prefix}_main.c"):
+            shutil.copy(c_dir / f, tmp / f)
+        obj = tmp / f"{prefix}.o"
+        r = subprocess.run([gcc, *GCC_FLAGS, "-fstack-usage", "-fcallgraph-info=su", "-c", f"{prefix}.c", "-o",
+                            obj.name], cwd=tmp, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise MicroserError(f"gcc failed on {c_dir / (prefix + '.c')}: {r.stderr.strip()[:300]}")
+        sz = subprocess.run([size_tool, str(obj)], capture_output=True, text=True).stdout.splitlines()[1].split()
+        text, data, bss = int(sz[0]), int(sz[1]), int(sz[2])
+        ci = next(tmp.glob("*.ci")).read_text()
+        roots = [f"{prefix}_{f}" for f in ("init", "reset", "push", "result", "prescan")]
+        stack, path = _worst_stack(ci, roots)
+        ram = int(re.search(rf"#define {prefix.upper()}_RAM_BYTES (\d+)", (c_dir / f"{prefix}.h").read_text()).group(1))
+        out = {"flash_bytes": text + data, "text_bytes": text, "data_bytes": data, "bss_bytes": bss,
+               "state_plus_arena_bytes": ram, "stack_bytes": stack, "stack_path": path, "ram_bytes": ram + stack,
+               "instructions_per_audio_second": None, "result_instructions": None,
+               "compiler": subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+               "flags": " ".join(GCC_FLAGS)}
+        if callgrind and shutil.which("valgrind"):
+            exe = compile_driver(tmp, prefix)
+            audio = (np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
+            if (c_dir / f"{prefix}.h").read_text().find(f"{prefix.upper()}_TWO_PASS 1") >= 0:
+                pass  # the driver prescans before pushing; prescan is outside the toggled function
+            push = _callgrind_ir(exe, audio, f"{prefix}_push", tmp)
+            result = _callgrind_ir(exe, audio[: SAMPLE_RATE // 2], f"{prefix}_result", tmp)
+            out["instructions_per_audio_second"] = int(round(push / seconds))
+            out["result_instructions"] = result
+            out["callgrind"] = f"valgrind --tool=callgrind, {seconds:g} s of audio, host {os.uname().machine}"
+    return out
+
+
+# ---- the bundle entry point ----
+
+PARITY_F32 = 1e-4  # max abs difference, float C vs PyTorch
+PARITY_INT8 = 0.01  # max abs difference, int8 C vs the int8 ONNX graph in onnxruntime
+
+
+def check_signal(seconds: float = 1.3, seed: int = 0) -> np.ndarray:
+    """A generated test signal: a rising chirp with harmonics, amplitude modulation and a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    f0 = 120 + 180 * t / max(seconds, 1e-9)
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    x = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.3 + 0.25 * np.sin(2 * np.pi * 3 * t))
+    return (0.3 * x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def _readme(prefix: str, spec, libs: dict) -> str:
+    lines = [f"# C99 inference for {spec.summary()}", "",
+             "Generated by microser.cgen: dependency-free C99 (libm only), no malloc, no globals besides const "
+             "weights, no recursion. Each library computes the whole model from raw 16 kHz float samples.", "",
+             "```c", f'#include "{prefix}_int8.h"', f"{prefix}_int8_state st;   /* {libs.get('int8', libs['float32'])['ram_bytes']} bytes, plain data */",
+             f"{prefix}_int8_init(&st);",
+             f"{prefix}_int8_push(&st, samples, n);      /* any n, as often as wanted */",
+             f"{prefix}_int8_result(&st, adv);           /* arousal, dominance, valence; final (flushes the end padding) */",
+             "```", "",
+             "A running estimate without ending the utterance: copy the state (`copy = st;`) and call result on the copy.",
+             ""]
+    if spec.frontend.prenorm == "clip":
+        lines += [f"Two-pass: {CLIP_NOTE.replace('P_', prefix + '_*_')}.", ""]
+    lines += ["| library | variant | state + arena (B) | min samples |", "| --- | --- | --- | --- |"]
+    for v, info in libs.items():
+        lines.append(f"| {info['source']} | {v} | {info['ram_bytes']} | {info['min_samples']} |")
+    lines += ["", f"Build: `gcc {' '.join(GCC_FLAGS)} -o demo {prefix}_int8.c {prefix}_int8_main.c -lm`, "
+              f"then `./demo audio.f32 [CHUNK ...]` (raw float32 samples).", ""]
+    return "\n".join(lines)
+
+
+def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str = DEFAULT_PREFIX,
+             check: bool = True, measure_costs: bool = True) -> dict:
+    """Write ``bundle_dir/c/`` (float32 library, int8 library if ``int8_onnx_path``, drivers, README) and return the
+    model card's ``c`` section.
+
+    With ``check`` (needs gcc), each library is compiled with the strict flags and run on a generated
+    signal pushed in uneven chunks: the float library against PyTorch (``PARITY_F32``), the int8 one
+    against onnxruntime on ``int8_onnx_path`` (``PARITY_INT8``); a worse difference raises MicroserError.
+    With ``measure_costs`` the section gets `measure`'s flash, RAM, stack and instruction figures.
+    """
+    import torch
+
+    spec = spec if spec is not None else model.spec
+    _check_family(spec)
+    out = Path(bundle_dir) / "c"
+    model.eval()
+    plans = {"float32": float_plan(model, spec)}
+    if int8_onnx_path is not None:
+        plans["int8"] = int8_plan(model, spec, int8_onnx_path)
+    libs = {v: write_library(p, out, f"{prefix}_{'f32' if v == 'float32' else 'int8'}", v) for v, p in plans.items()}
+    (out / "README.md").write_text(_readme(prefix, spec, libs))
+    section = {"generator": "microser.cgen", "spec": spec.summary(), "prenorm": spec.frontend.prenorm,
+               "two_pass": spec.frontend.prenorm == "clip", "fft": _fft_words(spec.frontend.n_fft),
+               "api": [f"{prefix}_<variant>_init", f"{prefix}_<variant>_push", f"{prefix}_<variant>_result",
+                       f"{prefix}_<variant>_reset"] + ([f"{prefix}_<variant>_prescan"]
+                                                       if spec.frontend.prenorm == "clip" else []),
+               "libraries": libs, "parity": {}, "measured": {}}
+    if check:
+        audio = check_signal()
+        chunks = [1, 17, 160, 999, 3, 4096]
+        with tempfile.TemporaryDirectory() as tmp:
+            for v, info in libs.items():
+                for f in (info["source"], info["header"], info["driver"]):
+                    shutil.copy(out / f, Path(tmp) / f)
+                exe = compile_driver(tmp, info["prefix"])
+                got = run_driver(exe, audio, chunks)
+                if v == "float32":
+                    with torch.no_grad():
+                        ref = model(torch.from_numpy(audio)[None]).double().numpy()[0]
+                    tol, against = PARITY_F32, "PyTorch"
+                else:
+                    from microser.onnxio import ort_session, run_onnx
+
+                    ref = run_onnx(ort_session(str(int8_onnx_path)), audio)[0].astype(np.float64)
+                    tol, against = PARITY_INT8, "onnxruntime int8 graph"
+                diff = float(np.max(np.abs(got - ref)))
+                section["parity"][v] = {"max_abs_diff": diff, "tolerance": tol, "against": against,
+                                        "signal": f"check_signal(), {len(audio)} samples, chunks {chunks} cycled"}
+                if not diff <= tol:
+                    raise MicroserError(f"C {v} library differs from {against} by {diff:.3g} on the check signal: "
+                                        f"expected <= {tol:g}; report the spec ({spec.summary()}) as a cgen bug")
+    if measure_costs:
+        for v, info in libs.items():
+            section["measured"][v] = measure(out, info["prefix"])
+    return section
+
+
+def _fft_words(n_fft: int) -> str:
+    if n_fft % 2 == 0:
+        return (f"real FFT of {n_fft} points as a complex Stockham FFT of {n_fft // 2} points "
+                f"(radices {_factors(n_fft // 2)}) plus the split step")
+    return f"complex Stockham FFT of {n_fft} points (radices {_factors(n_fft)}), imaginary input zero"

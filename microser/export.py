@@ -248,6 +248,10 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
     if c and _c_generator() is None:
         raise MicroserError(f"C export is not available for family {spec.family!r}: this version's microser.cgen "
                             "has no generate(bundle_dir, model, spec, int8_onnx_path); export without --c")
+    if c:
+        from microser.cgen import check_exportable
+
+        check_exportable(spec)  # mobilenet: refused before any work
     fp32_named, int8_named = Path(fp32_named), Path(int8_named)
     parity = parity_report(model, fp32_named, int8_named, data, tolerance=tolerance)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,8 +321,9 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
     stale = out / "parity.FAILED.json"
     if stale.exists():
         stale.unlink()
-    if c:
-        _c_generator()(out, model, spec, int8_named)
+    if c:  # the C library and its measured flash/RAM/instructions go into the card's "c" section
+        card["c"] = _c_generator()(out, model, spec, int8_named)
+        (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
         files.append("C library (microser.cgen)")
     return BundleReport(folder=str(out), files=files, card=card, parity=parity)
 
