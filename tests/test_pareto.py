@@ -126,3 +126,28 @@ def test_show_trial_in_full_and_unknown_trial_is_a_clear_error(study):
     assert detail["user_attrs"]["costs"]["params"] == 5000 and detail["values"] == [0.70, 5000, 80000]
     with pytest.raises(MicroserError, match="trial 42 is not in study 'hand'"):
         trial_detail(study, 42)
+
+
+def test_cli_pareto_json_equals_the_library_and_writes_the_plot(study, tmp_path, capsys):
+    from microser.cli import main
+
+    url = f"sqlite:///{tmp_path}/hand.db"
+    stored = optuna.create_study(storage=url, study_name="hand", directions=study.directions)
+    for key, value in study.user_attrs.items():
+        stored.set_user_attr(key, value)
+    stored.add_trials(study.trials)
+    main(["pareto", "--study", "hand", "--storage", url, "--stage", "search", "--plot", str(tmp_path / "p.png"),
+          "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    expected = json.loads(json.dumps(front_report(study, stage="search").to_dict()))
+    assert printed["points"] == expected["points"]
+    assert [r["number"] for r in printed["front"]] == [0, 1, 3, 5]
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    main(["trials", "--study", "hand", "--storage", url, "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["number"] for r in rows] == list(range(10))
+    assert rows[6]["rejected"].startswith("over budget") and rows[8]["reference"] == "wav2small-ref"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["show", "--study", "hand", "--storage", url, "--trial", "99"])
+    assert exit_info.value.code == 2
+    assert "trial 99 is not in study 'hand'" in capsys.readouterr().err
