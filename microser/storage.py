@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import pickle
 import socket
 import tempfile
 import warnings
@@ -330,10 +331,13 @@ def load_trial_weights(study: optuna.Study, trial: FrozenTrial | int, stage: str
             download_artifact(artifact_store=store, file_path=str(path), artifact_id=weights["artifact_id"])
         except (ArtifactNotFound, FileNotFoundError):
             raise MicroserError(f"weights of trial {t.number} (study {study.study_name!r}) are missing: {where} "
-                                "was deleted or moved; pass --artifacts with the folder that holds it, "
-                                "or retrain the trial") from None
+                                "was deleted or moved: put the file back, or retrain the trial") from None
         digest = sha256_file(path)
         if digest != weights["sha256"]:
             raise MicroserError(f"weights of trial {t.number} at {where} have sha256 {digest[:12]}... but the "
                                 f"study recorded {weights['sha256'][:12]}...: the file was changed; retrain the trial")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # more than tensors inside: refused, never executed
+            raise MicroserError(f"weights of trial {t.number} at {where} are not a plain state dict "
+                                f"({' '.join(str(e).split())[:100]}): retrain the trial") from None

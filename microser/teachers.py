@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -436,6 +437,10 @@ class HFTeacher:
         hf_logging.disable_progress_bar()  # library code does not print; the CLI shows its own progress
         try:
             model, info = cls.from_pretrained(name, output_loading_info=True, weights_only=True)
+        except pickle.UnpicklingError as e:  # a pickled checkpoint holding more than tensors: never executed
+            raise MicroserError(f"hf teacher {name!r} has a pickle checkpoint that does not load weights-only "
+                                f"({' '.join(str(e).split())[:120]}): use its model.safetensors, or re-save "
+                                "the model with save_pretrained(safe_serialization=True)") from None
         except (OSError, ValueError) as e:
             raise MicroserError(f"hf teacher {name!r} does not load ({' '.join(str(e).split())[:200]}): "
                                 "pass a local folder or hub name of a wav2vec2 dimensional model") from None
