@@ -627,13 +627,17 @@ def measure_stage(name: str, model, data, workdir, *, crops, input_seconds: floa
             keep_float, choices = choose_keep_float(fp32_path, crops, data, workdir=tmp, split=split)
     quant = quantize_int8(fp32_path, crops, workdir / "model.int8.onnx", keep_float=keep_float)
     samples = seconds_to_samples(input_seconds)
+    from microser.export import strip_graph
+
+    stripped = len(strip_graph(onnx.load(str(quant.int8_path))).SerializeToString())
     return {
         "stage": name,
         "params": int(count_params(proto)),
         "trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
         "macs": int(count_macs(model, input_seconds)),
         "onnx_bytes": quant.fp32_bytes,
-        "int8_bytes": quant.int8_bytes,
+        "int8_bytes": stripped,            # as in a bundle: names stripped (what firmware stores)
+        "int8_bytes_named": quant.int8_bytes,
         "ram_bytes_fp32": int(ram_plan(proto, samples, int8=False).peak_bytes),
         "ram_bytes": int(ram_plan(proto, samples, int8=True).peak_bytes),
         "input_seconds": float(input_seconds),

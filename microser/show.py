@@ -239,7 +239,7 @@ def trial_full(detail: dict, *, as_json: bool = False) -> None:
 def _stage_table(stages, title: str):
     from rich.table import Table
 
-    table = Table("stage", "params", "ONNX KB fp32", "ONNX KB int8", "RAM KB fp32", "RAM KB int8", "MACs",
+    table = Table("stage", "params", "ONNX KB fp32", "int8 KB (stripped)", "RAM KB fp32", "RAM KB int8", "MACs",
                   "CCC PyTorch", "CCC fp32 ONNX", "CCC int8 ONNX", "kept float", title=title)
     for s in stages:
         table.add_row(s["stage"], _int(s["params"]), _kb(s["onnx_bytes"]), _kb(s["int8_bytes"]),
@@ -257,8 +257,13 @@ class step_progress:
         return self
 
     def __call__(self, event: dict) -> None:
-        text = ", ".join(f"{k} {v}" for k, v in event.items() if k != "kind")
-        err_console.print(f"[dim]{event.get('kind', '')}[/] {text}", highlight=False)
+        if event.get("kind") == "prune":
+            text = (f"prune step {event['step']}: channels {event['channels']}, {event['params']:,} params, "
+                    f"valid CCC {event['valid_ccc']['mean']:.3f}")
+        else:
+            text = f"{event.get('stage', '')} " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in event.items() if k not in ("kind", "stage"))
+        err_console.print(f"[dim]{text}[/]", highlight=False)
 
     def __exit__(self, *exc):
         return False
