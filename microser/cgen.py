@@ -243,7 +243,8 @@ def _arena_floats(plan: Plan) -> int:
     body = temp + plan.tensors[-1].row
     c, f = plan.tensors[-1].channels, plan.tensors[-1].bands
     feats = {"attention+gram": c * f + c * c, "attention": c * f, "meanstd": 2 * c * f}[plan.pooling]
-    return max(front, body, feats)
+    n = max(front, body, feats)
+    return n + n % 2  # even: the struct size is a multiple of 8 on every ABI
 
 
 def state_bytes(plan: Plan) -> dict:
@@ -601,7 +602,6 @@ class _Emitter:
         raw = sum(_SIZES[t] * n for t, _, n, _ in self.members)
         self.pad = sizes["state"] - raw
         self.arena = _arena_floats(plan)
-        self.arena += self.arena % 2
         self.state_bytes = sizes["state"]
         self.arena_bytes = 4 * self.arena
 

@@ -1,0 +1,280 @@
+"""microser.cgen: the generated C99 library computes the model (float vs PyTorch, int8 vs onnxruntime), streams
+exactly (any chunk sizes), keeps its RAM independent of the utterance length, and is clean under valgrind."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from microser import cgen
+from microser.errors import MicroserError
+from microser.models.spec import REFERENCES, ArchSpec, build_model
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not found: the C export tests compile C")
+
+RNG = np.random.default_rng(7)
+
+
+def spec_from(base: str = "wav2small-ref", **changes) -> ArchSpec:
+    d = REFERENCES[base].to_dict()
+    for key, value in changes.items():
+        part, name = key.split("__")
+        d[part][name] = value
+    return ArchSpec.from_dict(d)
+
+
+# Specs covering every front-end and body option the generator handles differently.
+SPECS = {
+    # the paper's student with the streaming prenorm (the deployment default of this module)
+    "ref-running": spec_from(frontend__prenorm="running"),
+    # odd n_fft (complex FFT), hop > n_fft (skipped samples), centre + end padding, per-window prenorm,
+    # no norm, mean+std head, stride-2 stem
+    "odd-window-meanstd": ArchSpec.from_dict({
+        "family": "wav2small",
+        "frontend": {"prenorm": "window", "n_fft": 75, "hop": 90, "win_length": 60, "window": "hann", "center": True,
+                     "pad_end": True, "n_mels": 12, "fmin": 50.0, "fmax": 7000.0, "compression": "log",
+                     "filterbank": "mel"},
+        "body": {"channels": [6, 5], "kernel": 3, "norm": "none", "pool_after": [0], "stem_stride": 2,
+                 "pooling": "meanstd"}}),
+    # PCEN, learnable filterbank, kernel 5, LayerNorm, attention without Gram, n_fft 400 (radix 5)
+    "pcen-ln-k5": ArchSpec.from_dict({
+        "family": "wav2small",
+        "frontend": {"prenorm": "none", "n_fft": 400, "hop": 160, "win_length": None, "window": "hann",
+                     "center": False, "pad_end": False, "n_mels": 20, "fmin": 0.0, "fmax": 8000.0,
+                     "compression": "pcen", "filterbank": "learnable"},
+        "body": {"channels": [8, 10, 7], "kernel": 5, "norm": "layer", "pool_after": [1], "stem_stride": 1,
+                 "pooling": "attention"}}),
+    # two-pass per-clip prenorm, BatchNorm, two pools
+    "clip-bn": spec_from(frontend__prenorm="clip", frontend__n_fft=128, frontend__hop=64, frontend__n_mels=16,
+                         body__channels=[8, 8, 8], body__pool_after=[0, 1]),
+}
+
+
+def sensitive_model(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:
+    """A random model whose outputs depend clearly on the input: BatchNorm statistics taken from audio (as
+    training would set them), LayerNorm/conv weights random, head scaled so outputs spread by ~0.1."""
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    if isinstance(model.frontend.fb, torch.nn.Parameter):
+        with torch.no_grad():
+            model.frontend.fb.mul_(torch.empty_like(model.frontend.fb).uniform_(0.5, 1.5))
+    audio = torch.from_numpy(np.stack([signal(k, 0.6) for k in range(6)]))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the batch below
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(audio)
+    model.eval()
+    with torch.no_grad():
+        out = model(audio)
+        spread = out.std(0).clamp(min=1e-6)
+        model.head.fc.weight.mul_((0.1 / spread)[:, None])
+        model.head.fc.bias.sub_(model(audio).mean(0) - 0.5)
+    return model
+
+
+def signal(kind: int, seconds: float, seed: int = 0) -> np.ndarray:
+    """Generated test audio: noise at several levels, a chirp, a tone burst with silence."""
+    rng = np.random.default_rng(seed + 100 * kind)
+    n = int(seconds * 16000)
+    t = np.arange(n) / 16000
+    if kind % 3 == 0:
+        x = rng.standard_normal(n) * (0.02 + 0.1 * kind)
+    elif kind % 3 == 1:
+        x = cgen.check_signal(seconds, seed=kind)[:n]
+    else:
+        x = 0.4 * np.sin(2 * np.pi * (200 + 40 * kind) * t) * (t > 0.2 * seconds) + 0.003 * rng.standard_normal(n)
+    return x.astype(np.float32)
+
+
+def random_chunks(n_chunks: int = 6) -> list[int]:
+    return [int(c) for c in RNG.integers(1, 2500, n_chunks)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """For each spec: the sensitive model and its compiled float32 driver (compiled once per module)."""
+    out = {}
+    for name, spec in SPECS.items():
+        model = sensitive_model(spec)
+        d = tmp_path_factory.mktemp(name)
+        cgen.write_library(cgen.float_plan(model, spec), d, "t_f32", "float32")
+        out[name] = (spec, model, cgen.compile_driver(d, "t_f32"), d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_int8(tmp_path_factory):
+    """wav2small-ref (prenorm running): fp32 ONNX, int8 QDQ graph (microser.compress) and the compiled int8 driver."""
+    from microser.compress import quantize_int8
+    from microser.onnxio import export_onnx, ort_session
+
+    spec = SPECS["ref-running"]
+    model = sensitive_model(spec)
+    d = tmp_path_factory.mktemp("int8")
+    export_onnx(model, d / "m.onnx")
+    crops = [signal(k, 1.0, seed=5) for k in range(4)]
+    quantize_int8(d / "m.onnx", crops, d / "m.int8.onnx")
+    cgen.write_library(cgen.int8_plan(model, spec, d / "m.int8.onnx"), d, "t_int8", "int8")
+    return model, cgen.compile_driver(d, "t_int8"), ort_session(d / "m.int8.onnx"), d
+
+
+def torch_out(model, audio) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(audio)[None]).double().numpy()[0]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_float_c_equals_pytorch_in_random_chunks(built, name):
+    spec, model, exe, _ = built[name]
+    outs = []
+    for kind in range(3):
+        audio = signal(kind, 1.1)
+        expected = torch_out(model, audio)
+        whole = cgen.run_driver(exe, audio)
+        chunked = cgen.run_driver(exe, audio, random_chunks())
+        np.testing.assert_allclose(whole, expected, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(chunked, whole)  # streaming is exact: same operations in the same order
+        outs.append(expected)
+    # the comparison means something only if the model's output depends on the input
+    assert np.ptp(np.array(outs), axis=0).max() > 0.01
+
+
+def test_result_on_a_copy_leaves_the_stream_untouched(built):
+    _, model, exe, _ = built["ref-running"]
+    audio = signal(1, 0.9)
+    peeked = cgen.run_driver(exe, audio, [700, 1300], peek=True)
+    np.testing.assert_array_equal(peeked, cgen.run_driver(exe, audio))
+
+
+def test_too_short_input_is_refused_with_zeros(built):
+    spec, _, exe, d = built["ref-running"]
+    header = (d / "t_f32.h").read_text()
+    min_samples = int(header.split("T_F32_MIN_SAMPLES ")[1].split()[0])
+    assert min_samples == 64  # n_fft 64, center False: one frame is the shortest input the model accepts
+    path = d / "short.f32"
+    signal(0, 0.01)[: min_samples - 1].tofile(path)
+    r = subprocess.run([str(exe), str(path)], capture_output=True, text=True)
+    assert r.returncode == 11 and r.stdout.split() == ["0", "0", "0"]
+
+
+def test_int8_c_equals_onnxruntime_int8_graph(ref_int8):
+    from microser.onnxio import run_onnx
+
+    model, exe, session, _ = ref_int8
+    outs = []
+    for kind in range(4):
+        audio = signal(kind, 0.7 + 0.3 * kind, seed=3)
+        expected = run_onnx(session, audio)[0].astype(np.float64)
+        got = cgen.run_driver(exe, audio, random_chunks())
+        assert np.max(np.abs(got - expected)) <= 0.01
+        outs.append(expected)
+    assert np.ptp(np.array(outs), axis=0).max() > 0.05  # outputs vary far more than the tolerance
+
+
+def test_int8_reads_the_graph_front_end_arithmetic(ref_int8):
+    """The exporter folds the x10 of 10*log10 into conv0: the C int8 front-end must compute ln(e) / ln(10)."""
+    model, _, _, d = ref_int8
+    plan = cgen.int8_plan(model, SPECS["ref-running"], d / "m.int8.onnx")
+    assert plan.log_chain == [("div", pytest.approx(np.log(10), rel=1e-6))]
+    assert plan.tensors[0].quant is not None and all(st.int8 for st in plan.stages if st.kind == "conv")
+
+
+def test_espeak_clips_float_and_int8(espeak_dir, built, ref_int8):
+    import soundfile as sf
+
+    from microser.onnxio import run_onnx
+
+    _, model, exe, _ = built["ref-running"]
+    _, exe8, session, _ = ref_int8
+    clips = sorted((espeak_dir).rglob("*.flac"))[:3]
+    for path in clips:
+        audio, sr = sf.read(path, dtype="float32")
+        assert sr == 16000
+        np.testing.assert_allclose(cgen.run_driver(exe, audio, random_chunks()), torch_out(model, audio),
+                                   atol=1e-4, rtol=0)
+        int8 = run_onnx(session, audio)[0]
+        assert np.max(np.abs(cgen.run_driver(exe8, audio, random_chunks()) - int8)) <= 0.01
+
+
+def test_random_default_space_specs_export_and_match(tmp_path):
+    from microser.space import SearchSpace
+
+    specs = [s for s in SearchSpace.load("default").sample(12, seed=3) if s.family == "wav2small"][:2]
+    assert specs
+    for k, spec in enumerate(specs):
+        model = sensitive_model(spec, seed=k)
+        d = tmp_path / str(k)
+        cgen.write_library(cgen.float_plan(model, spec), d, "r", "float32")
+        exe = cgen.compile_driver(d, "r")
+        audio = signal(k, 0.8)
+        np.testing.assert_allclose(cgen.run_driver(exe, audio, random_chunks()), torch_out(model, audio),
+                                   atol=1e-4, rtol=0, err_msg=spec.summary())
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed (apt-get install valgrind)")
+def test_valgrind_memcheck_reports_no_errors(built):
+    _, _, exe, d = built["odd-window-meanstd"]
+    path = d / "mc.f32"
+    signal(1, 0.4).tofile(path)
+    r = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=full", str(exe), str(path), "-peek", "333",
+                        "17"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert "ERROR SUMMARY: 0 errors" in r.stderr
+
+
+def test_streaming_ram_is_independent_of_length_and_matches_the_struct(built):
+    a = cgen.streaming_ram(SPECS["ref-running"], int8=False, input_seconds=1)
+    b = cgen.streaming_ram(SPECS["ref-running"], int8=False, input_seconds=60)
+    assert a == b and not a["two_pass"] and a["replay_bytes"] == 0
+    header = (built["ref-running"][3] / "t_f32.h").read_text()  # the C build checks sizeof(state) == this macro
+    assert f"T_F32_RAM_BYTES {a['ram_streaming_bytes']} " in header
+    # hand count, float32 ref (n_fft 64, 26 mels, 7 x 13 channels, pool after block 2, 13 bands after it):
+    rings = 3 * (1 * 26 + 3 * 13 * 26 + 4 * 13 * 13) * 4  # 3 rows each: conv0; conv1, conv2, pool; conv3..6
+    head = (3 * 13 * 13 + 13 * 14 // 2) * 4
+    scalars = 3 * 8 + 64 * 4 + (2 + 2 * 8 + 3) * 4  # prenorm doubles, frame, counters (2 per stage)
+    assert a["state_bytes"] == -(-(rings + head + scalars) // 8) * 8
+    int8 = cgen.streaming_ram(SPECS["ref-running"], int8=True)
+    assert int8["ram_streaming_bytes"] < a["ram_streaming_bytes"]
+
+
+def test_clip_prenorm_needs_the_replay_buffer():
+    r = cgen.streaming_ram(REFERENCES["wav2small-ref"], input_seconds=5)
+    assert r["two_pass"] and r["replay_bytes"] == 5 * 16000 * 4
+    with pytest.raises(MicroserError, match="prenorm 'clip' needs input_seconds"):
+        cgen.streaming_ram(REFERENCES["wav2small-ref"])
+
+
+def test_mobilenet_is_refused(tmp_path):
+    spec = REFERENCES["mobilenetv3-s"]
+    with pytest.raises(MicroserError, match="C export supports the wav2small family; mobilenet specs export ONNX"):
+        cgen.generate(tmp_path, None, spec)
+    with pytest.raises(MicroserError, match="wav2small family"):
+        cgen.streaming_ram(spec)
+
+
+def test_worst_stack_follows_the_deepest_call_path():
+    ci = """graph: { title: "x.c"
+node: { title: "x.c:a" label: "a\\nx.c:1:1\\n40 bytes (static)" }
+node: { title: "x.c:b" label: "b\\nx.c:2:1\\n100 bytes (static)" }
+node: { title: "x.c:c" label: "c\\nx.c:3:1\\n30 bytes (static)" }
+node: { title: "p_push" label: "p_push\\nx.c:4:1\\n8 bytes (static)" }
+node: { title: "expf" label: "expf\\nmath.h:1:1" shape : ellipse }
+edge: { sourcename: "p_push" targetname: "x.c:a" }
+edge: { sourcename: "x.c:a" targetname: "x.c:b" }
+edge: { sourcename: "p_push" targetname: "x.c:c" }
+edge: { sourcename: "x.c:c" targetname: "expf" }
+}"""
+    assert cgen._worst_stack(ci, ["p_push", "p_result"]) == (148, "p_push > a > b")
+
+
+def test_fft_factors_cover_every_length():
+    for n in (1, 2, 8, 32, 200, 256, 37, 75, 1024):
+        assert int(np.prod(cgen._factors(n))) == n
+    assert cgen._factors(200) == [4, 2, 5, 5]
