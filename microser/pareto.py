@@ -271,6 +271,14 @@ def _point(row: TrialRow) -> dict:
             **{key: row.costs.get(key) for key, _ in PANELS}}
 
 
+def _require_points(report: FrontReport, points: list[dict]) -> None:
+    if not points:
+        c = report.counts
+        raise MicroserError(f"study {report.study!r} has no feasible trial or reference to plot yet ({c['trials']} "
+                            f"trials: {c['rejected']} rejected, {c['infeasible']} infeasible, {c['failed']} failed, "
+                            f"{c['running']} running): run or resume `microser search --study {report.study}` first")
+
+
 def plot_front(report: FrontReport, path: str | Path) -> dict[str, list[tuple[int, float, float]]]:
     """Write the 3-panel front plot (PNG, PDF or SVG by suffix) and return what each panel drew.
 
@@ -291,6 +299,7 @@ def plot_front(report: FrontReport, path: str | Path) -> dict[str, list[tuple[in
     from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
     points = report.to_dict()["points"]
+    _require_points(report, points)
     by_number = {p["number"]: p for p in points}
     plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
                          "font.family": "DejaVu Sans"})
@@ -358,6 +367,7 @@ def plot_front_html(report: FrontReport, path: str | Path) -> None:
     from plotly.subplots import make_subplots
 
     points = report.to_dict()["points"]
+    _require_points(report, points)
     by_number = {p["number"]: p for p in points}
     fig = make_subplots(rows=1, cols=len(PANELS), shared_yaxes=True,
                         subplot_titles=[label for _, label in PANELS])

@@ -151,3 +151,11 @@ def test_cli_pareto_json_equals_the_library_and_writes_the_plot(study, tmp_path,
         main(["show", "--study", "hand", "--storage", url, "--trial", "99"])
     assert exit_info.value.code == 2
     assert "trial 99 is not in study 'hand'" in capsys.readouterr().err
+
+
+def test_plotting_a_study_without_points_is_a_clear_error(tmp_path):
+    empty = optuna.create_study(directions=["maximize", "minimize", "minimize"], study_name="empty")
+    empty.add_trial(create_trial(state=TrialState.FAIL))
+    with pytest.raises(MicroserError, match=r"study 'empty' has no feasible trial .*1 failed"):
+        plot_front(front_report(empty), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
