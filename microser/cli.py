@@ -34,6 +34,9 @@ StorageOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+RamModeOpt = Annotated[str, typer.Option("--ram-mode", help="offline: peak activations of the whole-clip graph; "
+                                         "streaming: state + arena of the generated C library (wav2small family), "
+                                         "independent of the clip length.")]
 
 
 # ---- commands (each section: parse, call one library function, render with microser.show) ----
@@ -130,13 +133,97 @@ def describe(
     spec: Annotated[str, typer.Argument(help="Reference name (wav2small-ref, mobilenetv3-s, mobilenetv4-s), "
                                         "spec JSON or a .json file.")],
     input_seconds: InputSeconds = 1.0,
+    ram_mode: RamModeOpt = "offline",
     json_: JsonOpt = False,
 ) -> None:
     """Print every cost of one architecture: params, MACs, ONNX bytes, peak RAM (int8 and fp32)."""
     from microser import show
     from microser.costs import measure_report
 
-    show.cost_report(measure_report(spec, input_seconds=input_seconds), as_json=json_)
+    if ram_mode not in ("offline", "streaming"):
+        raise MicroserError(f"--ram-mode {ram_mode!r}: expected offline or streaming")
+    streaming = None
+    if ram_mode == "streaming":  # before the slow offline measurement: a MobileNet spec fails fast
+        from microser.cgen import streaming_report
+
+        streaming = streaming_report(spec, input_seconds)
+    show.cost_report(measure_report(spec, input_seconds=input_seconds), as_json=json_, streaming=streaming)
+
+
+# -- search --
+
+from microser.budgets import BUDGET_HELP  # noqa: E402
+from microser.search import SearchConfig as _SC  # noqa: E402
+
+
+def _csv(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@app.command()
+def search(
+    budget: Annotated[Optional[list[str]], typer.Option("--budget", help=BUDGET_HELP)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Study config TOML with these options' "
+                                                   "keys (e.g. studies/demo.toml); flags given here override it.")] = None,
+    cache: Annotated[Optional[str], typer.Option("--cache", help="Teacher cache folder. Default: the embedded "
+                                                 "demo cache, built on first use.")] = None,
+    space: Annotated[Optional[str], typer.Option("--space", help="Search space TOML. Default: "
+                                                 "search_spaces/default.toml.")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", help=f"Trained trials to reach (rejected candidates "
+                      f"and references not counted); the same command again resumes. Default {_SC.trials}.")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds for the search stage; the "
+                                                     "running trial finishes.")] = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+    artifacts: Annotated[Optional[str], typer.Option("--artifacts", help="Folder for trial weights. Default: "
+                                                     "<study folder>/<study>-artifacts.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes searching one storage. "
+                                                   "Default 1.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads per worker. Default: "
+                                                   "cores / workers.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=f"Sampler and training seed. Default {_SC.seed}.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="tpe | nsga2 | random. Default tpe.")] = None,
+    objectives: Annotated[Optional[str], typer.Option("--objectives", help="Costs minimised beside mean CCC, "
+                          "comma-separated from params, ram_bytes, onnx_bytes, macs. Default params,ram_bytes: fp32 "
+                          "ONNX bytes track params closely and a 4-D front keeps almost every trial; every cost "
+                          "is recorded anyway.")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help=f"Search fidelity: epochs per trial. "
+                                                    f"Default {_SC.epochs:g}.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Search fidelity in optimizer steps "
+                                                 "instead of epochs.")] = None,
+    crop_seconds: Annotated[Optional[float], typer.Option("--crop-seconds", help=f"Training crop length. "
+                                                          f"Default {_SC.crop_seconds:g}.")] = None,
+    crops_per_segment: Annotated[Optional[int], typer.Option("--crops-per-segment", help=f"Crops per segment "
+                                 f"and epoch. Default {_SC.crops_per_segment}.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Default {_SC.batch_size}.")] = None,
+    input_seconds: Annotated[Optional[float], typer.Option("--input-seconds", help="Audio duration (s) at which "
+                             f"MACs and peak RAM are measured. Default {_SC.input_seconds:g}.")] = None,
+    final_k: Annotated[Optional[int], typer.Option("--final-k", help=f"Feasible Pareto candidates retrained "
+                       f"at final fidelity. Default {_SC.final_k}.")] = None,
+    final_epochs: Annotated[Optional[float], typer.Option("--final-epochs", help=f"Final-stage epochs (fresh "
+                            f"seed). Default {_SC.final_epochs:g}.")] = None,
+    references: Annotated[Optional[str], typer.Option("--references", help="Comma-separated reference models "
+                          "trained with the same recipe, outside budgets: wav2small-ref, mobilenetv3-s, "
+                          "mobilenetv4-s or spec JSON files; '' for none. Default wav2small-ref.")] = None,
+    ram_mode: Annotated[Optional[str], typer.Option("--ram-mode", help="offline (default): ram budgets and "
+                        "objectives use the whole-clip int8 activation peak; streaming: the generated C library's "
+                        "state + arena (wav2small; MobileNet keeps its offline peak).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Search architectures for the best CCC within budgets (Optuna multi-objective), then retrain the front."""
+    from microser import show
+    from microser.search import SearchConfig, run_search
+
+    cfg = SearchConfig.load(
+        config, budgets=tuple(budget) if budget else None, cache=cache, space=space, trials=trials,
+        timeout=timeout, study=study, storage=storage, artifacts=artifacts, workers=workers, threads=threads,
+        seed=seed, sampler=sampler, objectives=_csv(objectives), epochs=epochs, steps=steps,
+        crop_seconds=crop_seconds, crops_per_segment=crops_per_segment, batch_size=batch_size,
+        input_seconds=input_seconds, final_k=final_k, final_epochs=final_epochs, references=_csv(references),
+        ram_mode=ram_mode)
+    with show.search_live() as progress:
+        summary = run_search(cfg, progress=progress)
+    show.search_summary(summary, as_json=json_)
 
 
 # -- pareto, trials, show: inspect a study --

@@ -52,7 +52,8 @@ PROBE_DRAWS = 48                # random candidates measured up front to tell an
 MAX_FAILURES_IN_A_ROW = 3
 
 # Settings that define what a study's numbers mean: a study resumed with any of these changed is refused.
-IDENTITY_KEYS = ("objectives", "budgets", "input_seconds", "cache_fingerprint", "space_sha256", "fidelity")
+IDENTITY_KEYS = ("objectives", "budgets", "input_seconds", "cache_fingerprint", "space_sha256", "fidelity",
+                 "ram_mode")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class SearchConfig:
     crops_per_segment: int = 2
     batch_size: int = 32
     input_seconds: float = 1.0        # audio length at which RAM and MACs are measured
+    ram_mode: str = "offline"         # "streaming": ram_bytes = the C library's state + arena (microser.cgen)
     # final stage: the top-K feasible Pareto candidates and the references, retrained longer
     final_k: int = 3
     final_epochs: float = 16.0
@@ -107,6 +109,8 @@ class SearchConfig:
             raise MicroserError(f"input_seconds={self.input_seconds}, crop_seconds={self.crop_seconds}: both "
                                 "must be > 0, e.g. 1.0")
         parse_budgets(self.budgets)
+        if self.ram_mode not in ("offline", "streaming"):
+            raise MicroserError(f"ram_mode {self.ram_mode!r}: expected 'offline' or 'streaming'")
 
     @property
     def study_name(self) -> str:
@@ -124,6 +128,8 @@ class SearchConfig:
             raise MicroserError(f"search config key(s) {', '.join(unknown)} not known: expected keys among "
                                 f"{', '.join(sorted(known))}")
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if d.get("steps") is not None and "epochs" not in d:
+            d["epochs"] = None    # steps replace the default epochs
         for key in ("budgets", "objectives", "references"):   # one string is accepted for a list
             if isinstance(d.get(key), str):
                 d[key] = tuple(x.strip() for x in d[key].split(",") if x.strip())
@@ -327,6 +333,7 @@ def _settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cache_pat
         "references": list(config.references),
         "rejected_ccc": REJECTED_CCC,
         "microser_version": __version__,
+        **({"ram_mode": config.ram_mode} if config.ram_mode != "offline" else {}),
     }
 
 
@@ -378,6 +385,10 @@ class _Searcher:
         key = spec.to_json()
         if key not in self.cost_cache:
             self.cost_cache[key] = self.c.measure(spec, self.config.input_seconds)
+            if self.config.ram_mode == "streaming":
+                from microser.cgen import streaming_costs
+
+                self.cost_cache[key] = streaming_costs(spec, self.cost_cache[key], self.config.input_seconds)
         return self.cost_cache[key]
 
     # -- the objective --
@@ -506,7 +517,9 @@ def open_study(config: SearchConfig, *, worker: int = 0, data=None, space_path: 
                                 "first") from None
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
                                 load_if_exists=True)
-    study.set_metric_names(["ccc_mean", *config.objectives])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["ccc_mean", *config.objectives])
     return study
 
 
@@ -591,21 +604,31 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     deadline = t0 + config.timeout if config.timeout else None
     procs = []
     if config.workers > 1 and counts["trained"] < config.trials:
+        # N spawned processes search; this one trains the references meanwhile, then reports progress.
         ctx = multiprocessing.get_context("spawn")
-        for k in range(1, config.workers):
-            p = ctx.Process(target=_worker_main, args=(config.to_dict(), k, threads), daemon=False)
+        for k in range(config.workers):
+            p = ctx.Process(target=_worker_main, args=(config.to_dict(), k + 1, threads), daemon=False)
             p.start()
             procs.append(p)
     try:
         _train_references(searcher, reference_specs)
-        searcher.run(deadline)
+        if procs:
+            seen = len(study.get_trials(deepcopy=False))
+            while any(p.is_alive() for p in procs):
+                time.sleep(1.0)
+                trials = study.get_trials(deepcopy=False)
+                for t in trials[seen:]:
+                    if t.state.is_finished():
+                        searcher.emit("rejected" if t.user_attrs.get("rejected") else "trial", "search",
+                                      _trial_line(t))
+                        seen += 1
+                    else:
+                        break
+        else:
+            searcher.run(deadline)
     finally:
         for p in procs:
             p.join()
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
-    if bad:
-        raise MicroserError(f"{len(bad)} of {len(procs)} worker processes failed (exit codes {bad}; see their "
-                            "messages above): fix the cause, then run the same command again to resume")
     search_seconds = time.monotonic() - t0
 
     t1 = time.monotonic()
@@ -636,7 +659,8 @@ def _train_references(searcher: _Searcher, reference_specs) -> None:
                                      _train_config(config, seed=config.seed, threads=searcher.threads),
                                      progress=None)
         weights = save_weights(outcome.state_dict, store=searcher.store, study_or_trial=study,
-                               name=f"reference-{name}-search")
+                               name="reference-" + "".join(ch if ch.isalnum() or ch in "-_." else "_"
+                                                           for ch in Path(name).name) + "-search")
         attrs = {"spec": spec.to_json(), "family": spec.family, "summary": spec.summary(), "costs": costs,
                  "ccc": outcome.ccc, "train_seconds": outcome.train_seconds,
                  "samples_per_second": outcome.samples_per_second, "weights": weights, "reference": name,

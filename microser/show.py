@@ -121,13 +121,99 @@ def demo_built(report, as_json: bool = False) -> None:
     console.print(f"  CCC ceiling left by the simulated teacher's noise: {ceiling}", highlight=False)
 
 
+# ---- search (microser search) ----
+
+
+class search_live:
+    """The live view of `microser.search.run_search`: trial i of N, best CCC within budget, ETA, last event.
+
+    Use as ``with show.search_live() as cb: run_search(config, progress=cb)``.
+    Trial lines (trained, rejected, reference, final stage) scroll above the bar.
+    """
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("best CCC in budget {task.fields[best]}"), TimeElapsedColumn(),
+                            TextColumn("ETA {task.fields[eta]}"), TextColumn("[dim]{task.fields[now]}"),
+                            console=err_console, transient=False)
+        self.bar.__enter__()
+        self.task = None
+        return self
+
+    def __call__(self, event) -> None:
+        final = event.stage == "final" and event.final_total
+        total = event.final_total if final else event.total
+        done = event.final_done if final else event.trained
+        fields = {"best": "-" if event.best_ccc is None else f"{event.best_ccc:.3f}",
+                  "eta": "-" if event.eta_seconds is None or final else _duration(event.eta_seconds),
+                  "now": event.message[:60] if event.kind in ("measure", "train", "epoch") else ""}
+        description = "final stage" if final else f"trials (rejected {event.rejected})"
+        if self.task is None:
+            self.task = self.bar.add_task(description, total=total, completed=done, **fields)
+        else:
+            self.bar.update(self.task, description=description, total=total, completed=done, **fields)
+        if event.kind in ("start", "trial", "rejected") or (event.kind == "final" and "CCC" in event.message):
+            self.bar.console.print(event.message, markup=False, highlight=False)
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def search_summary(summary, as_json: bool = False) -> None:
+    """The end of `microser search`: counts, timings and the front at final fidelity beside the references."""
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    from rich.table import Table
+
+    objectives = summary.settings["objectives"]
+    table = Table("trial", "architecture", *objectives, "CCC search", "CCC final (valid)", "CCC test", "",
+                  title=f"study {summary.study}: front at final fidelity "
+                        f"({summary.settings['final']['epochs']:g} epochs), references below")
+
+    def ccc(d):
+        return "-" if not d else f"{d['mean']:.3f}"
+
+    for r in summary.rows:
+        tag = f"reference {r['reference']}" if r["reference"] else ("front" if r["on_front"] else "")
+        if r.get("collapsed"):
+            tag += " (collapsed)"
+        table.add_row(str(r["number"]), r["summary"] or "-", *(f"{int(r['costs'][o]):,}" for o in objectives),
+                      ccc(r["ccc"]), ccc(r["final_ccc"]), ccc(r["test_ccc"]), tag)
+    console.print(table)
+    budgets = ", ".join(b["text"] for b in summary.settings["budgets"]) or "none"
+    per_trial = f", {summary.mean_trial_seconds:.1f} s per trained trial" if summary.mean_trial_seconds else ""
+    console.print(f"{summary.trained} trained trials, {summary.rejected} rejected over budget ({budgets}), "
+                  f"{summary.failed} failed; search {_duration(summary.search_seconds)}{per_trial}, final stage "
+                  f"{_duration(summary.final_seconds)}")
+    if summary.stale_failed:
+        console.print(f"failed {len(summary.stale_failed)} trial(s) left running by a stopped run: "
+                      f"{summary.stale_failed}")
+    if summary.best and summary.reference and summary.margin_test is not None:
+        verb = "beats" if summary.margin_test > 0 else "trails"
+        console.print(f"best feasible trial {summary.best['number']} {verb} {summary.reference['reference']} by "
+                      f"{summary.margin_test:+.3f} mean CCC on the test split (held-out speakers)")
+    console.print(f"storage {summary.storage}, artifacts {summary.artifacts}; next: microser pareto --study "
+                  f"{summary.study}")
+
+
 # ---- costs (microser describe) ----
 
 
-def cost_report(report, as_json: bool = False) -> None:
-    """`microser describe`: every cost of one architecture, with the step where RAM peaks."""
+def cost_report(report, as_json: bool = False, streaming: dict | None = None) -> None:
+    """`microser describe`: every cost of one architecture, with the step where RAM peaks.
+
+    ``streaming``: `microser.cgen.streaming_report` (``--ram-mode streaming``), shown beside the offline peak.
+    """
     if as_json:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), **({"streaming": streaming} if streaming else {})})
         return
     from rich.table import Table
 
@@ -145,6 +231,19 @@ def cost_report(report, as_json: bool = False) -> None:
     console.print(f"live at the int8 peak: {live}{', ...' if len(plan.live) > 4 else ''}")
     console.print("RAM: activations alive at once in graph order, no in-place reuse, weights excluded; "
                   "KB = 1000 bytes")
+    if streaming:
+        s8, s32 = streaming["int8"], streaming["fp32"]
+        t = Table("streaming C library", "value", "", title="--ram-mode streaming (microser.cgen)")
+        t.add_row("streaming RAM int8", f"{s8['ram_streaming_bytes'] / 1000:,.1f} KB",
+                  f"state {s8['state_bytes']:,} B + arena {s8['arena_bytes']:,} B"
+                  + (f" + replay {s8['replay_bytes']:,} B" if s8["replay_bytes"] else "") + " (budgets use this)")
+        t.add_row("streaming RAM fp32", f"{s32['ram_streaming_bytes'] / 1000:,.1f} KB",
+                  f"state {s32['state_bytes']:,} B + arena {s32['arena_bytes']:,} B"
+                  + (f" + replay {s32['replay_bytes']:,} B" if s32["replay_bytes"] else ""))
+        console.print(t)
+        console.print(f"streaming int8 RAM is {c.ram_bytes / s8['ram_streaming_bytes']:,.1f}x below the offline "
+                      f"int8 peak at {c.input_seconds:g} s (worst C stack, measured at export, comes on top); "
+                      f"{s8['note']}")
 
 
 # ---- pareto, trials, show, compress, export, evaluate, predict ----

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,3 +163,154 @@ def test_config_file_keys_match_the_cli_and_flags_override(tmp_path):
     (tmp_path / "bad.toml").write_text("trails = 3\n")
     with pytest.raises(MicroserError, match="key\\(s\\) trails not known"):
         SearchConfig.load(tmp_path / "bad.toml")
+
+
+# ---- real searches: tiny generated cache, tiny space, 1 epoch ----
+
+TINY_SPACE = """
+family = "wav2small"
+[frontend]
+n_fft = 256
+hop = 160
+center = false
+n_mels = { low = 16, high = 24, step = 4 }
+[wav2small]
+depth = { low = 2, high = 3 }
+channels = { low = 4, high = 12 }
+kernel = 3
+norm = "batch"
+pool_after = [1]
+pooling = "attention"
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """30 short clips of 6 speakers with random A/D/V labels, cached through the csv teacher; a tiny space."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from teachers_helpers import write_clip
+
+    from microser.cache import build_cache
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        write_clip(root / "wav" / f"c{i:02d}.wav", 0.6 + 0.02 * i, seed=i)
+        a, d, v = rng.random(3)
+        rows.append({"path": f"wav/c{i:02d}.wav", "speaker": f"s{i % 6}", "arousal": a, "dominance": d,
+                     "valence": v})
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    build_cache(root / "labels.csv", [f"csv:{root / 'labels.csv'}"], root / "cache")
+    (root / "space.toml").write_text(TINY_SPACE)
+    from microser.frontends import FrontendSpec
+    from microser.models.spec import ArchSpec
+    from microser.models.wav2small import Wav2SmallBody
+
+    reference = ArchSpec("wav2small", FrontendSpec(n_fft=256, hop=160, center=False, n_mels=24),
+                         Wav2SmallBody(channels=(12, 12), kernel=3, norm="batch", pool_after=(1,), pooling="attention"))
+    (root / "ref.json").write_text(reference.to_json())
+    return root
+
+
+def tiny_config(tiny, where, **kw):
+    base = dict(study="t", storage=f"sqlite:///{where}/t.db", cache=str(tiny / "cache"), space=str(tiny / "space.toml"),
+                budgets=("3k-params",), trials=2, epochs=1.0, batch_size=8, crop_seconds=0.5, crops_per_segment=1,
+                final_k=1, final_epochs=2.0, references=(), threads=1, seed=5)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def _trained_values(url):
+    study = load_study("t", url)
+    return [(t.params, t.values) for t in study.get_trials()
+            if t.state == TrialState.COMPLETE and not t.user_attrs.get("rejected")]
+
+
+def test_real_two_trial_search_records_the_contract_and_repeats_with_the_same_seed(tiny, tmp_path):
+    ref_json = str(tiny / "ref.json")    # any spec JSON is a reference; this one is small, so the test is quick
+    summary = run_search(tiny_config(tiny, tmp_path / "a", references=(ref_json,)))
+    study = load_study("t", f"sqlite:///{tmp_path}/a/t.db")
+    assert summary.trained == 2
+    trained = [t for t in study.get_trials() if _is_search(t)]
+    assert len(trained) == 2
+    for t in trained:
+        a = t.user_attrs
+        assert set(a) >= {"spec", "family", "summary", "costs", "ccc", "train_seconds", "samples_per_second", "weights"}
+        assert a["costs"]["params"] <= 3000 and a["costs"]["input_seconds"] == 1.0
+        assert t.values[0] == pytest.approx(a["ccc"]["mean"])
+        assert -1 <= a["ccc"]["mean"] <= 1
+        assert set(load_trial_weights(study, t, stage="search")) == set(
+            __import__("microser.models.spec", fromlist=["build_model"]).build_model(
+                __import__("microser.models.spec", fromlist=["ArchSpec"]).ArchSpec.from_json(a["spec"])).state_dict())
+    ref = [t for t in study.get_trials() if t.user_attrs.get("reference") == ref_json]
+    assert len(ref) == 1 and ref[0].user_attrs["costs"]["params"] > 3000    # outside the budget, still trained
+    assert final_record(study, ref[0])["ccc"]["mean"] == pytest.approx(summary.reference["final_ccc"]["mean"])
+    assert [r["number"] for r in summary.rows if not r["reference"]] == [summary.best["number"]]
+    # same seed, one worker, fixed threads: the same candidates get the same values
+    run_search(tiny_config(tiny, tmp_path / "b", references=(ref_json,), final_k=0))
+    assert _trained_values(f"sqlite:///{tmp_path}/b/t.db") == _trained_values(f"sqlite:///{tmp_path}/a/t.db")
+
+
+def _is_search(t):
+    return t.state == TrialState.COMPLETE and not t.user_attrs.get("rejected") and not t.user_attrs.get("reference")
+
+
+def test_two_workers_on_one_storage_produce_distinct_complete_trials(tiny, tmp_path):
+    url = f"journal:{tmp_path}/t.log"
+    summary = run_search(tiny_config(tiny, tmp_path, storage=url, workers=2, trials=4, final_k=0, epochs=None, steps=60))
+    study = load_study("t", url)
+    trained = [t for t in study.get_trials() if _is_search(t)]
+    assert summary.trained == len(trained) >= 4
+    assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert len({t.user_attrs["worker"]["pid"] for t in trained}) == 2      # both processes trained trials
+    specs = [t.user_attrs["spec"] for t in trained]
+    assert len(set(specs)) == len(specs)                                    # distinct candidates
+
+
+def test_resume_after_a_real_kill_mid_trial(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = tmp_path / "study.toml"
+    config.write_text(f'study = "t"\ncache = "{tiny / "cache"}"\nspace = "{tiny / "space.toml"}"\n'
+                      f'budgets = ["3k-params"]\ntrials = 2\nsteps = 400\nbatch_size = 8\ncrop_seconds = 0.5\n'
+                      f'final_k = 0\nreferences = []\nthreads = 1\nseed = 5\n')
+    command = [sys.executable, "-m", "microser.cli", "search", "--config", str(config)]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    url = f"sqlite:///{tmp_path}/studies/t.db"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:      # wait until a trial is training, then kill -9
+            if (tmp_path / "studies" / "t.db").exists():
+                running = [t for t in load_study("t", url).get_trials()
+                           if t.state == TrialState.RUNNING and t.user_attrs.get("stage") == "training"]
+                if running:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no trial started training within 120 s: " + (proc.stdout.read() if proc.poll() else ""))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed = running[0].number
+    assert load_study("t", url).trials[killed].state == TrialState.RUNNING
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = load_study("t", url)
+    assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert len([t for t in study.get_trials() if _is_search(t)]) == 2
+    dead = study.trials[killed]
+    assert dead.state == TrialState.FAIL and "stopped while the trial was running" in dead.user_attrs["fail_reason"]
+    retried = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == killed]
+    assert retried and retried[0].params == dead.params
