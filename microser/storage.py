@@ -6,7 +6,9 @@ Every command that reads a study goes through :func:`load_study` with the same
 * no URL: ``sqlite:///studies/<study>.db`` (relative to the working directory);
 * ``sqlite:///FILE.db``: SQLite through ``RDBStorage`` with heartbeats
   (``HEARTBEAT_SECONDS``; a trial silent for ``GRACE_SECONDS`` is failed and its
-  parameters re-queued by ``RetryHeartbeatStaleTrialCallback``) and a 60 s lock
+  parameters re-queued by ``RetryHeartbeatStaleTrialCallback``; the environment
+  variables ``MICROSER_HEARTBEAT_SECONDS`` / ``MICROSER_GRACE_SECONDS`` override
+  both, e.g. to recover faster in tests) and a 60 s lock
   timeout, so several worker processes can share the file;
 * ``journal:FILE`` or a path ending in ``.log`` / ``.journal``: Optuna's journal
   file storage (one machine, no heartbeats);
@@ -37,6 +39,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,33 @@ GRACE_SECONDS = 30
 SETTINGS_ATTR = "config"     # study user attr: the search settings (objectives, budgets, cache, ...)
 FINAL_PREFIX = "final:"      # study user attr "final:<trial number>": the final stage's record
 _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+_SCHEMA_RACE_TRIES = 6         # attempts to open a database whose tables another worker is creating
+
+
+def _env_seconds(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise MicroserError(f"{name}={text!r} is not understood: expected whole seconds >= 1, e.g. {name}={default}")
+    return value
+
+
+def heartbeat_seconds() -> int:
+    """Seconds between a running trial's heartbeats (RDB storages): ``MICROSER_HEARTBEAT_SECONDS`` or 10."""
+    return _env_seconds("MICROSER_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
+
+
+def grace_seconds() -> int:
+    """Heartbeat silence after which a running trial is failed and retried: ``MICROSER_GRACE_SECONDS`` or 30.
+
+    Never below twice the heartbeat interval, so one late beat does not fail a live trial.
+    """
+    return max(_env_seconds("MICROSER_GRACE_SECONDS", GRACE_SECONDS), 2 * heartbeat_seconds())
 
 
 def default_storage_url(study_name: str) -> str:
@@ -122,24 +152,37 @@ def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorag
     elif url.startswith("postgresql"):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}}
         url = _postgres_driver(url)
-    try:
-        import sqlalchemy.exc
+    import sqlalchemy.exc
 
-        with warnings.catch_warnings():   # heartbeat_interval is marked experimental; it is what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-            )
-    except ImportError as e:
-        raise MicroserError(f"storage {safe_url(given)!r} needs a database driver that is not installed "
-                            f"({_first_line(e)}): pip install 'microser[postgres]'") from None
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        raise MicroserError(f"storage {safe_url(given)!r} refused the connection ({_first_line(e)}): start the "
-                            "database or pass another --storage, e.g. sqlite:///studies/NAME.db") from None
+    for attempt in range(_SCHEMA_RACE_TRIES):
+        try:
+            with warnings.catch_warnings():   # heartbeat_interval is marked experimental; it is what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_seconds(),
+                    grace_period=grace_seconds(),
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                )
+        except ImportError as e:
+            raise MicroserError(f"storage {safe_url(given)!r} needs a database driver that is not installed "
+                                f"({_first_line(e)}): pip install 'microser[postgres]'") from None
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            # Workers started together on an empty database all create Optuna's tables; the losers see
+            # "already exists" / a duplicate key. The winner's tables are there a moment later: try again.
+            if attempt + 1 < _SCHEMA_RACE_TRIES and _schema_race(e):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise MicroserError(f"storage {safe_url(given)!r} refused the connection ({_first_line(e)}): start the "
+                                "database or pass another --storage, e.g. sqlite:///studies/NAME.db") from None
+    raise AssertionError("unreachable")
+
+
+def _schema_race(e: Exception) -> bool:
+    """True for the errors of two processes creating Optuna's tables at once (not for a refused connection)."""
+    text = str(getattr(e, "orig", None) or e).lower()
+    return "already exists" in text or "duplicate key" in text or "unique constraint" in text
 
 
 def _postgres_driver(url: str) -> str:
