@@ -1594,3 +1594,31 @@ def _fft_words(n_fft: int) -> str:
         return (f"real FFT of {n_fft} points as a complex Stockham FFT of {n_fft // 2} points "
                 f"(radices {_factors(n_fft // 2)}) plus the split step")
     return f"complex Stockham FFT of {n_fft} points (radices {_factors(n_fft)}), imaginary input zero"
+
+
+# ---- streaming RAM as a cost (microser describe --ram-mode, microser search --ram-mode) ----
+
+RAM_MODES = ("offline", "streaming")
+
+
+def streaming_report(spec, input_seconds: float) -> dict:
+    """`streaming_ram` of the int8 deployment (the budget figure) and of the float32 library: ``{"int8", "fp32"}``."""
+    return {"int8": streaming_ram(spec, int8=True, input_seconds=input_seconds),
+            "fp32": streaming_ram(spec, int8=False, input_seconds=input_seconds)}
+
+
+def streaming_costs(spec, costs: dict, input_seconds: float) -> dict:
+    """``costs`` for ``--ram-mode streaming``: ``ram_bytes`` becomes the int8 C library's streaming RAM
+    (`streaming_ram`), the offline activation peak is kept as ``ram_bytes_offline``.
+
+    MobileNet specs have no C export and run offline (ONNX), so their ``ram_bytes`` stays the offline peak and
+    ``ram_mode`` says so.
+    """
+    out = dict(costs)
+    out["ram_bytes_offline"] = costs.get("ram_bytes")
+    if spec.family != "wav2small":
+        out["ram_mode"] = "offline (no C export for this family)"
+        return out
+    out["ram_bytes"] = streaming_ram(spec, int8=True, input_seconds=input_seconds)["ram_streaming_bytes"]
+    out["ram_mode"] = "streaming"
+    return out

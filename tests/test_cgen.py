@@ -278,3 +278,32 @@ def test_fft_factors_cover_every_length():
     for n in (1, 2, 8, 32, 200, 256, 37, 75, 1024):
         assert int(np.prod(cgen._factors(n))) == n
     assert cgen._factors(200) == [4, 2, 5, 5]
+
+
+def test_describe_ram_mode_streaming_prints_the_c_figure(tmp_path, capsys):
+    import json
+
+    from microser.cli import main
+
+    spec = SPECS["ref-running"]
+    path = tmp_path / "spec.json"
+    path.write_text(spec.to_json())
+    main(["describe", str(path), "--input-seconds", "5", "--ram-mode", "streaming", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    streaming = out["streaming"]["int8"]["ram_streaming_bytes"]
+    assert streaming == cgen.streaming_ram(spec)["ram_streaming_bytes"]
+    assert out["ram_bytes"] > 100 * streaming  # 5 s offline int8 peak vs the stream's state + arena
+
+
+def test_search_ram_mode_streaming_budgets_the_stream():
+    from microser.search import SearchConfig
+
+    assert SearchConfig(ram_mode="streaming").ram_mode == "streaming"
+    with pytest.raises(MicroserError, match="ram_mode 'sometimes'"):
+        SearchConfig(ram_mode="sometimes")
+    spec = SPECS["ref-running"]
+    costs = cgen.streaming_costs(spec, {"params": 1, "ram_bytes": 2_000_000}, 1.0)
+    assert costs["ram_bytes"] == cgen.streaming_ram(spec)["ram_streaming_bytes"]
+    assert costs["ram_bytes_offline"] == 2_000_000 and costs["ram_mode"] == "streaming"
+    mobile = cgen.streaming_costs(REFERENCES["mobilenetv3-s"], {"ram_bytes": 5}, 1.0)
+    assert mobile["ram_bytes"] == 5 and mobile["ram_mode"].startswith("offline")
