@@ -1,0 +1,196 @@
+"""The generated C99 library, measured: flash, RAM, stack, instructions per second of audio, parity.
+
+    python bench/c_inference.py                      # wav2small-ref (+ running prenorm) and a ~80k-params spec
+    python bench/c_inference.py --sample 100         # + 100 random default-space wav2small specs: C vs PyTorch
+    python bench/c_inference.py --trained /tmp/cgen-bench --cache /tmp/espeak-cache
+                                                     # + test-split CCC: C int8 vs the int8 ONNX graph
+
+Flash = text + data of ``size`` on the object compiled with ``gcc -std=c99 -pedantic -Wall -Wextra -Werror -O2``;
+RAM = sizeof(state) (persistent state + scratch arena) + the deepest stack path of ``-fcallgraph-info=su``;
+instructions = valgrind callgrind inside ``push`` per second of audio (host x86-64: a proxy for DSP cycles, not a
+DSP measurement). Weights are random where no trained model is given: sizes and instruction counts do not depend
+on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from microser import cgen
+from microser.costs import count_params
+from microser.models.spec import REFERENCES, ArchSpec, build_model
+from microser.onnxio import export_onnx, ort_session, run_onnx
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()} {cpu or platform.processor()}, {platform.system()} {platform.release()}"
+
+
+def variant(spec: ArchSpec, **changes) -> ArchSpec:
+    d = spec.to_dict()
+    for key, value in changes.items():
+        part, name = key.split("__")
+        d[part][name] = value
+    return ArchSpec.from_dict(d)
+
+
+def calibrated(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:
+    """A random model with BatchNorm statistics taken from audio (so int8 scales are realistic)."""
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    audio = torch.from_numpy(np.stack([cgen.check_signal(1.0, seed=k) for k in range(4)]))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(audio)
+    return model.eval()
+
+
+def params_of(spec: ArchSpec, tmp: Path) -> int:
+    return count_params(export_onnx(build_model(spec), tmp / "p.onnx", check=False))
+
+
+def spec_near_80k(tmp: Path, seed: int = 0) -> ArchSpec:
+    """The first default-space wav2small spec (seeded draw order) with 70k..80k params (ONNX constants)."""
+    from microser.space import SearchSpace
+
+    for spec in SearchSpace.load("default").sample(200, seed=seed):
+        if spec.family == "wav2small" and 70_000 <= params_of(spec, tmp) <= 80_000:
+            return spec
+    raise SystemExit("no default-space spec with 70k..80k params in 200 draws")
+
+
+def measure_spec(name: str, spec: ArchSpec, tmp: Path, model=None, crops=None) -> list[dict]:
+    model = model if model is not None else calibrated(spec)
+    export_onnx(model, tmp / f"{name}.onnx")
+    from microser.compress import quantize_int8
+
+    crops = crops if crops is not None else [cgen.check_signal(1.0, seed=10 + k) for k in range(4)]
+    quantize_int8(tmp / f"{name}.onnx", crops, tmp / f"{name}.int8.onnx")
+    section = cgen.generate(tmp / name, model, spec, tmp / f"{name}.int8.onnx", prefix="b")
+    rows = []
+    for v, m in section["measured"].items():
+        rows.append({"name": name, "variant": v, "params": count_params(tmp / f"{name}.onnx"), **m,
+                     "parity": section["parity"][v]["max_abs_diff"], "summary": spec.summary()})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\nC library measurements on {machine()}; {rows[0]['compiler']}, {rows[0]['flags']}")
+    print(f"{'model':22} {'var':7} {'params':>7} {'flash B':>8} {'state+arena B':>13} {'stack B':>7} "
+          f"{'RAM B':>7} {'Minstr/s audio':>14} {'result kinstr':>13} {'parity':>8}")
+    for r in rows:
+        ips = "-" if r["instructions_per_audio_second"] is None else f"{r['instructions_per_audio_second'] / 1e6:.1f}"
+        res = "-" if r["result_instructions"] is None else f"{r['result_instructions'] / 1e3:.0f}"
+        print(f"{r['name']:22} {r['variant']:7} {r['params']:>7,} {r['flash_bytes']:>8,} "
+              f"{r['state_plus_arena_bytes']:>13,} {r['stack_bytes']:>7,} {r['ram_bytes']:>7,} {ips:>14} {res:>13} "
+              f"{r['parity']:>8.1e}")
+    for name, summary in dict((r["name"], r["summary"]) for r in rows).items():
+        print(f"  {name}: {summary}")
+    print("parity: max abs difference on cgen.check_signal() in uneven chunks, float32 vs PyTorch, int8 vs the "
+          "onnxruntime int8 graph; instructions: callgrind inside push() on 1 s of noise (host x86-64)")
+
+
+def sample_specs(n: int, tmp: Path, seed: int = 1) -> None:
+    """``n`` random default-space wav2small specs: float C vs PyTorch in random chunks (max abs diff)."""
+    from microser.space import SearchSpace
+
+    specs, draw = [], 0
+    while len(specs) < n:
+        specs += [s for s in SearchSpace.load("default").sample(4 * n, seed=seed + draw) if s.family == "wav2small"]
+        draw += 1
+    rng = np.random.default_rng(seed)
+    worst, t0 = [], time.perf_counter()
+    for k, spec in enumerate(specs[:n]):
+        model = calibrated(spec, seed=k)
+        d = tmp / f"s{k}"
+        cgen.write_library(cgen.float_plan(model, spec), d, "s", "float32")
+        exe = cgen.compile_driver(d, "s")
+        audio = cgen.check_signal(float(rng.uniform(0.5, 2.0)), seed=k)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(audio)[None]).double().numpy()[0]
+        got = cgen.run_driver(exe, audio, rng.integers(1, 4000, 5))
+        worst.append((float(np.max(np.abs(got - expected))), spec.summary(), cgen.state_bytes(
+            cgen.shape_plan(spec, int8=True))["total"]))
+    diffs = np.array([w[0] for w in worst])
+    ram = np.array([w[2] for w in worst])
+    print(f"\n{n} random default-space wav2small specs, float C vs PyTorch on check_signal in random chunks "
+          f"({time.perf_counter() - t0:.0f} s): max abs diff median {np.median(diffs):.1e}, max {diffs.max():.1e}; "
+          f"all <= 1e-4: {bool((diffs <= 1e-4).all())}")
+    print(f"int8 streaming state+arena over those specs: min {ram.min():,} B, median {int(np.median(ram)):,} B, "
+          f"max {ram.max():,} B")
+    for d, s, _ in sorted(worst, reverse=True)[:3]:
+        print(f"  worst: {d:.1e}  {s}")
+
+
+def trained_ccc(trained: Path, cache_path: str, tmp: Path) -> None:
+    """Test-split CCC of the C int8 library vs the int8 ONNX graph for the trained prenorm-running model."""
+    from microser.cache import Cache
+    from microser.compress import calibration_crops, quantize_int8
+    from microser.metrics import ccc_report
+
+    data = Cache.open(cache_path)
+    for weights in sorted(trained.glob("running-s*.pt")):
+        spec = ArchSpec.from_json(weights.with_suffix(".json").read_text())
+        model = build_model(spec)
+        model.load_state_dict(torch.load(weights))
+        model.eval()
+        export_onnx(model, tmp / "t.onnx")
+        crops = calibration_crops(data, seconds=2.0, max_crops=64, seed=0)
+        quantize_int8(tmp / "t.onnx", crops, tmp / "t.int8.onnx")
+        cgen.write_library(cgen.int8_plan(model, spec, tmp / "t.int8.onnx"), tmp / "t", "t", "int8")
+        exe = cgen.compile_driver(tmp / "t", "t")
+        session = ort_session(tmp / "t.int8.onnx")
+        idx = data.split_indices("test")
+        c_out, ort_out = [], []
+        rng = np.random.default_rng(0)
+        for i in idx:
+            audio = data.audio(int(i))
+            c_out.append(cgen.run_driver(exe, audio, rng.integers(1, 4000, 4)))
+            ort_out.append(run_onnx(session, audio)[0])
+        c_out, ort_out = np.array(c_out), np.array(ort_out)
+        truth = np.asarray(data.targets)[idx]
+        cc, co = ccc_report(c_out, truth), ccc_report(ort_out, truth)
+        print(f"\n{weights.name} ({spec.summary()}), test split {len(idx)} segments:")
+        print(f"  CCC int8 ONNX (onnxruntime) {co['mean']:.4f}  C int8 {cc['mean']:.4f}  "
+              f"difference {abs(cc['mean'] - co['mean']):.1e}; max abs output diff {np.abs(c_out - ort_out).max():.1e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sample", type=int, default=0, help="also check N random default-space specs (float C)")
+    ap.add_argument("--trained", type=Path, default=None, help="folder from bench/cgen_prenorm_ccc.py --save")
+    ap.add_argument("--cache", default="/tmp/espeak-cache")
+    ap.add_argument("--no-80k", action="store_true", help="skip the ~80k-params spec")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cgen-bench-") as tmp:
+        tmp = Path(tmp)
+        ref = REFERENCES["wav2small-ref"]
+        rows = measure_spec("wav2small-ref", ref, tmp)
+        rows += measure_spec("wav2small-ref running", variant(ref, frontend__prenorm="running"), tmp)
+        if not args.no_80k:
+            rows += measure_spec("~80k default-space", spec_near_80k(tmp), tmp)
+        print_table(rows)
+        if args.sample:
+            sample_specs(args.sample, tmp)
+        if args.trained:
+            trained_ccc(args.trained, args.cache, tmp)
+
+
+if __name__ == "__main__":
+    main()
