@@ -1533,14 +1533,15 @@ def _readme(prefix: str, spec, libs: dict) -> str:
 
 
 def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str = DEFAULT_PREFIX,
-             check: bool = True, measure_costs: bool = True) -> dict:
+             check: bool = True, measure_costs: bool = True, callgrind: bool = True) -> dict:
     """Write ``bundle_dir/c/`` (float32 library, int8 library if ``int8_onnx_path``, drivers, README) and return the
     model card's ``c`` section.
 
     With ``check`` (needs gcc), each library is compiled with the strict flags and run on a generated
     signal pushed in uneven chunks: the float library against PyTorch (``PARITY_F32``), the int8 one
     against onnxruntime on ``int8_onnx_path`` (``PARITY_INT8``); a worse difference raises MicroserError.
-    With ``measure_costs`` the section gets `measure`'s flash, RAM, stack and instruction figures.
+    With ``measure_costs`` the section gets `measure`'s flash, RAM, stack and (``callgrind``, needs valgrind, about
+    10 s per library) instruction figures.
     """
     import torch
 
@@ -1585,7 +1586,7 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
                                         f"expected <= {tol:g}; report the spec ({spec.summary()}) as a cgen bug")
     if measure_costs:
         for v, info in libs.items():
-            section["measured"][v] = measure(out, info["prefix"])
+            section["measured"][v] = measure(out, info["prefix"], callgrind=callgrind)
     return section
 
 

@@ -307,3 +307,17 @@ def test_search_ram_mode_streaming_budgets_the_stream():
     assert costs["ram_bytes_offline"] == 2_000_000 and costs["ram_mode"] == "streaming"
     mobile = cgen.streaming_costs(REFERENCES["mobilenetv3-s"], {"ram_bytes": 5}, 1.0)
     assert mobile["ram_bytes"] == 5 and mobile["ram_mode"].startswith("offline")
+
+
+def test_generate_writes_the_bundle_section(ref_int8, tmp_path):
+    model, _, _, d = ref_int8
+    section = cgen.generate(tmp_path, model, SPECS["ref-running"], d / "m.int8.onnx", callgrind=False)
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert names == ["README.md", "ser_f32.c", "ser_f32.h", "ser_f32_main.c", "ser_int8.c", "ser_int8.h",
+                     "ser_int8_main.c"]
+    assert section["parity"]["float32"]["max_abs_diff"] <= 1e-4 and section["parity"]["int8"]["max_abs_diff"] <= 0.01
+    f32, i8 = section["measured"]["float32"], section["measured"]["int8"]
+    assert f32["bss_bytes"] == 0 and i8["bss_bytes"] == 0  # no globals: everything lives in the caller's state
+    assert i8["flash_bytes"] > 10_806 and f32["flash_bytes"] > 4 * 10_806  # int8 vs float weights are in flash
+    assert i8["state_plus_arena_bytes"] == cgen.streaming_ram(SPECS["ref-running"])["ram_streaming_bytes"]
+    assert 0 < i8["stack_bytes"] < 4096 and i8["ram_bytes"] == i8["state_plus_arena_bytes"] + i8["stack_bytes"]
