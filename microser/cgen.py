@@ -625,7 +625,7 @@ class _Emitter:
             lines.append(f"    {ctype} {name}{dim}; /* {comment} */")
         if self.pad:
             lines.append(f"    int8_t pad_[{self.pad}]; /* keeps the arena 8-byte aligned on every ABI */")
-        lines.append(f"    float arena[{self.arena}]; /* scratch, contents meaningless between calls */")
+        lines.append(f"    union {{ float f[{self.arena}]; int32_t i[{self.arena}]; }} arena; /* scratch, meaningless between calls */")
         lines += [f"}} {P}_state;", "",
                   f"/* Start an utterance (zeroes the state). */",
                   f"void {P}_init({P}_state *st);",
@@ -813,8 +813,8 @@ static void fft(float *xr, float *xi, float *yr, float *yi)
         off = max((t_.row for t_ in (plan.tensors[s_.dst] for s_ in plan.stages if s_.kind == "conv")), default=0)
         t = plan.tensors[d]
         if t.quant is None:
-            return f"float *dst = st->arena + {off};", f"head_push(st, st->arena + {off});"
-        return f"float *hrow = st->arena + {off};", "head_push(st, hrow);"
+            return f"float *dst = st->arena.f + {off};", f"head_push(st, st->arena.f + {off});"
+        return f"float *hrow = st->arena.f + {off};", "head_push(st, hrow);"
 
     def _store(self, i: int, value: str, index: str) -> str:
         """C statement storing float `value` at `index` of the stage's output (quantizing / dequantizing as needed)."""
@@ -875,72 +875,74 @@ static void s{i}_flush({P}_state *st)
 """
 
     def _conv_body(self, i, st, src, dst, decl, last) -> str:
+        """Output row j: a (cout x fout) accumulator row in the arena; for every valid input row, channel and
+        frequency tap the innermost loop runs over contiguous output bands with compile-time bounds."""
         K, S, Pd = st.k, st.s, st.p
         fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
-        ring = f"st->ring{i}"
+        xtype, wtype = self._ctype(src), ("int8_t" if st.int8 else "float")
         if st.int8:
-            xs, xzp = _qparams(src)
-            ys, yzp = _qparams(dst)
-            inner = f"acc += (int32_t)w[df] * ((int32_t)x[base + df] - ({xzp}));"
-            acc_decl = f"int32_t acc = B{i}[co];"
-            ys_f, yzp_i = dst.quant
-            finish = (f"float v = (float)acc * SC{i}[co];\n"
-                      f"            v = v < {_flit(-128 - yzp_i)} ? {_flit(-128 - yzp_i)} : "
-                      f"(v > {_flit(127 - yzp_i)} ? {_flit(127 - yzp_i)} : v);\n"
-                      f"            {{\n                const int q = (int)lrintf(v) + ({yzp});\n")
-            if last:
-                finish += f"                hrow[co * {fout} + fo] = (float)(q - ({yzp})) * {ys};\n            }}"
-            else:
-                finish += f"                dst[co * {fout} + fo] = (int8_t)q;\n            }}"
-            xtype = "int8_t"
+            atype, arena = "int32_t", "st->arena.i"
+            _, xzp = _qparams(src)
+            term = lambda idx: f"wv * ((int32_t)xc[{idx}] - ({xzp}))"
         else:
+            atype, arena = "float", "st->arena.f"
             if src.quant is None:
-                inner = "acc += w[df] * x[base + df];"
+                term = lambda idx: f"wv * xc[{idx}]"
             else:
                 xs, xzp = _qparams(src)
-                inner = f"acc += w[df] * ((float)((int)x[base + df] - ({xzp})) * {xs});"
-            acc_decl = f"float acc = B{i}[co];"
-            xtype = self._ctype(src)
-            if st.ln is not None:
-                finish = f"tmp[co * {fout} + fo] = acc;"
-            else:
-                v = "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc"
-                finish = self._store(i, v, f"co * {fout} + fo")
-        unrolled = " ".join(inner.replace("[df]", f"[{d}]").replace("+ df]", f"+ {d}]") for d in range(K))
+                term = lambda idx: f"wv * ((float)((int)xc[{idx}] - ({xzp})) * {xs})"
+        taps = []
+        for df in range(K):
+            lo = 0 if Pd - df <= 0 else -(-(Pd - df) // S)
+            num = fin - 1 + Pd - df
+            hi = 0 if num < 0 else min(fout, num // S + 1)
+            if lo >= hi:
+                continue
+            off = df - Pd
+            idx = "fo" if S == 1 else f"fo * {S}"
+            idx = idx + (f" + {off}" if off > 0 else (f" - {-off}" if off < 0 else ""))
+            taps.append(f"{{ const {atype} wv = w[{df}]; for (fo = {lo}; fo < {hi}; fo++) a[fo] += {term(idx)}; }}")
+        tap_code = "\n                    ".join(taps)
+        if st.int8:
+            ys, yzp = _qparams(dst)
+            yzp_i = dst.quant[1]
+            lo_f, hi_f = _flit(-128 - yzp_i), _flit(127 - yzp_i)
+            target = (f"hrow[co * {fout} + fo] = (float)(q - ({yzp})) * {ys};" if last
+                      else f"dst[co * {fout} + fo] = (int8_t)q;")
+            finish = f"""for (fo = 0; fo < {fout}; fo++) {{ /* QLinearConv requantization, as onnxruntime */
+            float v = (float)a[fo] * SC{i}[co];
+            int q;
+            v = v < {lo_f} ? {lo_f} : (v > {hi_f} ? {hi_f} : v);
+            q = (int)lrintf(v) + ({yzp});
+            {target}
+        }}"""
+        elif st.ln is not None:
+            finish = ""
+        else:
+            v = "(a[fo] > 0.0f ? a[fo] : 0.0f)" if st.relu else "a[fo]"
+            finish = f"for (fo = 0; fo < {fout}; fo++) {self._store(i, v, f'co * {fout} + fo')}"
         code = f"""    {decl}
-    int co, fo;
+    {atype} *acc = {arena};
+    int co, fo, dt, ci;
     for (co = 0; co < {cout}; co++) {{
-        for (fo = 0; fo < {fout}; fo++) {{
-            const int f0 = fo * {S} - {Pd};
-            const int df_lo = f0 < 0 ? -f0 : 0, df_hi = f0 + {K} > {fin} ? {fin} - f0 : {K};
-            int dt, ci, df;
-            {acc_decl}
-            for (dt = dt_lo; dt < dt_hi; dt++) {{
-                const {xtype} *x = {ring} + ((r0 + dt) % {K}) * {src.row};
-                if (df_lo == 0 && df_hi == {K}) {{ /* interior band: the {K} taps unrolled */
-                    for (ci = 0; ci < {cin}; ci++) {{
-                        const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
-                        const int base = ci * {fin} + f0;
-                        {unrolled}
-                    }}
-                    continue;
-                }}
-                for (ci = 0; ci < {cin}; ci++) {{
-                    const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
-                    const int base = ci * {fin} + f0;
-                    for (df = df_lo; df < df_hi; df++)
-                        {inner}
-                }}
+        {atype} *a = acc + co * {fout};
+        for (fo = 0; fo < {fout}; fo++) a[fo] = B{i}[co];
+        for (dt = dt_lo; dt < dt_hi; dt++) {{
+            const {xtype} *x = st->ring{i} + ((r0 + dt) % {K}) * {src.row};
+            for (ci = 0; ci < {cin}; ci++) {{
+                const {wtype} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                const {xtype} *xc = x + ci * {fin};
+                {tap_code}
             }}
-            {finish}
         }}
+        {finish}
     }}"""
         if st.ln is not None:
             n = cout * fout
             v = "(y > 0.0f ? y : 0.0f)" if st.relu else "y"
-            code = code.replace(f"    {decl}\n", f"    {decl}\n    float *tmp = st->arena;\n", 1)
             code += f"""
     {{ /* LayerNorm over (channels, bands) of this row, then ReLU */
+        const float *tmp = acc;
         float mean = 0.0f, var = 0.0f;
         int e;
         for (e = 0; e < {n}; e++) mean += tmp[e];
@@ -1047,7 +1049,7 @@ static void head_push({P}_state *st, const float *x)
         fin = [f"""
 static void head_final({P}_state *st, float out3[3])
 {{
-    float *feat = st->arena;
+    float *feat = st->arena.f;
     int c, k;"""]
         if plan.pooling.startswith("attention"):
             fin.append(f"    for (c = 0; c < {C * F}; c++) feat[c] = st->att_acc[c] / st->att_sum[c];")
@@ -1091,7 +1093,7 @@ static void head_final({P}_state *st, float out3[3])
 /* One analysis frame (st->frame, {N} samples) -> one feature row -> stage 0. */
 static void process_frame({P}_state *st)
 {{
-    float *xr = st->arena, *xi = xr + {M}, *yr = xr + {2 * M}, *yi = xr + {3 * M};
+    float *xr = st->arena.f, *xi = xr + {M}, *yr = xr + {2 * M}, *yi = xr + {3 * M};
     float *pw = xr + {4 * M}, *mel = pw + {nf}, *feat = mel + {nm};
     int k, b;"""]
         if fe.prenorm == "window":
