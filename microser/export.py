@@ -367,6 +367,7 @@ def model_card_markdown(card: dict) -> str:
     a, cc, q, s, d, k = card["architecture"], card["ccc"], card["quantization"], card["size"], card["data"], card["costs"]
     ctr = card["contract"]
     src = card["source"]
+    reasons = list(dict.fromkeys(o["reason"] for o in q["float_ops"]))
     lines = [
         f"# microser model card: {a['summary']}",
         "",
@@ -415,12 +416,17 @@ def model_card_markdown(card: dict) -> str:
         f"of {q['calibration_data'].get('seconds')} s from the training split. Weights: {q['weights']}; biases: "
         f"{q['biases']}; activations: {q['activations']}.",
         "",
-        f"Quantized ops: {q['quantized_op_counts']}. Ops that stay float ({q['float_op_counts']}), "
-        "by node index in model.int8.onnx:",
+        f"Quantized ops: {q['quantized_op_counts']}. Ops that stay float: {q['float_op_counts']}. Why:",
         "",
-        "| index | op | original name | why float |",
+        *[f"- ({k + 1}) {why}" for k, why in enumerate(reasons)],
+        "",
+        "The float ops by node index in model.int8.onnx (names are stripped there; the original names are "
+        "the PyTorch module paths):",
+        "",
+        "| index | op | original name | why |",
         "| --- | --- | --- | --- |",
-        *[f"| {o['index']} | {o['op_type']} | `{o['name']}` | {o['reason']} |" for o in q["float_ops"]],
+        *[f"| {o['index']} | {o['op_type']} | `{o['name']}` | ({reasons.index(o['reason']) + 1}) |"
+          for o in q["float_ops"]],
         "",
         "## Size of model.int8.onnx",
         "",
@@ -590,7 +596,8 @@ def predict_files(model_path, audio, out, *, int8: bool = False, max_seconds: fl
     kHz). Files longer than ``max_seconds`` are cut into segments exactly as
     the cache did (``microser.audio.segment_bounds``; defaults from the
     bundle's card, else 8 s with 1 s overlap) and the outputs are the mean
-    over segments.
+    over segments. A file shorter than the model's minimum input (the card's
+    ``min_samples``, 0.25 s) is zero-padded at the end to that length.
     """
     from microser.audio import check_audio, read_segment, segment_bounds
     from microser.onnxio import ort_session, run_onnx
