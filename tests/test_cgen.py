@@ -321,3 +321,24 @@ def test_generate_writes_the_bundle_section(ref_int8, tmp_path):
     assert i8["flash_bytes"] > 10_806 and f32["flash_bytes"] > 4 * 10_806  # int8 vs float weights are in flash
     assert i8["state_plus_arena_bytes"] == cgen.streaming_ram(SPECS["ref-running"])["ram_streaming_bytes"]
     assert 0 < i8["stack_bytes"] < 4096 and i8["ram_bytes"] == i8["state_plus_arena_bytes"] + i8["stack_bytes"]
+
+
+def test_export_trial_with_c_puts_the_measured_library_in_the_card(tmp_path):
+    """End to end on a tiny trained trial (prenorm clip: the two-pass entry point): export --c."""
+    import json
+
+    from compress_helpers import build_tiny_cache, make_study
+    from microser.export import export_trial
+
+    cache = build_tiny_cache(tmp_path)
+    study, _ = make_study(tmp_path, cache)
+    export_trial(study, 0, tmp_path / "bundle", keep_float=[], c=True)
+    card = json.loads((tmp_path / "bundle" / "model_card.json").read_text())
+    c = card["c"]
+    assert c["two_pass"] and "ser_int8_prescan" in (tmp_path / "bundle" / "c" / "ser_int8.h").read_text()
+    assert c["parity"]["float32"]["max_abs_diff"] <= 1e-4 and c["parity"]["int8"]["max_abs_diff"] <= 0.01
+    for v in ("float32", "int8"):
+        m = c["measured"][v]
+        assert m["bss_bytes"] == 0 and m["flash_bytes"] > 0 and m["ram_bytes"] > m["state_plus_arena_bytes"]
+        if shutil.which("valgrind"):
+            assert m["instructions_per_audio_second"] > 0
