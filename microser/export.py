@@ -324,6 +324,9 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
     if c:  # the C library and its measured flash/RAM/instructions go into the card's "c" section
         card["c"] = _c_generator()(out, model, spec, int8_named)
         (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
+        from microser.cgen import card_markdown
+
+        (out / "MODEL_CARD.md").write_text(model_card_markdown(card) + "\n" + card_markdown(card["c"]))
         files.append("C library (microser.cgen)")
     return BundleReport(folder=str(out), files=files, card=card, parity=parity)
 

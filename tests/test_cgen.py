@@ -335,6 +335,7 @@ def test_export_trial_with_c_puts_the_measured_library_in_the_card(tmp_path):
     export_trial(study, 0, tmp_path / "bundle", keep_float=[], c=True)
     card = json.loads((tmp_path / "bundle" / "model_card.json").read_text())
     c = card["c"]
+    assert "## C library (c/)" in (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
     assert c["two_pass"] and "ser_int8_prescan" in (tmp_path / "bundle" / "c" / "ser_int8.h").read_text()
     assert c["parity"]["float32"]["max_abs_diff"] <= 1e-4 and c["parity"]["int8"]["max_abs_diff"] <= 0.01
     for v in ("float32", "int8"):
