@@ -68,7 +68,7 @@ def _model(seed=0):
     return build_model(REFERENCES["wav2small-ref"])
 
 
-FAST = TrainConfig(steps=4, batch_size=8, crop_seconds=0.3)
+FAST = TrainConfig(steps=4, batch_size=8, crop_seconds=0.3, crops_per_segment=1)
 
 
 def test_ccc_loss_equals_one_minus_numpy_ccc():
@@ -153,7 +153,7 @@ def test_same_seed_same_weights_and_another_seed_differs():
 def test_training_on_tones_learns_all_three_targets():
     data = ToneData()
     untrained = evaluate(_model(), data)
-    result = train(_model(), data, TrainConfig(epochs=10, batch_size=8, crop_seconds=0.4))
+    result = train(_model(), data, TrainConfig(epochs=10, batch_size=8, crop_seconds=0.4, crops_per_segment=1))
     assert isinstance(result, TrainResult)
     assert len(result.history) == 10 and result.steps == 10 * 3
     assert result.history[-1]["valid"] == result.ccc
@@ -201,9 +201,9 @@ def test_frequency_and_time_masks_apply_in_training_only_and_the_hook_is_removed
 def test_steps_progress_and_should_stop():
     data = ToneData(n=20, n_train=16)
     seen = []
-    result = train(_model(), data, TrainConfig(steps=5, batch_size=4, crop_seconds=0.3), progress=seen.append)
+    config = TrainConfig(steps=5, batch_size=4, crop_seconds=0.3, crops_per_segment=1)  # 4 steps per epoch
+    result = train(_model(), data, config, progress=seen.append)
     assert result.steps == 5 and [e["step"] for e in seen] == [4, 5] and seen[-1]["steps"] == 5
     calls = iter([False, False, True])
-    stopped = train(_model(), data, TrainConfig(steps=5, batch_size=4, crop_seconds=0.3),
-                    should_stop=lambda: next(calls))
+    stopped = train(_model(), data, config, should_stop=lambda: next(calls))
     assert stopped.stopped and stopped.steps == 2 and len(stopped.history) == 1
