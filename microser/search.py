@@ -41,13 +41,14 @@ from microser.budgets import Budget, describe_violations, parse_budgets, violati
 from microser.errors import MicroserError
 from microser.storage import (
     FINAL_PREFIX, SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, final_record,
-    open_storage, safe_url, save_weights, worker_tag,
+    heartbeat_seconds, open_storage, safe_url, save_weights, worker_tag,
 )
 
 REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
 COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs")
 SAMPLERS = ("tpe", "nsga2", "random")
 MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this space
+MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted
 PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
 MAX_FAILURES_IN_A_ROW = 3
 
@@ -276,14 +277,57 @@ def _threads(config: SearchConfig) -> int:
 
 
 def _sampler(config: SearchConfig, worker: int) -> optuna.samplers.BaseSampler:
-    """The study's sampler; worker ``k`` uses seed ``seed + k`` so workers draw different candidates."""
-    seed = config.seed + worker
-    if config.sampler == "tpe":
-        startup = max(3, min(10, config.trials // 3))
-        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=startup)
-    if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, config.trials // 2)))
-    return optuna.samplers.RandomSampler(seed=seed)
+    """The study's sampler, seeded per trial number (see `TrialSeededSampler`); the same for every worker."""
+
+    def make(seed: int) -> optuna.samplers.BaseSampler:
+        if config.sampler == "tpe":
+            startup = max(3, min(10, config.trials // 3))
+            return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=startup)
+        if config.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, config.trials // 2)))
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    return TrialSeededSampler(make, config.seed)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Trial ``n`` draws with a sampler seeded by ``(seed, n)`` only.
+
+    Workers started with the same command on many hosts would otherwise draw
+    the same candidates (same seed, same sequence); trial numbers are unique
+    in the storage, so here every trial draws differently, and a one-worker
+    run repeats exactly. The inner sampler reads the study's history from
+    the storage, so making a fresh one per trial loses nothing.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._make, self._seed = make, int(seed)
+        self._inner = self._fresh(0)
+
+    def _fresh(self, number: int) -> optuna.samplers.BaseSampler:
+        seed = int(np.random.SeedSequence([self._seed, int(number)]).generate_state(1)[0])
+        with warnings.catch_warnings():   # multivariate TPE is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return self._make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = self._fresh(trial.number)
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        """Nothing to do: every trial's seed is fixed by its number."""
 
 
 # ---- study state, read from storage (so every worker sees the same counts) ----
@@ -369,6 +413,7 @@ class _Searcher:
         self.cost_cache: dict[str, dict] = {}
         self.rejected_in_a_row = 0
         self.failed_in_a_row = 0
+        self.duplicates_in_a_row = 0
 
     # -- events --
     def emit(self, kind: str, stage: str, message: str = "", **extra) -> None:
@@ -395,9 +440,10 @@ class _Searcher:
     def objective(self, trial: optuna.Trial):
         trial.set_user_attr("worker", worker_tag())
         spec = self.c.space.suggest(trial)
+        trial.set_user_attr("spec", spec.to_json())
+        self._skip_duplicate(trial, spec.to_json())
         self.emit("measure", "search", f"trial {trial.number}: measuring {spec.summary()}")
         costs = self.measure(spec)
-        trial.set_user_attr("spec", spec.to_json())
         trial.set_user_attr("family", spec.family)
         trial.set_user_attr("summary", spec.summary())
         trial.set_user_attr("costs", costs)
@@ -426,6 +472,30 @@ class _Searcher:
         trial.set_user_attr("stage", "done")
         return [float(outcome.ccc["mean"]), *cost_values]
 
+    def _skip_duplicate(self, trial: optuna.Trial, spec_json: str) -> None:
+        """Prune a candidate an earlier trial (any worker, not failed) already has: it would only repeat it.
+
+        Both workers of a simultaneous draw record the spec first, so the later trial number yields.
+        """
+        same = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if t.number < trial.number and t.user_attrs.get("spec") == spec_json]
+        if not same:
+            self.duplicates_in_a_row = 0
+            return
+        self.duplicates_in_a_row += 1
+        trial.set_user_attr("duplicate_of", same[0])
+        raise optuna.TrialPruned(f"same candidate as trial {same[0]}")
+
+    def _fail_lost_trials(self) -> None:
+        """Fail (and re-queue) RUNNING trials of dead workers: by heartbeat (RDB storages), else by pid (this host)."""
+        storage = self.study._storage
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
+                optuna.storages.fail_stale_trials(self.study)
+            else:
+                fail_dead_trials(self.study)
+
     def _epoch_progress(self, number: int):
         if self.progress is None:
             return None
@@ -439,15 +509,27 @@ class _Searcher:
     def run(self, deadline: float | None) -> None:
         while True:
             counts = _counts(self.study)
-            if counts["trained"] + counts["training_now"] >= self.config.trials:
+            if counts["trained"] >= self.config.trials:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 return
+            if counts["trained"] + counts["training_now"] >= self.config.trials:
+                # The last trials are training in other workers. Wait for them rather than leave: a worker
+                # that dies (kill -9, a lost host) leaves its trial RUNNING; once its heartbeat is stale it
+                # is failed and re-queued here, and this worker trains it.
+                self._fail_lost_trials()
+                time.sleep(min(2.0, heartbeat_seconds()))
+                continue
             if self.rejected_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
                 raise MicroserError(
                     f"budget {', '.join(b.text for b in self.budgets)}: {self.rejected_in_a_row} candidates in a "
                     f"row were over budget in {self.study.user_attrs[SETTINGS_ATTR]['space']}: raise the budget "
                     "or use a space with smaller models (--space)")
+            if self.duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
+                raise MicroserError(
+                    f"study {self.study.study_name!r}: the last {self.duplicates_in_a_row} candidates drawn from "
+                    f"{self.study.user_attrs[SETTINGS_ATTR]['space']} were all tried before ({counts['trained']} "
+                    "trained so far; the space has little left to draw): lower --trials or widen the space")
             before = len(self.study.get_trials(deepcopy=False))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
