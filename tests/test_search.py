@@ -234,6 +234,7 @@ def _trained_values(url):
             if t.state == TrialState.COMPLETE and not t.user_attrs.get("rejected")]
 
 
+@pytest.mark.slow
 def test_real_two_trial_search_records_the_contract_and_repeats_with_the_same_seed(tiny, tmp_path):
     ref_json = str(tiny / "ref.json")    # any spec JSON is a reference; this one is small, so the test is quick
     summary = run_search(tiny_config(tiny, tmp_path / "a", references=(ref_json,)))
@@ -263,6 +264,7 @@ def _is_search(t):
     return t.state == TrialState.COMPLETE and not t.user_attrs.get("rejected") and not t.user_attrs.get("reference")
 
 
+@pytest.mark.slow
 def test_two_workers_on_one_storage_produce_distinct_complete_trials(tiny, tmp_path):
     url = f"journal:{tmp_path}/t.log"
     summary = run_search(tiny_config(tiny, tmp_path, storage=url, workers=2, trials=4, final_k=0, epochs=None, steps=60))
@@ -275,6 +277,7 @@ def test_two_workers_on_one_storage_produce_distinct_complete_trials(tiny, tmp_p
     assert len(set(specs)) == len(specs)                                    # distinct candidates
 
 
+@pytest.mark.slow
 def test_resume_after_a_real_kill_mid_trial(tiny, tmp_path):
     import os
     import signal
@@ -283,7 +286,7 @@ def test_resume_after_a_real_kill_mid_trial(tiny, tmp_path):
 
     config = tmp_path / "study.toml"
     config.write_text(f'study = "t"\ncache = "{tiny / "cache"}"\nspace = "{tiny / "space.toml"}"\n'
-                      f'budgets = ["3k-params"]\ntrials = 2\nsteps = 400\nbatch_size = 8\ncrop_seconds = 0.5\n'
+                      f'budgets = ["3k-params"]\ntrials = 2\nsteps = 150\nbatch_size = 8\ncrop_seconds = 0.5\n'
                       f'final_k = 0\nreferences = []\nthreads = 1\nseed = 5\n')
     command = [sys.executable, "-m", "microser.cli", "search", "--config", str(config)]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -314,3 +317,14 @@ def test_resume_after_a_real_kill_mid_trial(tiny, tmp_path):
     assert dead.state == TrialState.FAIL and "stopped while the trial was running" in dead.user_attrs["fail_reason"]
     retried = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == killed]
     assert retried and retried[0].params == dead.params
+
+
+def test_studies_demo_toml_spells_out_the_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "demo.toml"
+    config, default = SearchConfig.load(path), SearchConfig()
+    for key in ("objectives", "trials", "sampler", "seed", "workers", "epochs", "crop_seconds", "crops_per_segment",
+                "batch_size", "input_seconds", "final_k", "final_epochs", "references"):
+        assert getattr(config, key) == getattr(default, key), key
+    assert config.budgets == ("80k-params",)
