@@ -199,7 +199,8 @@ def quantize_int8(fp32_onnx_path, calibration_audio: Sequence[np.ndarray], out_p
                 calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": bool(activation_symmetric)},
             )
-    int8 = onnx.load(str(out_path))
+    int8 = drop_zero_points(onnx.load(str(out_path)))
+    onnx.save(int8, str(out_path))
     floats, quantized = classify_nodes(int8)
     reasons = {n.name: float_reason(n, keep_float) for n in src.graph.node}
     float_nodes = [{"name": n.name, "op_type": n.op_type,
@@ -283,6 +284,29 @@ def _int_tensors(model: onnx.ModelProto) -> set[str]:
                 if a.name == "value" and a.t.data_type in ints:
                     out.update(n.output)
     return out
+
+
+def drop_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove all-zero zero points of constant ``DequantizeLinear`` inputs (int8 weights, int32 biases).
+
+    ONNX defines an absent ``x_zero_point`` of DequantizeLinear as 0, so the
+    graph computes the same; activation Q/DQ pairs keep theirs (a
+    QuantizeLinear needs it to fix its output type). Saves the zero arrays,
+    their initializer records and one input name per weight and bias.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    dropped = set()
+    for n in graph.node:
+        if (n.op_type == "DequantizeLinear" and n.input[0] in inits and len(n.input) > 2 and n.input[2] in inits
+                and not numpy_helper.to_array(inits[n.input[2]]).any()):
+            dropped.add(n.input[2])
+            del n.input[2]
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name not in dropped or t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model
 
 
 @contextlib.contextmanager

@@ -53,9 +53,11 @@ class Tolerance:
 
 # ---- stripping ----
 
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
 
 def strip_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with node names, doc strings and metadata removed and inner tensors renamed ``t<k>``.
+    """A copy with node names, doc strings and metadata removed and inner tensors renamed ``0``, ``1``, ... ``Z``, ``10``...
 
     The graph input and output keep their names (``audio``, ``adv``) and the
     node order is unchanged, so node ``k`` of the stripped graph is node ``k``
@@ -67,12 +69,23 @@ def strip_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph = proto.graph
     keep = {i.name for i in graph.input} | {o.name for o in graph.output}
     names: dict[str, str] = {}
+    skipped: list[str] = []
 
     def short(name: str) -> str:
         if not name or name in keep:
             return name
         if name not in names:
-            names[name] = f"t{len(names)}"
+            while True:  # base-62 names: 1 character for the first 62 tensors, 2 for the next 3844
+                k, text = len(names) + len(skipped), ""
+                while True:
+                    text = _ALPHABET[k % 62] + text
+                    k //= 62
+                    if not k:
+                        break
+                if text not in keep:
+                    break
+                skipped.append(text)
+            names[name] = text
         return names[name]
 
     for t in graph.initializer:

@@ -63,9 +63,14 @@ def test_int8_graph_quantizes_the_conv_body_symmetric_per_channel_and_keeps_fron
     for conv in convs:  # weights: DequantizeLinear of an int8 tensor, one scale per output channel, zero point 0
         dq = producer[conv.input[1]]
         assert dq.op_type == "DequantizeLinear"
-        w, scale, zp = inits[dq.input[0]], inits[dq.input[1]], inits[dq.input[2]]
-        assert w.dtype == np.int8 and scale.shape == (w.shape[0],) and np.all(zp == 0)
-        assert producer[conv.input[0]].op_type == "DequantizeLinear"  # int8 activation in
+        w, scale = inits[dq.input[0]], inits[dq.input[1]]
+        assert w.dtype == np.int8 and scale.shape == (w.shape[0],)
+        assert len(dq.input) == 2  # all-zero zero points dropped: ONNX reads an absent one as 0 (symmetric)
+        bias = producer[conv.input[2]]  # int32 bias, scale = input scale x weight scale
+        assert inits[bias.input[0]].dtype == np.int32 and len(bias.input) == 2
+        act = producer[conv.input[0]]
+        assert act.op_type == "DequantizeLinear" and inits[act.input[2]].dtype == np.int8  # int8 activation in
+        assert np.allclose(inits[bias.input[1]], inits[act.input[1]] * scale)
     # the front-end's output (the log-mel image) is quantized before the first conv
     first_in = producer[producer[convs[0].input[0]].input[0]]
     assert first_in.op_type == "QuantizeLinear" and producer[first_in.input[0]].name.startswith("/frontend/")
