@@ -8,6 +8,18 @@ training collapsed. Data as in bench/distill_threads.py (a cache, or espeak-emo
 read directly: speakers d00-d05 train, d06 valid). Usage::
 
     python bench/distill_epochs.py --epochs 3,10,30 --seeds 0,1 [--set crop_seconds=1.0 --set crops_per_segment=2]
+
+Measured on the espeak-emo cache (``microser cache build --audio labels.csv --teacher
+csv:labels.csv``, split seed 0: 480 train / 80 valid clips), wav2small-ref, seed 0,
+1 thread, on the shared 2-core dev VM at load average 5-10 (so seconds are
+inflated 3-5x by other processes):
+
+    recipe                         epochs  arousal  dom.   valence  mean   s/epoch
+    2 s crops x 1, batch 32           3    .256     .232   .148     .212   88
+    2 s crops x 1, batch 32          10    .646     .545   .321     .504   55
+    1 s crops x 2, batch 16 (now)     3    .616     .536   .348     .500   41
+
+The 30-epoch run was stopped for time and is not reported.
 """
 
 from __future__ import annotations
