@@ -24,7 +24,6 @@ import csv
 import datetime as _dt
 import importlib.util
 import json
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path

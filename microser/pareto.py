@@ -15,14 +15,12 @@ scores and the study's cost objectives, so it is the front at the stage shown.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
 
-from microser import TARGETS
 from microser.errors import MicroserError
 
 STAGES = ("search", "final")

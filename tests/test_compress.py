@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compress_helpers import INPUT_SECONDS, build_tiny_cache, make_study, tiny_spec
-from microser.compress import (calibration_crops, classify_nodes, compress_trial, load_compressed,
+from microser.compress import (calibration_crops, compress_trial, load_compressed,
                                load_trial_model, onnx_ccc, params_of, prune, pruned_spec, quantize_int8,
                                ratio_for_params, size_accounting)
 from microser.errors import MicroserError
