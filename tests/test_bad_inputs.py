@@ -63,6 +63,8 @@ MATRIX = {
     "search space file with an unknown key": [
         "tests/test_space.py::test_invalid_space_files_are_refused_naming_file_and_key"],
     "impossible budget": ["tests/test_search.py::test_impossible_budget_is_said_before_training_anything"],
+    "more trials than the space holds": [
+        f"{HERE}::test_a_space_smaller_than_trials_trains_each_candidate_once_then_says_so"],
     "storage URL that refuses connections": [
         "tests/test_storage.py::test_refused_connection_names_the_url_in_one_line",
         f"{HERE}::test_refused_storage_is_a_one_line_cli_error_with_exit_code_2"],
@@ -72,6 +74,10 @@ MATRIX = {
         "tests/test_storage.py::test_deleted_or_changed_weights_are_clear_errors",
         f"{HERE}::test_compress_and_export_say_that_a_trials_weights_were_deleted"],
     "CSV path escaping its root": ["tests/test_security.py::test_csv_paths_cannot_escape_their_root_unless_allowed"],
+    "worker killed mid-trial (PostgreSQL)": [
+        "tests/test_postgres.py::test_three_workers_finish_the_study_after_one_is_killed_mid_trial"],
+    "workers started together on an empty database": [
+        "tests/test_postgres.py::test_workers_started_together_on_an_empty_database_all_open_it"],
 }
 
 
@@ -213,6 +219,44 @@ def test_study_refuses_a_cache_of_another_teacher_and_keeps_its_trials(tmp_path)
                         r"resume it", message), message
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE and "ccc" in t.user_attrs]) == first.trained == 2
+
+
+class FourWidths:
+    """A space of four candidates."""
+
+    def suggest(self, trial):
+        from test_search import FakeSpec
+
+        return FakeSpec(trial.suggest_int("width", 1, 4))
+
+
+def _exhaust(tmp_path, trainer=None):
+    from test_search import FakeTrainer, fake_components, fake_config
+
+    from microser.search import run_search
+
+    from unittest import mock
+
+    components = fake_components(trainer or FakeTrainer())
+    components.space = FourWidths()
+    with mock.patch("microser.search.MAX_DUPLICATES_IN_A_ROW", 12):    # 100 by default; fewer keep the test quick
+        return _error(run_search, fake_config(tmp_path, trials=5, final_k=0, references=()), components=components)
+
+
+def test_a_space_smaller_than_trials_trains_each_candidate_once_then_says_so(tmp_path):
+    from test_search import FakeTrainer
+
+    trainer = FakeTrainer()
+    message = _exhaust(tmp_path, trainer)
+    assert re.fullmatch(r"study 's': the last 12 candidates drawn from .*space\.toml were all tried before \(4 "
+                        r"trained so far; the space has little left to draw\): lower --trials or widen the space",
+                        message), message
+    assert sorted(width for width, _, _ in trainer.calls) == [1, 2, 3, 4]     # each candidate trained once
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
+    trained = {t.number: t.params for t in study.trials if t.state == TrialState.COMPLETE}
+    assert len(trained) == 4
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert len(pruned) >= 12 and all(trained[t.user_attrs["duplicate_of"]] == t.params for t in pruned)
 
 
 def _study_with_two_trained_trials(tmp_path):
@@ -389,6 +433,7 @@ MESSAGES = {
     "refused storage": _msg_refused_storage,
     "study other objectives": _msg_study_other_objectives,
     "deleted weights": _msg_deleted_weights,
+    "space exhausted": _exhaust,
 }
 
 
