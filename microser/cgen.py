@@ -839,7 +839,9 @@ static void fft(float *xr, float *xi, float *yr, float *yi)
         decl, deliver = self._dest(i)
         last = i + 1 == len(plan.stages)
         body = []
-        if st.kind == "conv":
+        if st.kind == "conv" and not st.int8:
+            body.append(self._conv_body_registers(i, st, src, dst, decl, last))
+        elif st.kind == "conv":
             body.append(self._conv_body(i, st, src, dst, decl, last))
         else:
             body.append(self._pool_body(i, st, src, dst, decl, last))
@@ -875,7 +877,7 @@ static void s{i}_flush({P}_state *st)
 """
 
     def _conv_body(self, i, st, src, dst, decl, last) -> str:
-        """Output row j: a (cout x fout) accumulator row in the arena; for every valid input row, channel and
+        """int8 conv, output row j: a (cout x fout) accumulator row in the arena; for every valid input row, channel and
         frequency tap the innermost loop runs over contiguous output bands with compile-time bounds."""
         K, S, Pd = st.k, st.s, st.p
         fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
@@ -943,6 +945,90 @@ static void s{i}_flush({P}_state *st)
             code += f"""
     {{ /* LayerNorm over (channels, bands) of this row, then ReLU */
         const float *tmp = acc;
+        float mean = 0.0f, var = 0.0f;
+        int e;
+        for (e = 0; e < {n}; e++) mean += tmp[e];
+        mean /= {float(n)}f;
+        for (e = 0; e < {n}; e++) var += (tmp[e] - mean) * (tmp[e] - mean);
+        var /= {float(n)}f;
+        {{
+            const float inv = 1.0f / sqrtf(var + {_flit(st.ln[2])});
+            for (e = 0; e < {n}; e++) {{
+                const float y = (tmp[e] - mean) * inv * LNG{i}[e] + LNB{i}[e];
+                {self._store(i, v, 'e')}
+            }}
+        }}
+    }}"""
+        return code
+
+    def _conv_body_registers(self, i, st, src, dst, decl, last) -> str:
+        """Float conv: one register accumulator per output element (fewest instructions for float at -O2)."""
+        K, S, Pd = st.k, st.s, st.p
+        fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
+        ring = f"st->ring{i}"
+        if st.int8:
+            xs, xzp = _qparams(src)
+            ys, yzp = _qparams(dst)
+            inner = f"acc += (int32_t)w[df] * ((int32_t)x[base + df] - ({xzp}));"
+            acc_decl = f"int32_t acc = B{i}[co];"
+            ys_f, yzp_i = dst.quant
+            finish = (f"float v = (float)acc * SC{i}[co];\n"
+                      f"            v = v < {_flit(-128 - yzp_i)} ? {_flit(-128 - yzp_i)} : "
+                      f"(v > {_flit(127 - yzp_i)} ? {_flit(127 - yzp_i)} : v);\n"
+                      f"            {{\n                const int q = (int)lrintf(v) + ({yzp});\n")
+            if last:
+                finish += f"                hrow[co * {fout} + fo] = (float)(q - ({yzp})) * {ys};\n            }}"
+            else:
+                finish += f"                dst[co * {fout} + fo] = (int8_t)q;\n            }}"
+            xtype = "int8_t"
+        else:
+            if src.quant is None:
+                inner = "acc += w[df] * x[base + df];"
+            else:
+                xs, xzp = _qparams(src)
+                inner = f"acc += w[df] * ((float)((int)x[base + df] - ({xzp})) * {xs});"
+            acc_decl = f"float acc = B{i}[co];"
+            xtype = self._ctype(src)
+            if st.ln is not None:
+                finish = f"tmp[co * {fout} + fo] = acc;"
+            else:
+                v = "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc"
+                finish = self._store(i, v, f"co * {fout} + fo")
+        unrolled = " ".join(inner.replace("[df]", f"[{d}]").replace("+ df]", f"+ {d}]") for d in range(K))
+        code = f"""    {decl}
+    int co, fo;
+    for (co = 0; co < {cout}; co++) {{
+        for (fo = 0; fo < {fout}; fo++) {{
+            const int f0 = fo * {S} - {Pd};
+            const int df_lo = f0 < 0 ? -f0 : 0, df_hi = f0 + {K} > {fin} ? {fin} - f0 : {K};
+            int dt, ci, df;
+            {acc_decl}
+            for (dt = dt_lo; dt < dt_hi; dt++) {{
+                const {xtype} *x = {ring} + ((r0 + dt) % {K}) * {src.row};
+                if (df_lo == 0 && df_hi == {K}) {{ /* interior band: the {K} taps unrolled */
+                    for (ci = 0; ci < {cin}; ci++) {{
+                        const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                        const int base = ci * {fin} + f0;
+                        {unrolled}
+                    }}
+                    continue;
+                }}
+                for (ci = 0; ci < {cin}; ci++) {{
+                    const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                    const int base = ci * {fin} + f0;
+                    for (df = df_lo; df < df_hi; df++)
+                        {inner}
+                }}
+            }}
+            {finish}
+        }}
+    }}"""
+        if st.ln is not None:
+            n = cout * fout
+            v = "(y > 0.0f ? y : 0.0f)" if st.relu else "y"
+            code = code.replace(f"    {decl}\n", f"    {decl}\n    float *tmp = st->arena.f;\n", 1)
+            code += f"""
+    {{ /* LayerNorm over (channels, bands) of this row, then ReLU */
         float mean = 0.0f, var = 0.0f;
         int e;
         for (e = 0; e < {n}; e++) mean += tmp[e];
