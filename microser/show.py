@@ -174,18 +174,23 @@ def search_summary(summary, as_json: bool = False) -> None:
     from rich.table import Table
 
     objectives = summary.settings["objectives"]
-    table = Table("trial", "architecture", *objectives, "CCC search", "CCC final (valid)", "CCC test", "",
-                  title=f"study {summary.study}: front at final fidelity "
-                        f"({summary.settings['final']['epochs']:g} epochs), references below")
+    from rich.table import Column
+
+    table = Table("trial", Column("architecture", min_width=18, overflow="fold"), *objectives, "search",
+                  "final", "test", "", title=f"study {summary.study}: front at final fidelity "
+                  f"({summary.settings['final']['epochs']:g} epochs), references below",
+                  caption="mean CCC: search = search fidelity (valid), final = final fidelity on valid, "
+                          "test = final fidelity on test (held-out speakers)")
 
     def ccc(d):
         return "-" if not d else f"{d['mean']:.3f}"
 
     for r in summary.rows:
-        tag = f"reference {r['reference']}" if r["reference"] else ("front" if r["on_front"] else "")
+        tag = "ref" if r["reference"] else ("front" if r["on_front"] else "")
         if r.get("collapsed"):
-            tag += " (collapsed)"
-        table.add_row(str(r["number"]), r["summary"] or "-", *(f"{int(r['costs'][o]):,}" for o in objectives),
+            tag += " collapsed"
+        name = f"{r['reference']}: {r['summary']}" if r["reference"] else (r["summary"] or "-")
+        table.add_row(str(r["number"]), name, *(f"{int(r['costs'][o]):,}" for o in objectives),
                       ccc(r["ccc"]), ccc(r["final_ccc"]), ccc(r["test_ccc"]), tag)
     console.print(table)
     budgets = ", ".join(b["text"] for b in summary.settings["budgets"]) or "none"
