@@ -295,11 +295,13 @@ def test_resume_after_a_real_kill_mid_trial(tiny, tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:      # wait until a trial is training, then kill -9
-            if (tmp_path / "studies" / "t.db").exists():
+            try:
                 running = [t for t in load_study("t", url).get_trials()
                            if t.state == TrialState.RUNNING and t.user_attrs.get("stage") == "training"]
-                if running:
-                    break
+            except MicroserError:   # the database or the study is not created yet
+                running = []
+            if running:
+                break
             time.sleep(0.2)
         else:
             pytest.fail("no trial started training within 120 s: " + (proc.stdout.read() if proc.poll() else ""))
