@@ -53,10 +53,35 @@ class Tolerance:
 # ---- stripping ----
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Attribute values that equal the ONNX default (opset 17), so a bundle can leave them out; "ones"/"zeros" mean
+# a list of 1s / 0s of any length.
+_DEFAULT_ATTRS = {
+    "Conv": {"dilations": "ones", "group": 1, "pads": "zeros", "strides": "ones"},
+    "MaxPool": {"ceil_mode": 0, "dilations": "ones", "pads": "zeros", "strides": "ones", "storage_order": 0},
+    "Gemm": {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0},
+    "ReduceMean": {"keepdims": 1}, "ReduceSum": {"keepdims": 1, "noop_with_empty_axes": 0},
+    "Reshape": {"allowzero": 0}, "Flatten": {"axis": 1}, "Gather": {"axis": 0}, "STFT": {"onesided": 1},
+    "Softmax": {"axis": -1}, "DequantizeLinear": {"axis": 1}, "QuantizeLinear": {"axis": 1, "saturate": 1},
+}
+
+
+def _is_default(op_type: str, attr: onnx.AttributeProto) -> bool:
+    default = _DEFAULT_ATTRS.get(op_type, {}).get(attr.name, None)
+    if default is None:
+        return False
+    if attr.type == onnx.AttributeProto.INTS:
+        values = list(attr.ints)
+        return (default == "ones" and all(v == 1 for v in values)) or (default == "zeros" and not any(values))
+    if attr.type == onnx.AttributeProto.INT:
+        return attr.i == default
+    if attr.type == onnx.AttributeProto.FLOAT:
+        return attr.f == default
+    return False
 
 
 def strip_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with node names, doc strings and metadata removed and inner tensors renamed ``0``, ``1``, ... ``Z``, ``10``...
+    """A copy with node names, doc strings, metadata, default-valued attributes and unused opset domains
+    removed, and inner tensors renamed ``0``, ``1``, ... ``Z``, ``10``, ...
 
     The graph input and output keep their names (``audio``, ``adv``) and the
     node order is unchanged, so node ``k`` of the stripped graph is node ``k``
@@ -92,11 +117,18 @@ def strip_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     for n in graph.node:
         n.ClearField("name")
         n.ClearField("doc_string")
+        defaults = [a for a in n.attribute if _is_default(n.op_type, a)]
+        for a in defaults:
+            n.attribute.remove(a)
         for k, name in enumerate(n.input):
             n.input[k] = short(name)
         for k, name in enumerate(n.output):
             n.output[k] = short(name)
     del graph.value_info[:]
+    used_domains = {n.domain for n in graph.node}  # the quantizer declares every domain it knows of
+    kept = [o for o in proto.opset_import if o.domain in used_domains or o.domain in ("", "ai.onnx")]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
     graph.name = "microser"
     del proto.metadata_props[:]
     proto.producer_name = "microser"

@@ -42,6 +42,9 @@ def test_bundle_holds_every_file_and_graphs_are_stripped(bundle):
         assert not proto.doc_string and not proto.graph.doc_string
         assert [i.name for i in proto.graph.input] == ["audio"] and [o.name for o in proto.graph.output] == ["adv"]
         assert not any("/" in t.name for t in proto.graph.initializer)
+        assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}  # unused domains dropped
+        convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+        assert convs and all({a.name for a in n.attribute} == {"kernel_shape"} for n in convs)  # defaults dropped
     card = json.loads((out / "model_card.json").read_text())
     assert card["source"] == {"study": "s", "trial": 0, "weights": "search"}
     assert card["data"]["teachers"][0]["kind"] == "csv" and card["data"]["segments"]["test"] == 12
