@@ -44,7 +44,9 @@ def test_bundle_holds_every_file_and_graphs_are_stripped(bundle):
         assert not any("/" in t.name for t in proto.graph.initializer)
         assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}  # unused domains dropped
         convs = [n for n in proto.graph.node if n.op_type == "Conv"]
-        assert convs and all({a.name for a in n.attribute} == {"kernel_shape"} for n in convs)  # defaults dropped
+        # defaults dropped (the tiny spec's convs all have stride 1, dilation 1, group 1); padding kept
+        assert convs and all({a.name for a in n.attribute} <= {"kernel_shape", "pads"} for n in convs)
+        assert any(a.name == "pads" and list(a.ints) == [1, 1, 1, 1] for n in convs for a in n.attribute)
     card = json.loads((out / "model_card.json").read_text())
     assert card["source"] == {"study": "s", "trial": 0, "weights": "search"}
     assert card["data"]["teachers"][0]["kind"] == "csv" and card["data"]["segments"]["test"] == 12
