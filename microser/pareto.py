@@ -306,14 +306,21 @@ def plot_front(report: FrontReport, path: str | Path) -> dict[str, list[tuple[in
     for ax, (key, label) in zip(axes, PANELS):
         feas = [p for p in points if not p["reference"] and p[key] is not None]
         refs = [p for p in points if p["reference"] and p[key] is not None]
-        sc = ax.scatter([p[key] for p in feas], [p["ccc"] for p in feas], s=16, color="#9aa5b1",
-                        edgecolor="none", alpha=0.85, label="feasible trial", zorder=2)
-        sc.set_gid("feasible")
+        # a trial's CCC is final-stage (retrained longer) or search-stage (brief training): different markers
+        groups = []
+        for stage, style in (("search", dict(s=16, color="#9aa5b1", edgecolor="none", label="trial, search-stage CCC")),
+                             ("final", dict(s=22, color="#2c7fb8", edgecolor="white", linewidth=0.5,
+                                            label="trial, final-stage CCC"))):
+            pts = [p for p in feas if (p["ccc_stage"] == "final") == (stage == "final")]
+            if pts:
+                sc = ax.scatter([p[key] for p in pts], [p["ccc"] for p in pts], alpha=0.9, zorder=2, **style)
+                groups.append((pts, sc))
         front = [by_number[n] for n in report.panel_fronts.get(key, [])]
         if front:
             xs, ys = [p[key] for p in front], [p["ccc"] for p in front]
             ax.plot(xs, ys, drawstyle="steps-post", color="#d95f02", lw=1.4, zorder=3, label="front (this panel)")
-            ax.scatter(xs, ys, s=28, color="#d95f02", edgecolor="white", linewidth=0.6, zorder=4)
+            ax.scatter(xs, ys, s=36, c=["#2c7fb8" if p["ccc_stage"] == "final" else "#9aa5b1" for p in front],
+                       edgecolors="#d95f02", linewidths=1.6, zorder=4)  # fill keeps the CCC-stage colour
             for p in front:
                 ax.annotate(f"#{p['number']}", (p[key], p["ccc"]), xytext=(3, -9), textcoords="offset points",
                             fontsize=6.5, color="#a04000")
@@ -338,9 +345,9 @@ def plot_front(report: FrontReport, path: str | Path) -> dict[str, list[tuple[in
         ax.grid(True, which="major", lw=0.4, alpha=0.5)
         ax.grid(True, which="minor", lw=0.2, alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
-        drawn[key] = ([(p["number"], float(x), float(y)) for p, (x, y) in zip(feas, sc.get_offsets())]
-                      + [(p["number"], float(x), float(y)) for p, (x, y) in zip(refs, rs.get_offsets())])
-    axes[0].set_ylabel(f"mean CCC (A/D/V, validation, {report.stage} stage)")
+        drawn[key] = [(p["number"], float(x), float(y)) for pts, sc in [*groups, (refs, rs)]
+                      for p, (x, y) in zip(pts, sc.get_offsets())]
+    axes[0].set_ylabel("mean CCC (A/D/V), validation split")
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
