@@ -302,6 +302,8 @@ def compress(
                           "comma-separated node-name prefixes / op types.")] = "auto",
     cache: CacheOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Fine-tuning and calibration seed.")] = 0,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of fine-tuning (lower than training from "
+                  "scratch: the weights are trained already).")] = 1e-3,
     json_: JsonOpt = False,
 ) -> None:
     """Fine-tune, prune (Torch-Pruning) and int8-quantize one trial; print the before/after table."""
@@ -312,7 +314,8 @@ def compress(
     with show.step_progress() as progress:
         report = compress_trial(load_study(study, storage), trial, target_params=target_params,
                                 prune_ratio=prune_ratio, steps=steps, epochs=epochs, finetune_epochs=finetune_epochs,
-                                cache=cache, keep_float=_keep_float(keep_float), seed=seed, progress=progress)
+                                cache=cache, keep_float=_keep_float(keep_float), seed=seed, lr=lr,
+                                progress=progress)
     show.compress_result(report, as_json=json_)
 
 
