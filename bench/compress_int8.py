@@ -21,11 +21,11 @@ import onnx
 import torch
 
 from microser.cache import Cache
-from microser.compress import (calibration_crops, keep_float_candidates, onnx_ccc, quantize_int8,
+from microser.compress import (calibration_crops, keep_float_candidates, quantize_int8,
                                size_accounting)
 from microser.export import strip_graph
 from microser.models.spec import build_model, resolve_spec
-from microser.onnxio import export_onnx
+from microser.onnxio import export_onnx, onnx_ccc
 
 
 def main() -> None:

@@ -74,7 +74,9 @@ class BuildReport:
 
 
 @dataclass(frozen=True)
-class _Source:
+class Source:
+    """One audio file to read: what `list_sources` finds in a folder or an audio CSV."""
+
     path: Path  # the file
     key: str  # as written in items.csv: relative to the audio root (posix), or absolute when allowed
     speaker: str | None
@@ -309,7 +311,7 @@ def build_cache(
     if not lo < hi:
         raise MicroserError(f"target range {lo:g},{hi:g} must have LO < HI: pass e.g. --target-range 0,1")
 
-    sources, root = _list_sources(Path(audio), allow_absolute_paths)
+    sources, root = list_sources(audio, allow_absolute_paths=allow_absolute_paths)
     models = [make_teacher(s, audio=audio, device=device, target_range=(lo, hi), rescale_from=rescale_from,
                            allow_absolute_paths=allow_absolute_paths) for s in teachers]
     sources = _fill_speakers(sources, models)
@@ -343,15 +345,21 @@ def build_cache(
                        run_seconds, time.perf_counter() - t0, resumed, meta["fingerprint"])
 
 
-def _list_sources(audio: Path, allow_absolute_paths: bool) -> tuple[list[_Source], Path]:
-    """The audio files in a folder (recursive, sorted) or listed in a CSV (its row order)."""
+def list_sources(audio, *, allow_absolute_paths: bool = False) -> tuple[list[Source], Path]:
+    """The audio files in a folder (recursive, sorted) or listed in a CSV (its row order), and their root.
+
+    A CSV needs a ``path`` column (relative to the CSV's folder unless
+    ``allow_absolute_paths``) and may give ``speaker`` and ``split``; every
+    listed file must exist and appear once.
+    """
+    audio = Path(audio)
     if audio.is_dir():
         files = sorted((p for p in audio.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS),
                        key=lambda p: p.relative_to(audio).as_posix())
         if not files:
             raise MicroserError(f"audio folder {audio} holds no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}): "
                                 "pass a folder with audio or a CSV listing it")
-        return [_Source(p, p.relative_to(audio).as_posix(), None, None) for p in files], audio
+        return [Source(p, p.relative_to(audio).as_posix(), None, None) for p in files], audio
     if audio.suffix.lower() != ".csv" or not audio.is_file():
         raise MicroserError(f"--audio {audio} is neither a folder nor a CSV file: pass a folder of audio files or "
                             "a CSV with a path column")
@@ -379,7 +387,7 @@ def _list_sources(audio: Path, allow_absolute_paths: bool) -> tuple[list[_Source
         if key in seen:
             problems.append(f"line {line}: {text} is listed twice")
         seen.add(key)
-        sources.append(_Source(p, key, (row.get("speaker") or "").strip() or None, split))
+        sources.append(Source(p, key, (row.get("speaker") or "").strip() or None, split))
     if problems:
         raise MicroserError(f"audio CSV {audio}: {len(problems)} problem(s): {listed(problems)}; "
                             "fix or remove those rows")
@@ -388,7 +396,7 @@ def _list_sources(audio: Path, allow_absolute_paths: bool) -> tuple[list[_Source
     return sources, base
 
 
-def _fill_speakers(sources: list[_Source], models) -> list[_Source]:
+def _fill_speakers(sources: list[Source], models) -> list[Source]:
     """Take a speaker from a csv teacher's speaker column where the audio list has none."""
     known = {}
     for m in models:
@@ -396,10 +404,10 @@ def _fill_speakers(sources: list[_Source], models) -> list[_Source]:
             known.setdefault(k, v)
     if not known:
         return sources
-    return [s if s.speaker else _Source(s.path, s.key, known.get(match_key(s.path)), s.split) for s in sources]
+    return [s if s.speaker else Source(s.path, s.key, known.get(match_key(s.path)), s.split) for s in sources]
 
 
-def _assign_splits(sources: list[_Source], seed: int) -> tuple[list[str], str]:
+def _assign_splits(sources: list[Source], seed: int) -> tuple[list[str], str]:
     """train/valid/test per source: by speaker when >= 3 speakers are known, else by file; a given split wins.
 
     Groups (speakers, or files) are shuffled with ``seed``; about 10 % go to
@@ -422,7 +430,7 @@ def _assign_splits(sources: list[_Source], seed: int) -> tuple[list[str], str]:
     return splits, split_by
 
 
-def _group(s: _Source, by_speaker: bool) -> str:
+def _group(s: Source, by_speaker: bool) -> str:
     return f"speaker:{s.speaker}" if by_speaker and s.speaker else f"file:{s.key}"
 
 

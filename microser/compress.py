@@ -384,38 +384,6 @@ def size_accounting(onnx_path) -> dict:
     return out
 
 
-# ---- running exported graphs on a split ----
-
-
-def onnx_predict(model_or_session, data, indices) -> np.ndarray:
-    """Outputs of an ONNX graph on whole segments ``indices`` of ``data``: float32 ``(len(indices), 3)``.
-
-    Every segment runs as a batch of one at its own length (nothing padded or
-    cropped), so this is what a device computes per utterance.
-    """
-    from microser.onnxio import ort_session, run_onnx
-
-    session = model_or_session
-    if isinstance(model_or_session, (str, Path, onnx.ModelProto)):
-        session = ort_session(str(model_or_session) if isinstance(model_or_session, Path) else model_or_session)
-    indices = np.asarray(indices, dtype=np.int64)
-    out = np.zeros((len(indices), 3), dtype=np.float32)
-    for k, i in enumerate(indices):
-        out[k] = run_onnx(session, np.asarray(data.audio(int(i)), dtype=np.float32)[None])[0]
-    return out
-
-
-def onnx_ccc(model_or_session, data, split: str = "valid") -> dict[str, float]:
-    """``ccc_report`` of an ONNX graph's own outputs against ``data.targets`` over a whole split."""
-    from microser.metrics import ccc_report
-
-    idx = np.asarray(data.split_indices(split), dtype=np.int64)
-    if len(idx) < 2:
-        raise MicroserError(f"split {split!r} has {len(idx)} segment(s): CCC needs at least 2; use a cache "
-                            "with more speakers")
-    return ccc_report(onnx_predict(model_or_session, data, idx), np.asarray(data.targets)[idx])
-
-
 # ---- which body ops must stay float: measured ----
 
 
@@ -445,6 +413,8 @@ def choose_keep_float(fp32_onnx_path, crops, data, *, tolerance: float = 0.01, w
         ``(chosen keep_float, [{"keep_float", "ccc" (int8, mean), "int8_bytes"}, ...])``; the fp32
         graph's CCC is the row with ``keep_float`` None.
     """
+    from microser.onnxio import onnx_ccc
+
     workdir = Path(workdir)
     fp32 = onnx_ccc(fp32_onnx_path, data, split)["mean"]
     rows = [{"keep_float": None, "ccc": fp32, "int8_bytes": None}]
@@ -642,7 +612,7 @@ def measure_stage(name: str, model, data, workdir, *, crops, input_seconds: floa
     """
     from microser.costs import count_macs, count_params, ram_plan, seconds_to_samples
     from microser.distill import evaluate
-    from microser.onnxio import export_onnx
+    from microser.onnxio import export_onnx, onnx_ccc
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -729,12 +699,6 @@ def load_trial_model(study, trial: int, *, stage: str = "final"):
     return model.eval(), spec, which
 
 
-def open_cache(path):
-    from microser.cache import Cache
-
-    return Cache.open(path)
-
-
 def compress_trial(study, trial: int, *, target_params: int | None = None, prune_ratio: float | None = None,
                    steps: int = 3, epochs: float = 10.0, finetune_epochs: float = 2.0, cache=None,
                    keep_float: Iterable[str] | str = "auto", seed: int = 0, calibration_crops_n: int = 64,
@@ -759,6 +723,7 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
     """
     import torch
 
+    from microser.cache import Cache
     from microser.distill import TrainConfig, train
     from microser.pareto import COMPRESSED_PREFIX
     from microser.storage import study_settings
@@ -767,7 +732,7 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
         raise MicroserError(f"got --target-params {target_params} and --prune-ratio {prune_ratio}: give one of them")
     settings = study_settings(study)
     cache_path = str(cache or settings["cache"])
-    data = open_cache(cache_path)
+    data = Cache.open(cache_path)
     input_seconds = float(settings.get("input_seconds", 1.0))
     model, spec, which = load_trial_model(study, trial)
     folder = compressed_dir(study, trial)

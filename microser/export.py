@@ -198,7 +198,7 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 def parity_report(model, fp32_path, int8_path, data, *, tolerance: Tolerance = Tolerance()) -> dict:
     """fp32 ONNX vs PyTorch and int8 vs fp32 on the validation and test splits; ``passed`` and ``failures``."""
-    from microser.compress import onnx_predict
+    from microser.onnxio import onnx_predict
     from microser.distill import predict
     from microser.metrics import ccc_report
 
@@ -520,12 +520,12 @@ def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None
     weights) are exported and quantized here (same quantizer and float split
     rule as ``microser compress``).
     """
-    from microser.compress import (calibration_crops, load_compressed, load_trial_model, measure_stage,
-                                   open_cache)
+    from microser.cache import Cache
+    from microser.compress import calibration_crops, load_compressed, load_trial_model, measure_stage
     from microser.storage import study_settings
 
     settings = study_settings(study)
-    data = open_cache(cache or settings["cache"])
+    data = Cache.open(cache or settings["cache"])
     input_seconds = float(settings.get("input_seconds", 1.0))
     emit = progress or (lambda event: None)
     source = {"study": study.study_name, "trial": int(trial)}
@@ -575,7 +575,9 @@ def evaluate_target(*, study=None, trial: int | None = None, compressed: bool = 
     Returns ``{"target", "cache", "split", "segments", "results": {name: ccc_report}}`` with results for
     every graph or model the target holds (``pytorch``; ``fp32``/``int8`` ONNX).
     """
-    from microser.compress import load_compressed, load_trial_model, onnx_ccc, open_cache
+    from microser.cache import Cache
+    from microser.compress import load_compressed, load_trial_model
+    from microser.onnxio import onnx_ccc
     from microser.distill import evaluate
 
     results: dict[str, dict] = {}
@@ -587,7 +589,7 @@ def evaluate_target(*, study=None, trial: int | None = None, compressed: bool = 
                 raise MicroserError(f"{path}: pass --cache CACHE_DIR to evaluate an ONNX file (only bundles record "
                                     "their cache)")
             cache = json.loads(card.read_text())["data"]["cache"]
-        data = open_cache(cache)
+        data = Cache.open(cache)
         graphs = {"fp32": _bundle_paths(path, False), "int8": _bundle_paths(path, True)} if path.is_dir() \
             else {"onnx": path}
         for name, g in graphs.items():
@@ -598,7 +600,7 @@ def evaluate_target(*, study=None, trial: int | None = None, compressed: bool = 
             raise MicroserError("evaluate needs a bundle/ONNX path or --study with --trial: pass one of them")
         from microser.storage import study_settings
 
-        data = open_cache(cache or study_settings(study)["cache"])
+        data = Cache.open(cache or study_settings(study)["cache"])
         if compressed:
             model, spec, folder, _ = load_compressed(study, trial)
             results["pytorch"] = evaluate(model, data, split)
@@ -613,28 +615,6 @@ def evaluate_target(*, study=None, trial: int | None = None, compressed: bool = 
             "segments": int(len(data.split_indices(split))), "results": results}
 
 
-def list_audio(audio) -> list[Path]:
-    """Audio files of a folder (recursive, sorted) or of a CSV's ``path`` column (relative to the CSV)."""
-    from microser.audio import AUDIO_EXTENSIONS
-
-    audio = Path(audio)
-    if audio.is_dir():
-        files = sorted(p for p in audio.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-        if not files:
-            raise MicroserError(f"audio folder {audio} holds no audio files: pass a folder with "
-                                f"{', '.join(sorted(AUDIO_EXTENSIONS))} files or a CSV with a path column")
-        return files
-    if audio.suffix.lower() != ".csv" or not audio.is_file():
-        raise MicroserError(f"{audio} is neither an audio folder nor a CSV file: pass a folder or a CSV with a "
-                            "path column")
-    with open(audio, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if "path" not in (reader.fieldnames or []):
-            raise MicroserError(f"audio CSV {audio} has no 'path' column: add one with the audio file paths")
-        return [(audio.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
-                for row in reader]
-
-
 def predict_files(model_path, audio, out, *, int8: bool = False, max_seconds: float | None = None,
                   overlap_seconds: float | None = None) -> dict:
     """A/D/V for every audio file, written to ``out`` (CSV: path, arousal, dominance, valence, segments).
@@ -647,6 +627,7 @@ def predict_files(model_path, audio, out, *, int8: bool = False, max_seconds: fl
     ``min_samples``, 0.25 s) is zero-padded at the end to that length.
     """
     from microser.audio import check_audio, read_segment, segment_bounds
+    from microser.cache import list_sources
     from microser.onnxio import ort_session, run_onnx
 
     model_path = Path(model_path)
@@ -662,7 +643,8 @@ def predict_files(model_path, audio, out, *, int8: bool = False, max_seconds: fl
     min_samples = int(contract.get("min_samples", 0))
     session = ort_session(str(graph))
     rows = []
-    for path in list_audio(audio):
+    for source in list_sources(audio, allow_absolute_paths=True)[0]:
+        path = source.path
         info = check_audio(path)
         bounds = segment_bounds(info.n_samples, max_seconds, overlap_seconds)
         outs = []

@@ -6,6 +6,7 @@ graph that costs are measured on is the graph that gets deployed:
     path = export_onnx(model, "model.onnx")          # (B, T) audio -> (B, 3) "adv"
     session = ort_session(path)
     adv = run_onnx(session, audio_batch)             # np.ndarray (B, 3)
+    scores = onnx_ccc(path, cache, "valid")          # the graph's own CCC over a whole split
 
 Node names are kept (``/frontend/...``, ``/body/...``, ``/head/...``): the RAM
 planner (microser.costs) and the quantizer read them. Stripping names for the
@@ -26,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
+from microser.metrics import ccc_report
 
 INPUT_NAME = "audio"
 OUTPUT_NAME = "adv"
@@ -298,6 +300,31 @@ def run_onnx(session, audio_batch) -> np.ndarray:
                             f"{SAMPLE_RATE} Hz; stack clips of equal length")
     name = session.get_inputs()[0].name
     return session.run(None, {name: audio})[0]
+
+
+def onnx_predict(model_or_session, data, indices) -> np.ndarray:
+    """Outputs of an ONNX graph on whole segments ``indices`` of ``data``: float32 ``(len(indices), 3)``.
+
+    Every segment runs as a batch of one at its own length (nothing padded or
+    cropped), so this is what a device computes per utterance.
+    """
+    session = model_or_session
+    if isinstance(model_or_session, (str, bytes, PathLike, onnx.ModelProto)):
+        session = ort_session(model_or_session)
+    indices = np.asarray(indices, dtype=np.int64)
+    out = np.zeros((len(indices), 3), dtype=np.float32)
+    for k, i in enumerate(indices):
+        out[k] = run_onnx(session, np.asarray(data.audio(int(i)), dtype=np.float32)[None])[0]
+    return out
+
+
+def onnx_ccc(model_or_session, data, split: str = "valid") -> dict[str, float]:
+    """``ccc_report`` of an ONNX graph's own outputs against ``data.targets`` over a whole split."""
+    idx = np.asarray(data.split_indices(split), dtype=np.int64)
+    if len(idx) < 2:
+        raise MicroserError(f"split {split!r} has {len(idx)} segment(s): CCC needs at least 2; use a cache "
+                            "with more speakers")
+    return ccc_report(onnx_predict(model_or_session, data, idx), np.asarray(data.targets)[idx])
 
 
 def check_parity(model: torch.nn.Module, proto, n_samples: int, *, batch: int = 2, seed: int = 1,

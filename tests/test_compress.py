@@ -12,12 +12,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress_helpers import INPUT_SECONDS, build_tiny_cache, make_study, tiny_spec
 from microser.compress import (calibration_crops, compress_trial, load_compressed,
-                               load_trial_model, onnx_ccc, params_of, prune, pruned_spec, quantize_int8,
+                               load_trial_model, params_of, prune, pruned_spec, quantize_int8,
                                ratio_for_params, size_accounting)
 from microser.errors import MicroserError
 from microser.metrics import ccc_report
 from microser.models.spec import REFERENCES, build_model
-from microser.onnxio import export_onnx, ort_session
+from microser.onnxio import export_onnx, onnx_ccc, ort_session
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
