@@ -20,7 +20,7 @@ import torch
 import torchaudio
 
 from microser import SAMPLE_RATE
-from microser.errors import MicroserError
+from microser.errors import MicroserError, one_line
 
 # Extensions scanned in an audio folder (what libsndfile >= 1.1 reads).
 AUDIO_EXTENSIONS = frozenset(
@@ -64,7 +64,7 @@ def audio_info(path) -> AudioInfo:
         info = sf.info(str(path))
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError by format
         raise MicroserError(
-            f"{path}: cannot read audio ({_short(e)}); expected a file soundfile reads (WAV, FLAC, OGG, MP3): "
+            f"{path}: cannot read audio ({one_line(e)}); expected a file soundfile reads (WAV, FLAC, OGG, MP3): "
             "re-encode it or remove it"
         ) from None
     if info.frames <= 0 or info.samplerate <= 0:
@@ -101,7 +101,7 @@ def check_audio(path) -> AudioInfo:
     except MicroserError:
         raise
     except Exception as e:
-        raise MicroserError(f"{info.path}: cannot decode audio ({_short(e)}): re-encode it or remove it") from None
+        raise MicroserError(f"{info.path}: cannot decode audio ({one_line(e)}): re-encode it or remove it") from None
     if peak == 0.0:
         raise MicroserError(_silent_message(info.path))
     return info
@@ -183,7 +183,7 @@ def _read_frames(info: AudioInfo, start: int, stop: int) -> np.ndarray:
                 f.seek(start)
             data = f.read(stop - start, dtype="float32", always_2d=True)
     except Exception as e:
-        raise MicroserError(f"{info.path}: cannot decode audio ({_short(e)}): re-encode it or remove it") from None
+        raise MicroserError(f"{info.path}: cannot decode audio ({one_line(e)}): re-encode it or remove it") from None
     if data.shape[0] == 0:
         raise MicroserError(f"{info.path}: empty audio (0 samples decoded); expected audio: remove the file")
     return data
@@ -219,7 +219,3 @@ def _nonfinite_message(path: Path) -> str:
 
 def _silent_message(path: Path) -> str:
     return f"{path}: audio is silent (all samples are zero); expected speech: remove the file"
-
-
-def _short(e: Exception) -> str:
-    return " ".join(str(e).split())[:160] or type(e).__name__

@@ -40,7 +40,7 @@ import microser
 from microser import SAMPLE_RATE, TARGETS
 from microser.audio import AUDIO_EXTENSIONS, audio_info, check_audio, from_int16, load_audio, read_segment, \
     segment_bounds, to_int16
-from microser.errors import MicroserError
+from microser.errors import MicroserError, one_line
 from microser.teachers import Segment, listed, make_teacher, match_key, resolve_listed_path, sha256_file
 
 FORMAT = "microser-cache"
@@ -127,7 +127,7 @@ class Cache:
             items = _read_items(path / "items.csv")
             targets = np.load(path / "targets.npy", allow_pickle=False)
         except (OSError, ValueError, KeyError) as e:
-            raise MicroserError(f"cache {path}: cannot read items.csv/targets.npy ({_short(e)}): {fix}") from None
+            raise MicroserError(f"cache {path}: cannot read items.csv/targets.npy ({one_line(e)}): {fix}") from None
         n = int(meta.get("n_items", -1))
         if len(items) != n or targets.shape != (n, len(TARGETS)) or targets.dtype != np.float32:
             raise MicroserError(f"cache {path}: items.csv has {len(items)} rows and targets.npy shape "
@@ -752,7 +752,3 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _short(e: Exception) -> str:
-    return " ".join(str(e).split())[:160]

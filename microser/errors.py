@@ -11,3 +11,9 @@ class MicroserError(ValueError):
         MicroserError("budget '80x-params' is not understood: expected NUMBER[k|M]-params, "
                       "e.g. '80k-params'")
     """
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """A foreign exception's text folded onto one line (white space collapsed, at most ``limit`` characters),
+    for quoting inside a MicroserError message; the type's name when the text is empty."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__

@@ -34,7 +34,6 @@ attributes first and that study attribute second.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import pickle
 import socket
@@ -50,6 +49,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from microser.errors import MicroserError
+from microser.teachers import sha256_file
 
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
@@ -298,14 +298,6 @@ def artifact_store(folder: str | Path) -> FileSystemArtifactStore:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(folder))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_weights(state_dict: dict, *, store: FileSystemArtifactStore, study_or_trial, name: str) -> dict:
