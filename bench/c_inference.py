@@ -148,7 +148,7 @@ def trained_ccc(trained: Path, cache_path: str, tmp: Path) -> None:
     for weights in sorted(trained.glob("running-s*.pt")):
         spec = ArchSpec.from_json(weights.with_suffix(".json").read_text())
         model = build_model(spec)
-        model.load_state_dict(torch.load(weights))
+        model.load_state_dict(torch.load(weights, weights_only=True))
         model.eval()
         export_onnx(model, tmp / "t.onnx")
         crops = calibration_crops(data, seconds=2.0, max_crops=64, seed=0)

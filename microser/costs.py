@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
