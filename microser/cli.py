@@ -165,7 +165,7 @@ def search(
     budget: Annotated[Optional[list[str]], typer.Option("--budget", help=BUDGET_HELP)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Study config TOML with these options' "
                                                    "keys (e.g. studies/demo.toml); flags given here override it.")] = None,
-    cache: Annotated[Optional[str], typer.Option("--cache", help="Teacher cache folder. Default: the embedded "
+    cache: Annotated[Optional[str], typer.Option("--cache", help="Cache folder. Default: the embedded "
                                                  "demo cache, built on first use.")] = None,
     space: Annotated[Optional[str], typer.Option("--space", help="Search space TOML. Default: "
                                                  "search_spaces/default.toml.")] = None,
@@ -195,7 +195,8 @@ def search(
                                                           f"Default {_SC.crop_seconds:g}.")] = None,
     crops_per_segment: Annotated[Optional[int], typer.Option("--crops-per-segment", help=f"Crops per segment "
                                  f"and epoch. Default {_SC.crops_per_segment}.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Default {_SC.batch_size}.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Training crops per batch. "
+                                                     f"Default {_SC.batch_size}.")] = None,
     input_seconds: Annotated[Optional[float], typer.Option("--input-seconds", help="Audio duration (s) at which "
                              f"MACs and peak RAM are measured. Default {_SC.input_seconds:g}.")] = None,
     final_k: Annotated[Optional[int], typer.Option("--final-k", help=f"Feasible Pareto candidates retrained "
@@ -354,10 +355,11 @@ def evaluate(
     model: Annotated[Optional[Path], typer.Argument(help="A bundle folder or an .onnx file (or give --study "
                      "and --trial).")] = None,
     study: StudyOpt = None,
-    trial: Annotated[Optional[int], typer.Option("--trial", help="Trial number.")] = None,
+    trial: Annotated[Optional[int], typer.Option("--trial", help="Trial number (see `microser trials`), "
+                     "with --study.")] = None,
     storage: StorageOpt = None,
     compressed: Annotated[bool, typer.Option("--compressed", help="The trial's compressed model.")] = False,
-    cache: Annotated[Optional[str], typer.Option("--cache", help="Evaluate on this cache. Default: the study's "
+    cache: Annotated[Optional[str], typer.Option("--cache", help="Cache folder. Default: the study's "
                      "or the bundle's cache (required for a bare .onnx).")] = None,
     split: Annotated[str, typer.Option("--split", help="train | valid | test.")] = "test",
     json_: JsonOpt = False,
