@@ -28,7 +28,7 @@ import os
 import time
 import tomllib
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,13 +39,13 @@ from optuna.trial import TrialState
 from microser import __version__
 from microser.budgets import Budget, describe_violations, parse_budgets, violations
 from microser.errors import MicroserError
+from microser.pareto import COST_KEYS, DEFAULT_OBJECTIVES
 from microser.storage import (
     FINAL_PREFIX, SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, final_record,
     heartbeat_seconds, open_storage, safe_url, save_weights, worker_tag,
 )
 
 REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
-COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs")
 SAMPLERS = ("tpe", "nsga2", "random")
 MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this space
 MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted
@@ -73,7 +73,7 @@ class SearchConfig:
     budgets: tuple[str, ...] = ()
     # fp32 ONNX bytes track params closely and a 4-D front keeps almost every trial,
     # so by default CCC is traded against params and int8 peak RAM only.
-    objectives: tuple[str, ...] = ("params", "ram_bytes")
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
     trials: int = 20                  # trained trials (rejected candidates and references not counted)
     timeout: float | None = None      # seconds for the search stage; the running trial finishes
     workers: int = 1
