@@ -26,8 +26,9 @@ stream: ``P_prescan(&st, samples, n)`` over the whole utterance first, then
 What is computed, in order (the same definitions as microser.frontends and
 microser.models.wav2small, read there):
 
-* prenorm: none | running (double accumulators, each statistic rounded to
-  float as torch's cumsum does) | window (per frame, in the spectrum, as the
+* prenorm: none | running (double accumulators, each sum rounded to float as
+  torch's cumsum does, then the prior's pseudo-count and pseudo-sum of squares
+  added in float as the graph does) | window (per frame, in the spectrum, as the
   PyTorch graph does) | clip (two passes);
 * framing with the spec's zero padding (``center``, ``pad_end``) kept as
   pending zeros, periodic Hann window zero-padded to ``n_fft``;
@@ -1204,7 +1205,7 @@ static void feed({P}_state *st, float y)
 """
 
     def _api(self) -> str:
-        from microser.frontends import PRENORM_EPS, frame_padding
+        from microser.frontends import PRENORM_EPS, PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR, frame_padding
 
         fe, P, plan = self.fe, self.P, self.plan
         left, right = frame_padding(fe)
@@ -1213,9 +1214,9 @@ static void feed({P}_state *st, float y)
             pre = f"""        st->pn_count += 1.0;
         st->pn_sum += (double)x;
         st->pn_sumsq += (double)(x * x);
-        {{ /* torch: cumsum (double accumulation, float result) / count, var clamped at 0 */
-            const float cnt = (float)st->pn_count, mu = (float)st->pn_sum / cnt;
-            float var = (float)st->pn_sumsq / cnt - mu * mu;
+        {{ /* torch: cumsum (double accumulation, float result) with the prior's n0 and n0*v0 added in float */
+            const float cnt = (float)st->pn_count + {_flit(PRENORM_PRIOR_COUNT)}, mu = (float)st->pn_sum / cnt;
+            float var = ((float)st->pn_sumsq + {_flit(PRENORM_PRIOR_COUNT * PRENORM_PRIOR_VAR)}) / cnt - mu * mu;
             if (var < 0.0f) var = 0.0f;
             y = (x - mu) / (sqrtf(var) + {_flit(PRENORM_EPS)});
         }}"""

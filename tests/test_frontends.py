@@ -13,8 +13,8 @@ import torchaudio
 
 from microser.errors import MicroserError
 from microser.frontends import (
-    LOG_FLOOR, PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R, PRENORM_EPS, Frontend, FrontendSpec, num_frames, pcen_fir,
-    pcen_taps,
+    LOG_FLOOR, PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R, PRENORM_EPS, PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR, Frontend,
+    FrontendSpec, Prenorm, num_frames, pcen_fir, pcen_taps,
 )
 
 
@@ -30,7 +30,7 @@ def audio(n: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
 # ---- numpy reference of the documented computation ----
 
 
-def np_prenorm(x: np.ndarray, mode: str) -> np.ndarray:
+def np_prenorm(x: np.ndarray, mode: str, n0: float = PRENORM_PRIOR_COUNT, v0: float = PRENORM_PRIOR_VAR) -> np.ndarray:
     x = x.astype(np.float64)
     if mode == "clip":
         return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + PRENORM_EPS)
@@ -41,8 +41,9 @@ def np_prenorm(x: np.ndarray, mode: str) -> np.ndarray:
             for t in range(x.shape[1]):  # two running sums, as firmware would keep them
                 s += x[b, t]
                 s2 += x[b, t] ** 2
-                mu = s / (t + 1)
-                out[b, t] = (x[b, t] - mu) / (math.sqrt(max(s2 / (t + 1) - mu * mu, 0.0)) + PRENORM_EPS)
+                c = t + 1 + n0
+                mu = s / c
+                out[b, t] = (x[b, t] - mu) / (math.sqrt(max((s2 + n0 * v0) / c - mu * mu, 0.0)) + PRENORM_EPS)
         return out
     return x
 
@@ -155,8 +156,35 @@ def test_running_prenorm_equals_running_sums():
     x = audio(600)
     with torch.no_grad():
         y = Frontend(FrontendSpec(prenorm="running")).prenorm(x).numpy()
-    assert np.abs(y - np_prenorm(x.numpy(), "running")).max() < 1e-3
-    assert y[0, 0] == 0.0
+    assert np.abs(y - np_prenorm(x.numpy(), "running")).max() < 1e-4
+    # first sample by hand: c = 801, mu = x0/801, var = (x0^2 + 800 * 1e-4)/801 - mu^2
+    x0 = float(x[0, 0])
+    mu = x0 / 801
+    assert y[0, 0] == pytest.approx((x0 - mu) / (math.sqrt((x0 * x0 + 0.08) / 801 - mu * mu) + 1e-7), rel=1e-5)
+
+
+def test_running_prenorm_prior_by_hand():
+    assert (PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR) == (800, 1e-4)  # the documented constants
+    # a constant 0.5 for 800 samples: c = 1600, mu = 400/1600 = 0.25, var = (200 + 0.08)/1600 - 0.0625 = 0.06255
+    with torch.no_grad():
+        y = Prenorm("running")(torch.full((1, 800), 0.5))
+    assert float(y[0, -1]) == pytest.approx(0.25 / (math.sqrt(0.06255) + 1e-7), rel=1e-5)
+    # near-silence (std 1e-4, -80 dBFS) is not blown up to unit variance: |y| <= ~1e-4 / sqrt(v0 * n0 / c)
+    quiet = 1e-4 * torch.randn(1, 800, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float(Prenorm("running")(quiet).abs().max()) < 0.06
+        old = Prenorm("running", prior_count=0, prior_var=0)(quiet)  # the former prior-free estimate
+    assert float(old[0, 0]) == 0.0 and float(old[0, 100:].std()) > 0.5
+    assert np.abs(old.numpy() - np_prenorm(quiet.numpy(), "running", 0, 0)).max() < 1e-4
+
+
+def test_running_prenorm_stays_exact_over_a_long_clip_in_onnxruntime():
+    x = audio(16000 * 30, 1) * 0.1  # 30 s: float32 cumsums in the graph vs float64 sums
+    want = np_prenorm(x.numpy(), "running")
+    with torch.no_grad():
+        got = Prenorm("running")(x).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(run_onnx(Prenorm("running"), x) - want).max() < 1e-4
 
 
 def test_pcen_equals_its_formula_with_a_causal_fir():
