@@ -61,16 +61,13 @@ def calibrated(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def params_of(spec: ArchSpec, tmp: Path) -> int:
-    return count_params(export_onnx(build_model(spec), tmp / "p.onnx", check=False))
-
-
 def spec_near_80k(tmp: Path, seed: int = 0) -> ArchSpec:
     """The first default-space wav2small spec (seeded draw order) with 70k..80k params (ONNX constants)."""
+    from microser.compress import params_of
     from microser.space import SearchSpace
 
     for spec in SearchSpace.load("default").sample(200, seed=seed):
-        if spec.family == "wav2small" and 70_000 <= params_of(spec, tmp) <= 80_000:
+        if spec.family == "wav2small" and 70_000 <= params_of(build_model(spec)) <= 80_000:
             return spec
     raise SystemExit("no default-space spec with 70k..80k params in 200 draws")
 

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
