@@ -675,6 +675,8 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
         settings = {**settings, "artifacts": old["artifacts"]}
     else:
         study.set_user_attr(SETTINGS_ATTR, settings)
+        for params in getattr(c.space, "warm_starts", ()):  # known-good points first (space file)
+            study.enqueue_trial(params, skip_if_exists=True)
     stale = fail_dead_trials(study)
 
     searcher = _Searcher(config, study, budgets, c, worker=0, threads=threads, progress=progress)

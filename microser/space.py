@@ -7,7 +7,8 @@ A space file has up to four top-level entries::
     [wav2small]     # Wav2SmallBody fields, plus `depth`; used only when the trial's family is wav2small
     [mobilenet]     # MobileNetBody fields; used only when the trial's family is mobilenet
 
-(and an optional ``description`` string). Every field is written in one of three forms:
+(and an optional ``description`` string, and optional ``[[warm_start]]`` tables, below).
+Every field is written in one of three forms:
 
 - a fixed value: ``n_fft = 512``, ``pool_after = [2]`` (not an Optuna parameter);
 - choices: ``norm = { choices = ["batch", "layer"] }`` (``suggest_categorical``);
@@ -25,7 +26,15 @@ conditional parameters named ``wav2small.channels.0``, ``wav2small.channels.1``,
   drawn per block (``wav2small.pool_after.3 = true`` puts a 3x3/2 max-pool after block 3).
 
 Parameter names are ``<table>.<field>`` (``frontend.hop``, ``mobilenet.width``) and
-``family``. A file that breaks any rule is refused with a MicroserError naming the
+``family``. Each ``[[warm_start]]`` table maps some of these names to values; a new
+study enqueues them as its first trials (Optuna's ``enqueue_trial``), so known-good
+points are measured first and the sampler starts from them; parameters a warm start
+leaves out are drawn as usual::
+
+    [[warm_start]]   # an 8-channel stack on STFT 512/160 with 40 mels (DESIGN.md)
+    family = "wav2small"
+    "frontend.n_fft" = 512
+    "frontend.hop" = 160 A file that breaks any rule is refused with a MicroserError naming the
 file, the key and the reason, when it is loaded, not in the middle of a search.
 """
 
@@ -69,6 +78,23 @@ class Param:
             return trial.suggest_int(name, self.low, self.high, step=self.step or 1, log=self.log)
         value = trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
         return round(value, 10) if self.step else value  # 0.30000000000000004 -> 0.3
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this field can take (a warm start's value, say)."""
+        if self.kind == "fixed":
+            return value == self.value
+        if self.kind == "choices":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high and (self.kind == "float" or float(value).is_integer())
+
+    def describe_range(self) -> str:
+        if self.kind == "fixed":
+            return f"fixed value {self.value!r}"
+        if self.kind == "choices":
+            return f"choices {list(self.choices)}"
+        return f"range [{self.low}, {self.high}]"
 
 
 def _parse_param(where: str, raw: Any, rule: Rule, per_item: bool) -> Param:
@@ -130,9 +156,10 @@ class SearchSpace:
     """A validated search space; `suggest` turns one Optuna trial into one ArchSpec."""
 
     def __init__(self, path: Path, text: str, family: Param, frontend: dict[str, Param],
-                 bodies: dict[str, dict[str, Param]]):
+                 bodies: dict[str, dict[str, Param]], warm_starts: tuple[dict[str, Any], ...] = ()):
         self.path, self.text = path, text
         self.family, self.frontend, self.bodies = family, frontend, bodies
+        self.warm_starts = warm_starts
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -159,7 +186,7 @@ class SearchSpace:
 
     @classmethod
     def _parse(cls, path: Path, text: str, raw: dict) -> "SearchSpace":
-        allowed = ["description", "family", "frontend", *FAMILIES]
+        allowed = ["description", "family", "frontend", *FAMILIES, "warm_start"]
         unknown = sorted(set(raw) - set(allowed))
         if unknown:
             raise MicroserError(f"key '{unknown[0]}' is unknown; allowed top-level keys are {', '.join(allowed)}")
@@ -192,7 +219,48 @@ class SearchSpace:
                 parsed[key] = _parse_param(f"{name}.{key}", value, rule, per_item=not isinstance(value, list))
             cls._check_depth(name, parsed)
             bodies[name] = parsed
-        return cls(path, text, family, frontend, bodies)
+        space = cls(path, text, family, frontend, bodies)
+        space.warm_starts = space._check_warm_starts(raw.get("warm_start", []))
+        return space
+
+    def _check_warm_starts(self, raw: Any) -> tuple[dict[str, Any], ...]:
+        """Each warm start must name only parameters this space draws, with values inside their ranges."""
+        if not isinstance(raw, list) or not all(isinstance(w, dict) for w in raw):
+            raise MicroserError("key 'warm_start': expected [[warm_start]] tables of parameter = value")
+        checked = []
+        for i, params in enumerate(raw):
+            for key, value in params.items():
+                param = self._param_named(key)
+                if param is not None and not param.contains(value):
+                    raise MicroserError(f"key 'warm_start[{i}].{key}': {value!r} is outside the space's "
+                                        f"{param.describe_range()}; change the value or widen the space")
+            logger = logging.getLogger("optuna")
+            level = logger.level
+            logger.setLevel(logging.ERROR)  # no "study created"; out-of-range fixed values are refused below
+            try:
+                probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+                probe.enqueue_trial(params)
+                trial = probe.ask()
+                self.suggest(trial)
+            finally:
+                logger.setLevel(level)
+            for key, value in params.items():
+                if key not in trial.distributions:
+                    raise MicroserError(f"key 'warm_start[{i}].{key}' is not a parameter this space draws for "
+                                        f"that warm start; its parameters are {', '.join(sorted(trial.params))}")
+            checked.append(dict(params))
+        return tuple(checked)
+
+    def _param_named(self, name: str) -> "Param | None":
+        """The Param behind an Optuna parameter name (``frontend.hop``, ``wav2small.channels.3``), or None."""
+        head, _, rest = name.partition(".")
+        if name == "family":
+            return self.family
+        if head == "frontend":
+            return self.frontend.get(rest)
+        if head in self.bodies:
+            return self.bodies[head].get(rest.split(".")[0])
+        return None
 
     @staticmethod
     def _check_depth(name: str, parsed: dict[str, Param]) -> None:

@@ -329,3 +329,21 @@ def test_studies_demo_toml_spells_out_the_defaults():
                 "batch_size", "input_seconds", "final_k", "final_epochs", "references"):
         assert getattr(config, key) == getattr(default, key), key
     assert config.budgets == ("80k-params",)
+
+
+def test_warm_starts_of_the_space_are_the_first_trials_of_a_new_study(tmp_path):
+    class WarmSpace(FakeSpace):
+        warm_starts = ({"width": 7}, {"width": 12})
+
+    trainer = FakeTrainer()
+    components = fake_components(trainer)
+    components.space = WarmSpace()
+    run_search(fake_config(tmp_path, trials=4, final_k=0), components=components)
+    study = load_study("s", f"sqlite:///{tmp_path}/s.db")
+    searched = [t for t in study.get_trials() if not t.user_attrs.get("reference")]
+    assert [t.params["width"] for t in searched[:2]] == [7, 12]
+    # resuming the same study does not enqueue them again
+    run_search(fake_config(tmp_path, trials=5, final_k=0), components=components)
+    enqueued = [t.params["width"] for t in load_study("s", f"sqlite:///{tmp_path}/s.db").get_trials()
+                if "fixed_params" in t.system_attrs]
+    assert enqueued == [7, 12]

@@ -171,3 +171,31 @@ def test_a_cross_field_conflict_names_the_space_and_trial(tmp_path):
     path = write(tmp_path, "family = 'wav2small'\n[frontend]\nfmin = { low = 7000.0, high = 8000.0 }\nfmax = 7000.0\n")
     with pytest.raises(MicroserError, match=rf"^{path}: trial 0 drew an invalid spec .*fmin.*must be below fmax"):
         SearchSpace.load(path).sample(1, seed=0)
+
+
+def test_packaged_warm_starts_are_the_documented_front_end_at_8_and_16_channels():
+    import optuna
+
+    space = SearchSpace.load("default")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    specs = []
+    for params in space.warm_starts:
+        study.enqueue_trial(params)
+        specs.append(space.suggest(study.ask()))
+    assert [s.body.channels for s in specs] == [(8,) * 7, (16,) * 7]
+    for s in specs:
+        assert (s.frontend.n_fft, s.frontend.hop, s.frontend.n_mels, s.frontend.prenorm) == (512, 160, 40, "clip")
+        assert s.body.pool_after == (2,) and s.body.pooling == "attention+gram"
+
+
+@pytest.mark.parametrize("entry, match", [
+    ('"frontend.nfft" = 512', r"warm_start\[0\]\.frontend\.nfft' is not a parameter"),
+    ('"frontend.n_fft" = 1024', r"warm_start\[0\]\.frontend\.n_fft': 1024 is outside"),
+    ('"wav2small.depth" = 99', r"warm_start\[0\]\.wav2small\.depth': 99 is outside"),
+])
+def test_a_bad_warm_start_is_refused_with_its_key(tmp_path, entry, match):
+    text = (SPACES_DIR / "wav2small.toml").read_text().split("[[warm_start]]")[0]
+    path = tmp_path / "space.toml"
+    path.write_text(text + "\n[[warm_start]]\n" + entry + "\n")
+    with pytest.raises(MicroserError, match=match):
+        SearchSpace.load(path)
