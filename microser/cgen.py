@@ -27,8 +27,8 @@ What is computed, in order (the same definitions as microser.frontends and
 microser.models.wav2small, read there):
 
 * prenorm: none | running (double accumulators, each sum rounded to float as
-  torch's cumsum does, then the prior's pseudo-count and pseudo-sum of squares
-  added in float as the graph does) | window (per frame, in the spectrum, as the
+  the graph does; a prior's pseudo-count and pseudo-sum of squares, when
+  microser.frontends sets one, added in float) | window (per frame, in the spectrum, as the
   PyTorch graph does) | clip (two passes);
 * framing with the spec's zero padding (``center``, ``pad_end``) kept as
   pending zeros, periodic Hann window zero-padded to ``n_fft``;
@@ -1210,13 +1210,15 @@ static void feed({P}_state *st, float y)
         fe, P, plan = self.fe, self.P, self.plan
         left, right = frame_padding(fe)
         U = P.upper()
-        if fe.prenorm == "running":
+        if fe.prenorm == "running":  # the prior's float terms (microser.frontends), left out when zero
+            n0 = f" + {_flit(PRENORM_PRIOR_COUNT)}" if PRENORM_PRIOR_COUNT else ""
+            n0v0 = f" + {_flit(PRENORM_PRIOR_COUNT * PRENORM_PRIOR_VAR)}" if PRENORM_PRIOR_COUNT * PRENORM_PRIOR_VAR else ""
             pre = f"""        st->pn_count += 1.0;
         st->pn_sum += (double)x;
         st->pn_sumsq += (double)(x * x);
-        {{ /* torch: cumsum (double accumulation, float result) with the prior's n0 and n0*v0 added in float */
-            const float cnt = (float)st->pn_count + {_flit(PRENORM_PRIOR_COUNT)}, mu = (float)st->pn_sum / cnt;
-            float var = ((float)st->pn_sumsq + {_flit(PRENORM_PRIOR_COUNT * PRENORM_PRIOR_VAR)}) / cnt - mu * mu;
+        {{ /* torch: cumsum (double accumulation, float result) / count, var clamped at 0 */
+            const float cnt = (float)st->pn_count{n0}, mu = (float)st->pn_sum / cnt;
+            float var = ((float)st->pn_sumsq{n0v0}) / cnt - mu * mu;
             if (var < 0.0f) var = 0.0f;
             y = (x - mu) / (sqrtf(var) + {_flit(PRENORM_EPS)});
         }}"""

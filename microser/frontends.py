@@ -8,23 +8,23 @@ stream by firmware exactly as written here:
    - ``"none"``: the audio as is;
    - ``"clip"``: per clip, ``(x - mean(x)) / (std(x) + eps)`` with the population
      std (ddof=0) over all T samples, as in Wav2Small (needs the whole clip);
-   - ``"running"``: causal cumulative statistics with a prior of ``n0 =
-     PRENORM_PRIOR_COUNT = 800`` pseudo-samples (0.05 s) of mean 0 and variance
-     ``v0 = PRENORM_PRIOR_VAR = 1e-4`` (std 0.01, -40 dBFS)::
+   - ``"running"``: causal cumulative statistics, optionally with a prior of
+     ``n0`` pseudo-samples of mean 0 and variance ``v0``::
 
          c_t   = (t + 1) + n0
          mu_t  = sum(x[:t+1]) / c_t
          var_t = max((sum(x[:t+1]**2) + n0 * v0) / c_t - mu_t**2, 0)
          y_t   = (x_t - mu_t) / (sqrt(var_t) + eps)
 
-     Two running sums in a stream (float64 cumsums in the graph, no loop; each
-     sum rounded to float32 before use, as the C library does). The prior keeps
-     the first samples (often near-silence) from being blown up to unit
-     variance -- with ``n0 = 0`` (the former definition) the first 0.1 s of an
-     espeak-emo clip came out 10-15 dB louder in log-mel than under ``"clip"`` --
-     and its weight fades as ``n0 / c_t``. The constants were picked by the
-     log-mel gap to ``"clip"`` over input gains of -12..+12 dB
-     (bench/cgen_prenorm_ccc.py);
+     with ``n0 = PRENORM_PRIOR_COUNT = 0`` and ``v0 = PRENORM_PRIOR_VAR = 0``:
+     no prior, so ``y_0 = 0``. Two running sums in a stream (float64 cumsums in
+     the graph, no loop; each sum rounded to float32 before use, as the C library
+     does). Without a prior the first samples (often near-silence) are scaled to
+     unit variance: the first 0.1 s of an espeak-emo clip comes out 10-15 dB
+     louder in log-mel than under ``"clip"``. A prior (n0 = 800, v0 = 1e-4)
+     cuts the mean log-mel gap over the first 0.5 s from 4.8 to 3.2 dB but
+     trained wav2small-ref to a lower CCC on espeak-emo (2 seeds, bench/cgen_prenorm_ccc.py), so the
+     definition keeps ``n0 = 0``;
    - ``"window"``: per analysis frame (the ``n_fft`` samples of that frame, after
      padding), zero mean / unit variance before the window is applied. Computed
      without re-framing: ``|X - m W|^2 / (s + eps)^2`` where ``X`` is the frame's
@@ -83,8 +83,8 @@ from microser.errors import MicroserError
 
 MIN_SECONDS = 0.25  # every model accepts any input at least this long (4000 samples)
 PRENORM_EPS = 1e-7
-PRENORM_PRIOR_COUNT = 800  # "running": pseudo-samples of prior (0.05 s at 16 kHz)
-PRENORM_PRIOR_VAR = 1e-4  # "running": their variance (std 0.01, -40 dBFS); their mean is 0
+PRENORM_PRIOR_COUNT = 0.0  # "running": prior pseudo-samples (none: measured no better, see the docstring)
+PRENORM_PRIOR_VAR = 0.0  # "running": their variance; their mean is 0
 LOG_FLOOR = 1e-10  # -100 dB
 PCEN_ALPHA, PCEN_DELTA, PCEN_R, PCEN_EPS = 0.98, 2.0, 0.5, 1e-6  # librosa's defaults
 PCEN_TIME_CONSTANT = 0.4  # seconds
@@ -299,8 +299,8 @@ class Prenorm(nn.Module):
     """Waveform normalisation ``"none" | "clip" | "running"`` on (B, T); ``"window"`` lives in `PowerSpectrum`.
 
     ``prior_count`` / ``prior_var`` are ``n0`` / ``v0`` of ``"running"`` (module
-    docstring); only the defaults are the spec's definition (``0, 0`` gives the
-    former prior-free estimate, kept for comparison benches).
+    docstring); only the defaults are the spec's definition (other values are
+    for comparison benches: a spec cannot carry them, nor can the C library).
     """
 
     def __init__(self, mode: str, prior_count: float = PRENORM_PRIOR_COUNT, prior_var: float = PRENORM_PRIOR_VAR):

@@ -157,25 +157,23 @@ def test_running_prenorm_equals_running_sums():
     with torch.no_grad():
         y = Frontend(FrontendSpec(prenorm="running")).prenorm(x).numpy()
     assert np.abs(y - np_prenorm(x.numpy(), "running")).max() < 1e-4
-    # first sample by hand: c = 801, mu = x0/801, var = (x0^2 + 800 * 1e-4)/801 - mu^2
-    x0 = float(x[0, 0])
-    mu = x0 / 801
-    assert y[0, 0] == pytest.approx((x0 - mu) / (math.sqrt((x0 * x0 + 0.08) / 801 - mu * mu) + 1e-7), rel=1e-5)
+    assert y[0, 0] == 0.0  # no prior: one sample has zero variance
 
 
 def test_running_prenorm_prior_by_hand():
-    assert (PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR) == (800, 1e-4)  # the documented constants
+    assert (PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR) == (0, 0)  # the documented definition: no prior
+    prior = Prenorm("running", prior_count=800, prior_var=1e-4)  # the measured alternative
     # a constant 0.5 for 800 samples: c = 1600, mu = 400/1600 = 0.25, var = (200 + 0.08)/1600 - 0.0625 = 0.06255
     with torch.no_grad():
-        y = Prenorm("running")(torch.full((1, 800), 0.5))
+        y = prior(torch.full((1, 800), 0.5))
     assert float(y[0, -1]) == pytest.approx(0.25 / (math.sqrt(0.06255) + 1e-7), rel=1e-5)
-    # near-silence (std 1e-4, -80 dBFS) is not blown up to unit variance: |y| <= ~1e-4 / sqrt(v0 * n0 / c)
+    # near-silence (std 1e-4, -80 dBFS): without a prior it is blown up to unit variance, with it it stays small
     quiet = 1e-4 * torch.randn(1, 800, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert float(Prenorm("running")(quiet).abs().max()) < 0.06
-        old = Prenorm("running", prior_count=0, prior_var=0)(quiet)  # the former prior-free estimate
-    assert float(old[0, 0]) == 0.0 and float(old[0, 100:].std()) > 0.5
-    assert np.abs(old.numpy() - np_prenorm(quiet.numpy(), "running", 0, 0)).max() < 1e-4
+        assert float(prior(quiet).abs().max()) < 0.06
+        plain = Prenorm("running")(quiet)
+    assert float(plain[0, 0]) == 0.0 and float(plain[0, 100:].std()) > 0.5
+    assert np.abs(prior(quiet).numpy() - np_prenorm(quiet.numpy(), "running", 800, 1e-4)).max() < 1e-4
 
 
 def test_running_prenorm_stays_exact_over_a_long_clip_in_onnxruntime():
