@@ -347,3 +347,22 @@ def test_warm_starts_of_the_space_are_the_first_trials_of_a_new_study(tmp_path):
     enqueued = [t.params["width"] for t in load_study("s", f"sqlite:///{tmp_path}/s.db").get_trials()
                 if "fixed_params" in t.system_attrs]
     assert enqueued == [7, 12]
+
+
+def test_a_search_fidelity_of_few_optimizer_steps_is_warned_about():
+    from microser.search import _few_steps_warning
+
+    class Data:
+        def __init__(self, n):
+            self.n = n
+
+        def split_indices(self, split):
+            return list(range(self.n))
+
+    # 480 training segments, 1 crop each, batch 16: 30 steps per epoch (espeak-emo)
+    warning = _few_steps_warning(SearchConfig(epochs=1.0, batch_size=16), Data(480))
+    assert "30 optimizer steps per trial (480 training segments, batch 16)" in warning
+    assert "--steps 200" in warning
+    assert _few_steps_warning(SearchConfig(epochs=4.0, batch_size=16), Data(480)) == ""   # 120 steps
+    assert _few_steps_warning(SearchConfig(epochs=None, steps=150), Data(480)) == ""
+    assert _few_steps_warning(SearchConfig(epochs=1.0), object()) == ""                  # no split info: no claim
