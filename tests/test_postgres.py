@@ -8,7 +8,6 @@ so a killed worker's trial is failed and retried within seconds.
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -17,12 +16,11 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from teachers_helpers import write_clip
+from search_helpers import build_tiny_search_root
 
 URL = os.environ.get("MICROSER_TEST_POSTGRES_URL")
 needs_server = pytest.mark.skipif(not URL, reason="MICROSER_TEST_POSTGRES_URL is not set: no PostgreSQL server to "
@@ -31,42 +29,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 FAST_HEARTBEAT = {"MICROSER_HEARTBEAT_SECONDS": "1", "MICROSER_GRACE_SECONDS": "3"}
-SPACE = """
-family = "wav2small"
-[frontend]
-n_fft = 256
-hop = 160
-center = false
-n_mels = { low = 16, high = 24, step = 4 }
-[wav2small]
-depth = { low = 2, high = 3 }
-channels = { low = 4, high = 12 }
-kernel = 3
-norm = "batch"
-pool_after = [1]
-pooling = "attention"
-"""
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """24 short clips of 6 speakers with random targets, cached through the csv teacher; a tiny space."""
-    from microser.cache import build_cache
-
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(24):
-        write_clip(root / "wav" / f"c{i:02d}.wav", 0.6 + 0.02 * i, seed=i)
-        a, d, v = rng.random(3)
-        rows.append({"path": f"wav/c{i:02d}.wav", "speaker": f"s{i % 6}", "arousal": a, "dominance": d, "valence": v})
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    build_cache(root / "labels.csv", [f"csv:{root / 'labels.csv'}"], root / "cache")
-    (root / "space.toml").write_text(SPACE)
-    return root
+    return build_tiny_search_root(tmp_path_factory.mktemp("tiny"), 24)
 
 
 def test_workers_started_alike_draw_different_candidates(tmp_path):

@@ -6,7 +6,6 @@ import json
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -166,49 +165,16 @@ def test_config_file_keys_match_the_cli_and_flags_override(tmp_path):
 
 # ---- real searches: tiny generated cache, tiny space, 1 epoch ----
 
-TINY_SPACE = """
-family = "wav2small"
-[frontend]
-n_fft = 256
-hop = 160
-center = false
-n_mels = { low = 16, high = 24, step = 4 }
-[wav2small]
-depth = { low = 2, high = 3 }
-channels = { low = 4, high = 12 }
-kernel = 3
-norm = "batch"
-pool_after = [1]
-pooling = "attention"
-"""
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """30 short clips of 6 speakers with random A/D/V labels, cached through the csv teacher; a tiny space."""
-    import csv
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from teachers_helpers import write_clip
+    from search_helpers import build_tiny_search_root
 
-    from microser.cache import build_cache
-
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(30):
-        write_clip(root / "wav" / f"c{i:02d}.wav", 0.6 + 0.02 * i, seed=i)
-        a, d, v = rng.random(3)
-        rows.append({"path": f"wav/c{i:02d}.wav", "speaker": f"s{i % 6}", "arousal": a, "dominance": d,
-                     "valence": v})
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    build_cache(root / "labels.csv", [f"csv:{root / 'labels.csv'}"], root / "cache")
-    (root / "space.toml").write_text(TINY_SPACE)
+    root = build_tiny_search_root(tmp_path_factory.mktemp("tiny"), 30)
     from microser.frontends import FrontendSpec
     from microser.models.spec import ArchSpec
     from microser.models.wav2small import Wav2SmallBody
