@@ -277,7 +277,7 @@ def _int_tensors(model: onnx.ModelProto) -> set[str]:
         for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             if info.type.tensor_type.elem_type in ints:
                 out.add(info.name)
-    except Exception:
+    except Exception:  # no inferred shapes: the initializers and Shape/Size outputs below still mark most
         pass
     for n in model.graph.node:
         if n.op_type in ("Shape", "Size"):
