@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from microser.distill import InMemoryData
+
 VARIANTS = {
     "default": {},
     "batch16": {"batch_size": 16},
@@ -56,7 +58,7 @@ VARIANTS = {
 }
 
 
-class DemoData:
+class DemoData(InMemoryData):
     """A generated demo corpus as a distill data source, split by speaker."""
 
     def __init__(self, n_clips: int, n_speakers: int, seed: int = 0):
@@ -72,15 +74,6 @@ class DemoData:
             "valid": np.flatnonzero((spk >= n_tr) & (spk < n_tr + n_va)),
             "test": np.flatnonzero(spk >= n_tr + n_va),
         }
-
-    def __len__(self):
-        return len(self._audio)
-
-    def audio(self, i):
-        return self._audio[i]
-
-    def split_indices(self, split):
-        return self._split[split]
 
 
 def main():

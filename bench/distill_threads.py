@@ -49,10 +49,12 @@ from pathlib import Path
 
 import numpy as np
 
+from microser.distill import InMemoryData
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-class EspeakData:
+class EspeakData(InMemoryData):
     """espeak-emo as a distill data source: labels.csv targets, whole clips at 16 kHz, split by speaker."""
 
     VALID, TEST = ("d06",), ("d07",)
@@ -70,17 +72,8 @@ class EspeakData:
             "train": np.flatnonzero(~np.isin(speakers, self.VALID + self.TEST)),
         }
 
-    def __len__(self):
-        return len(self._audio)
 
-    def audio(self, i):
-        return self._audio[i]
-
-    def split_indices(self, split):
-        return self._split[split]
-
-
-class SyntheticData:
+class SyntheticData(InMemoryData):
     """``n`` clips of 2-4.5 s (like espeak-emo) of tones in noise with random targets: throughput only, no files."""
 
     def __init__(self, n: int, seed: int = 0):
@@ -93,15 +86,6 @@ class SyntheticData:
             self._audio.append(x.astype(np.float32))
         cut1, cut2 = int(0.75 * n), int(0.875 * n)
         self._split = {"train": np.arange(cut1), "valid": np.arange(cut1, cut2), "test": np.arange(cut2, n)}
-
-    def __len__(self):
-        return len(self._audio)
-
-    def audio(self, i):
-        return self._audio[i]
-
-    def split_indices(self, split):
-        return self._split[split]
 
 
 def load_data(args):

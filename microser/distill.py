@@ -43,6 +43,28 @@ class DistillData(Protocol):
     def split_indices(self, split: str) -> np.ndarray: ...
 
 
+class InMemoryData:
+    """A DistillData held in memory: clips, their (N, 3) targets and index arrays per split.
+
+    For training from arrays without a cache (benches, tests, notebooks).
+    Subclasses may fill ``targets``, ``_audio`` and ``_split`` themselves.
+    """
+
+    def __init__(self, audio, targets, splits: dict[str, np.ndarray]):
+        self._audio = [np.asarray(a, dtype=np.float32) for a in audio]
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self._split = {k: np.asarray(v) for k, v in splits.items()}
+
+    def __len__(self) -> int:
+        return len(self._audio)
+
+    def audio(self, i: int) -> np.ndarray:
+        return self._audio[i]
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return self._split[split]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of one brief training run; frozen, JSON-able through ``to_dict()``."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from microser import SAMPLE_RATE
 from microser.distill import (
+    InMemoryData,
     TrainConfig,
     TrainResult,
     _FrontendMasks,
@@ -24,7 +25,7 @@ from microser.metrics import ccc, ccc_report
 from microser.models.spec import REFERENCES, build_model
 
 
-class ToneData:
+class ToneData(InMemoryData):
     """In-memory corpus whose audio encodes the targets: tone pitch = arousal, level of a 5 kHz tone = dominance,
     noise level = valence. Lengths vary per segment; the split is by position (24 train, rest valid)."""
 
@@ -40,15 +41,6 @@ class ToneData:
             x += (0.01 + 0.2 * v) * rng.standard_normal(len(t))
             self._audio.append(np.clip(x, -1, 1).astype(np.float32))
         self._split = {"train": np.arange(n_train), "valid": np.arange(n_train, n), "test": np.arange(0)}
-
-    def __len__(self):
-        return len(self._audio)
-
-    def audio(self, i):
-        return self._audio[i]
-
-    def split_indices(self, split):
-        return self._split[split]
 
 
 class ConstantStudent(nn.Module):
@@ -207,3 +199,11 @@ def test_steps_progress_and_should_stop():
     calls = iter([False, False, True])
     stopped = train(_model(), data, config, should_stop=lambda: next(calls))
     assert stopped.stopped and stopped.steps == 2 and len(stopped.history) == 1
+
+
+def test_in_memory_data_serves_clips_targets_and_splits_as_given():
+    clips = [np.full(8000, 0.1, dtype=np.float64), np.zeros(4000)]
+    data = InMemoryData(clips, [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], {"train": [1], "valid": [0]})
+    assert len(data) == 2 and data.audio(0).dtype == np.float32 and data.audio(1).shape == (4000,)
+    assert data.targets.dtype == np.float32 and data.targets[1, 2] == np.float32(0.6)
+    assert list(data.split_indices("train")) == [1] and list(data.split_indices("valid")) == [0]
