@@ -144,10 +144,24 @@ class Cache:
 
     def audio(self, i: int) -> np.ndarray:
         """Item ``i``'s samples: float32 in [-1, 1), 16 kHz, a fresh array (memory-mapped read)."""
+        it = self.items[i]
+        return from_int16(self._samples()[it["offset"] : it["offset"] + it["length"]])
+
+    def _samples(self) -> np.memmap:
         if self._audio is None:
             self._audio = np.memmap(self.path / "audio.i16", dtype=np.int16, mode="r")
+        return self._audio
+
+    def crop(self, i: int, start: int, length: int) -> np.ndarray:
+        """Samples ``start:start+length`` of item ``i`` (float32, only that slice is read from disk)."""
         it = self.items[i]
-        return from_int16(self._audio[it["offset"] : it["offset"] + it["length"]])
+        start = max(0, min(int(start), it["length"]))
+        stop = min(start + int(length), it["length"])
+        return from_int16(self._samples()[it["offset"] + start : it["offset"] + stop])
+
+    def lengths(self, indices) -> np.ndarray:
+        """Samples of each item in ``indices`` (from items.csv; no audio is read)."""
+        return np.array([self.items[int(i)]["length"] for i in indices], dtype=np.int64)
 
     @property
     def embeddings(self) -> np.ndarray | None:

@@ -76,6 +76,10 @@ def test_round_trip(tmp_path):
         a, b = round(it["start_s"] * 16000), round(it["end_s"] * 16000)
         np.testing.assert_allclose(x, whole[a:b], atol=1 / 32768)  # int16 storage: within one step
         np.testing.assert_allclose(cache.targets[i], truth[it["source"]], atol=1e-6)
+        # training reads crops and lengths without the whole segment: the same samples
+        np.testing.assert_array_equal(cache.crop(i, 100, 257), x[100:357])
+        np.testing.assert_array_equal(cache.crop(i, it["length"] - 5, 50), x[-5:])
+    assert cache.lengths([2, 0]).tolist() == [cache.items[2]["length"], cache.items[0]["length"]]
     long_items = [it for it in cache.items if it["source"] == "long.wav"]
     assert [(round(it["start_s"] * 16000), round(it["end_s"] * 16000)) for it in long_items] == long_segments
     assert cache.targets.dtype == np.float32 and cache.targets.shape == (15, 3)

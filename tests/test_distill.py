@@ -207,3 +207,31 @@ def test_in_memory_data_serves_clips_targets_and_splits_as_given():
     assert len(data) == 2 and data.audio(0).dtype == np.float32 and data.audio(1).shape == (4000,)
     assert data.targets.dtype == np.float32 and data.targets[1, 2] == np.float32(0.6)
     assert list(data.split_indices("train")) == [1] and list(data.split_indices("valid")) == [0]
+
+
+class CountingData(ToneData):
+    """ToneData that counts whole-segment reads per index (crops and lengths are free)."""
+
+    def __init__(self):
+        super().__init__()
+        self.whole_reads: list[int] = []
+
+    def audio(self, i):
+        self.whole_reads.append(int(i))
+        return super().audio(i)
+
+
+def test_training_reads_crops_not_whole_training_segments_and_matches_whole_reads():
+    """A trial's cost must not grow with the cache: train() reads crops of the segments it draws, and the
+    crops equal slices of the whole segments (same result as reading everything)."""
+    data = CountingData()
+    r1 = train(_model(), data, FAST)
+    assert set(data.whole_reads) <= set(data.split_indices("valid").tolist())  # only validation is read whole
+
+    class NoCrop(ToneData):  # the fallback path: no lengths/crop, segments read whole
+        lengths = None
+        crop = None
+
+    r2 = train(_model(), NoCrop(), FAST)
+    for k in r1.state_dict:
+        torch.testing.assert_close(r1.state_dict[k], r2.state_dict[k])
