@@ -163,6 +163,10 @@ class Cache:
         """Samples of each item in ``indices`` (from items.csv; no audio is read)."""
         return np.array([self.items[int(i)]["length"] for i in indices], dtype=np.int64)
 
+    def speakers_of(self, indices) -> list[str]:
+        """Speaker of each item in ``indices`` ("" where the audio named none)."""
+        return [self.items[int(i)]["speaker"] for i in indices]
+
     @property
     def embeddings(self) -> np.ndarray | None:
         """float32 ``(N, D)`` (memory-mapped) when the cache was built with ``embeddings=True``, else None."""

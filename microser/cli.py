@@ -167,12 +167,15 @@ def search(
                                                    "keys (e.g. studies/demo.toml); flags given here override it.")] = None,
     cache: Annotated[Optional[str], typer.Option("--cache", help="Cache folder. Default: the embedded "
                                                  "demo cache, built on first use.")] = None,
-    space: Annotated[Optional[str], typer.Option("--space", help="Search space TOML. Default: "
-                                                 "search_spaces/default.toml.")] = None,
-    trials: Annotated[Optional[int], typer.Option("--trials", help=f"Trained trials to reach (rejected candidates "
-                      f"and references not counted); the same command again resumes. Default {_SC.trials}.")] = None,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds for the search stage; the "
-                                                     "running trial finishes.")] = None,
+    space: Annotated[Optional[str], typer.Option("--space", help="Search space TOML, or a packaged space's name "
+                                                 "(default, wav2small, mobilenet). Default: default.")] = None,
+    time: Annotated[Optional[str], typer.Option("--time", help="Wall-clock budget of the whole command (search "
+                    "and final stage), e.g. 10m, 1h30m, 900s, or 'none'; it plans the rungs and final steps and "
+                    "stops drawing candidates in time for the final stage. Default 10m (none when only --trials "
+                    "is given).")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="At most this many candidates trained at the "
+                      "first rung (rejected candidates and references not counted). Default: as many as --time "
+                      "allows.")] = None,
     study: StudyOpt = None,
     storage: StorageOpt = None,
     artifacts: Annotated[Optional[str], typer.Option("--artifacts", help="Folder for trial weights. Default: "
@@ -187,22 +190,35 @@ def search(
                           "comma-separated from params, ram_bytes, onnx_bytes, macs. Default params,ram_bytes: fp32 "
                           "ONNX bytes track params closely and a 4-D front keeps almost every trial; every cost "
                           "is recorded anyway.")] = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help=f"Search fidelity: epochs per trial. "
-                                                    f"Default {_SC.epochs:g}.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Search fidelity in optimizer steps "
-                                                 "instead of epochs.")] = None,
+    rungs: Annotated[Optional[str], typer.Option("--rungs", help="Optimizer steps of each rung, comma-separated "
+                     "(e.g. 60,200,600): every candidate trains at the first, the best 1/eta go up. Default: "
+                     "planned from --time (60,200,600 at 10m).")] = None,
+    eta: Annotated[Optional[int], typer.Option("--eta", help=f"Promote the best 1/eta of a rung. "
+                                               f"Default {_SC.eta}.")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Instead of --rungs: one rung of this "
+                                                    "many epochs of the cache.")] = None,
     crop_seconds: Annotated[Optional[float], typer.Option("--crop-seconds", help=f"Training crop length. "
                                                           f"Default {_SC.crop_seconds:g}.")] = None,
     crops_per_segment: Annotated[Optional[int], typer.Option("--crops-per-segment", help=f"Crops per segment "
-                                 f"and epoch. Default {_SC.crops_per_segment}.")] = None,
+                                 f"and epoch (with --epochs). Default {_SC.crops_per_segment}.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Training crops per batch. "
                                                      f"Default {_SC.batch_size}.")] = None,
+    valid_seconds: Annotated[Optional[float], typer.Option("--valid-seconds", help="Audio seconds per validation "
+                             "(and test) evaluation: larger splits are subsampled over speakers so a trial costs "
+                             f"the same on any cache. Default {_SC.valid_seconds:g}.")] = None,
     input_seconds: Annotated[Optional[float], typer.Option("--input-seconds", help="Audio duration (s) at which "
                              f"MACs and peak RAM are measured. Default {_SC.input_seconds:g}.")] = None,
-    final_k: Annotated[Optional[int], typer.Option("--final-k", help=f"Feasible Pareto candidates retrained "
-                       f"at final fidelity. Default {_SC.final_k}.")] = None,
-    final_epochs: Annotated[Optional[float], typer.Option("--final-epochs", help=f"Final-stage epochs (fresh "
-                            f"seed). Default {_SC.final_epochs:g}.")] = None,
+    final_k: Annotated[Optional[int], typer.Option("--final-k", help=f"Best trials of the highest rungs trained "
+                       f"in the final stage. Default {_SC.final_k}.")] = None,
+    final_steps: Annotated[Optional[int], typer.Option("--final-steps", help="Optimizer steps of the final stage. "
+                           "Default: planned from --time (1000 at 10m).")] = None,
+    final_epochs: Annotated[Optional[float], typer.Option("--final-epochs", help="Instead of --final-steps: "
+                            "epochs of the cache.")] = None,
+    final_seeds: Annotated[Optional[int], typer.Option("--final-seeds", help=f"Seeds per final-stage trial "
+                           f"(mean and spread reported). Default {_SC.final_seeds}.")] = None,
+    folds: Annotated[Optional[str], typer.Option("--folds", help="auto: with few validation speakers, each "
+                     "final seed validates on other speakers (folds by speaker; test untouched); none: the "
+                     "cache's split only. Default auto.")] = None,
     references: Annotated[Optional[str], typer.Option("--references", help="Comma-separated reference models "
                           "trained with the same recipe, outside budgets: wav2small-ref, mobilenetv3-s, "
                           "mobilenetv4-s or spec JSON files; '' for none. Default wav2small-ref.")] = None,
@@ -211,16 +227,18 @@ def search(
                         "state + arena (wav2small; MobileNet keeps its offline peak).")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Search architectures for the best CCC within budgets (Optuna multi-objective), then retrain the front."""
+    """Search architectures for the best CCC within budgets (Optuna multi-objective, successive halving), then
+    train the best and the references with several seeds."""
     from microser import show
     from microser.search import SearchConfig, run_search
 
     cfg = SearchConfig.load(
-        config, budgets=tuple(budget) if budget else None, cache=cache, space=space, trials=trials,
-        timeout=timeout, study=study, storage=storage, artifacts=artifacts, workers=workers, threads=threads,
-        seed=seed, sampler=sampler, objectives=_csv(objectives), epochs=epochs, steps=steps,
+        config, budgets=tuple(budget) if budget else None, cache=cache, space=space, time=time, trials=trials,
+        study=study, storage=storage, artifacts=artifacts, workers=workers, threads=threads, seed=seed,
+        sampler=sampler, objectives=_csv(objectives), rungs=rungs, eta=eta, epochs=epochs,
         crop_seconds=crop_seconds, crops_per_segment=crops_per_segment, batch_size=batch_size,
-        input_seconds=input_seconds, final_k=final_k, final_epochs=final_epochs, references=_csv(references),
+        valid_seconds=valid_seconds, input_seconds=input_seconds, final_k=final_k, final_steps=final_steps,
+        final_epochs=final_epochs, final_seeds=final_seeds, folds=folds, references=_csv(references),
         ram_mode=ram_mode)
     with show.search_live() as progress:
         summary = run_search(cfg, progress=progress)
@@ -229,8 +247,9 @@ def search(
 
 # -- pareto, trials, show: inspect a study --
 
-StageOpt = Annotated[str, typer.Option("--stage", help="CCC fidelity: 'final' (a trial's final-stage CCC when it was "
-                                       "retrained, else its search CCC; the table says which) or 'search'.")]
+RungOpt = Annotated[str, typer.Option("--rung", help="The one fidelity the front is built at: a rung's steps "
+                                     "(e.g. 600), 'final' (the final stage, mean over seeds), 'first' (every "
+                                     "candidate) or 'auto' (the highest level at least 3 feasible trials reached).")]
 TrialOpt = Annotated[int, typer.Option("--trial", help="Trial number (see `microser trials`).")]
 
 
@@ -240,15 +259,15 @@ def pareto(
     storage: StorageOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the 3-panel front plot (PNG/PDF/SVG).")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write the same plot as interactive HTML.")] = None,
-    stage: StageOpt = "final",
+    rung: RungOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
-    """Show the feasible Pareto-optimal trials of a study (references marked below), with plots."""
+    """Show the feasible Pareto-optimal trials of a study at one fidelity (references below), with plots."""
     from microser import show
     from microser.pareto import front_report, plot_front, plot_front_html
     from microser.storage import load_study
 
-    report = front_report(load_study(study, storage), stage=stage)
+    report = front_report(load_study(study, storage), level=rung)
     if plot:
         plot_front(report, plot)
     if html:
@@ -257,13 +276,13 @@ def pareto(
 
 
 @app.command("trials")
-def trials_cmd(study: StudyOpt, storage: StorageOpt = None, stage: StageOpt = "final", json_: JsonOpt = False) -> None:
-    """List every trial of a study: state, CCC, costs, rejected reason, reference."""
+def trials_cmd(study: StudyOpt, storage: StorageOpt = None, rung: RungOpt = "auto", json_: JsonOpt = False) -> None:
+    """List every trial of a study: state, CCC at every rung it reached, costs, rejected reason, reference."""
     from microser import show
     from microser.pareto import all_rows
     from microser.storage import load_study
 
-    show.trials_table(all_rows(load_study(study, storage), stage=stage), as_json=json_)
+    show.trials_table(all_rows(load_study(study, storage), level=rung), as_json=json_)
 
 
 @app.command("show")

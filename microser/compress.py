@@ -678,9 +678,9 @@ def compressed_dir(study, trial: int) -> Path:
 
 def _trial_spec(study, trial: int):
     from microser.models.spec import ArchSpec
-    from microser.storage import _trial
+    from microser.rungs import trial_of
 
-    t = _trial(study, trial)
+    t = trial_of(study, trial)
     if not t.user_attrs.get("spec"):
         raise MicroserError(f"trial {t.number} of study {study.study_name!r} has no spec ({t.state.name}): pick a "
                             f"trained trial from `microser trials --study {study.study_name}`")
@@ -690,7 +690,7 @@ def _trial_spec(study, trial: int):
 def load_trial_model(study, trial: int, *, stage: str = "final"):
     """``(model, spec, which weights)`` for a trial: final-stage weights when present, else search weights."""
     from microser.models.spec import build_model
-    from microser.storage import final_record, load_trial_weights
+    from microser.rungs import final_record, load_trial_weights
 
     t, spec = _trial_spec(study, trial)
     which = "final" if stage == "final" and (final_record(study, t) or {}).get("weights") else "search"

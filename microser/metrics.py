@@ -53,3 +53,18 @@ def ccc_report(prediction, truth) -> dict[str, float]:
     report = {name: float(v) for name, v in zip(TARGETS, values)}
     report["mean"] = float(np.mean(values))
     return report
+
+
+def report_mean_std(reports) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and population standard deviation, key by key, of several ``ccc_report`` dicts (e.g. over seeds).
+
+    >>> report_mean_std([{"mean": .5}, {"mean": .7}])
+    ({'mean': 0.6}, {'mean': 0.1})
+    """
+    reports = [r for r in reports if r]
+    if not reports:
+        return {}, {}
+    keys = [k for k in reports[0] if all(k in r for r in reports)]
+    values = {k: np.array([float(r[k]) for r in reports]) for k in keys}
+    return ({k: round(float(v.mean()), 12) for k, v in values.items()},
+            {k: round(float(v.std()), 12) for k, v in values.items()})

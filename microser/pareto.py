@@ -1,15 +1,18 @@
 """The Pareto front of a study: which trials are worth keeping, as rows, JSON and paper-ready plots.
 
 Everything here reads a finished (or running) Optuna study through the trial
-user attributes that ``microser.search`` writes (see docs/ARCHITECTURE.md,
-"Trials"); nothing here trains or measures. Rendering of tables lives in
+user attributes that ``microser.search`` writes and the evaluations in its
+companion study (``microser.rungs``; see docs/ARCHITECTURE.md, "Trials");
+nothing here trains or measures. Rendering of tables lives in
 ``microser.show``; the plots are files, written here.
 
-Stages: ``stage="final"`` scores each trial by its final-fidelity CCC when it
-was retrained in the search's final stage, else by its search-fidelity CCC
-(each row says which: ``ccc_stage``); ``stage="search"`` uses the
-search-fidelity CCC for every trial. The front is recomputed here from those
-scores and the study's cost objectives, so it is the front at the stage shown.
+Levels: a study's fidelities are its rungs (optimizer steps, e.g. ``60``,
+``200``, ``600``) and ``final`` (the final stage, mean over seeds). One front
+is built at one level only, from the trials that reached it, never mixing
+fidelities on one axis. ``level="auto"`` picks the highest level that at least
+``MIN_FRONT_TRIALS`` feasible trials reached; ``first`` is the first rung
+(every candidate). Studies made before rungs have the levels ``search`` and
+``final``.
 """
 
 from __future__ import annotations
@@ -20,17 +23,30 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from microser.errors import MicroserError
+from microser.rungs import FINAL, Evaluations
 
-STAGES = ("search", "final")
 COMPRESSED_PREFIX = "compressed:"  # study user attr "compressed:<trial>": where `microser compress` wrote
 COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs")
 DEFAULT_OBJECTIVES = ("params", "ram_bytes")
+MIN_FRONT_TRIALS = 3   # "auto" shows the highest level at least this many feasible trials reached
 # The plot's three panels: cost key, axis label.
 PANELS = (("params", "parameters (ONNX initializer elements)"),
           ("ram_bytes", "peak activation RAM, int8 plan"),
           ("onnx_bytes", "ONNX file size, fp32"))
+
+
+def is_candidate(t: FrozenTrial) -> bool:
+    """A candidate trained at the first rung (complete with a CCC, not rejected, not a reference)."""
+    return (t.state == TrialState.COMPLETE and "ccc" in t.user_attrs and not t.user_attrs.get("rejected")
+            and not t.user_attrs.get("reference"))
+
+
+def is_feasible(t: FrozenTrial) -> bool:
+    """A trained candidate within every budget: the one feasibility rule of search, pareto and summaries."""
+    return is_candidate(t) and all(v <= 0 for v in (t.constraints or {}).values())
 
 
 @dataclass(frozen=True)
@@ -41,8 +57,9 @@ class TrialRow:
     state: str                      # optuna TrialState name
     family: str | None
     summary: str | None
-    ccc: dict[str, float] | None    # per target + "mean", at ``ccc_stage``
-    ccc_stage: str | None           # "final" | "search" | None (no CCC)
+    ccc: dict[str, float] | None    # per target + "mean", at ``level`` (None: the trial did not reach it)
+    level: str                      # the fidelity of ``ccc``: a rung's steps ("200") or "final"
+    levels: dict[str, float]        # mean CCC at every level the trial reached
     costs: dict[str, float]
     train_seconds: float | None
     reference: str | None
@@ -50,18 +67,20 @@ class TrialRow:
     violations: dict[str, float]    # constraint name -> value > 0 (infeasible)
     feasible: bool                  # complete, not rejected, not a reference, all constraints <= 0
     on_front: bool = False
+    ccc_std: dict[str, float] | None = None   # final level: std over seeds
 
 
 @dataclass(frozen=True)
 class FrontReport:
-    """The front of one study at one stage, plus what was left out and why."""
+    """The front of one study at one level, plus what was left out and why."""
 
     study: str
-    stage: str
+    level: str
+    levels: dict[str, int]          # every level -> feasible trials that reached it
     objectives: tuple[str, ...]     # cost keys minimised beside mean CCC
     budgets: dict[str, float]       # cost key -> limit
-    feasible: list[TrialRow]        # every feasible trial; ``on_front`` marks the N-D front
-    references: list[TrialRow]
+    feasible: list[TrialRow]        # every feasible trial at ``level``; ``on_front`` marks the N-D front
+    references: list[TrialRow]      # references that reached ``level``
     counts: dict[str, int]          # trials, complete, feasible, front, infeasible, rejected, failed, ...
     panel_fronts: dict[str, list[int]] = field(default_factory=dict)  # cost key -> trial numbers, by cost
 
@@ -70,11 +89,17 @@ class FrontReport:
         """Feasible Pareto-optimal trials (mean CCC against ``objectives``), cheapest first."""
         return [r for r in self.feasible if r.on_front]
 
+    @property
+    def label(self) -> str:
+        """The level in words, e.g. ``"600 steps"`` or ``"final stage"``."""
+        return level_label(self.level)
+
     def to_dict(self) -> dict:
         """What ``--json`` prints; ``points`` is exactly what the plots draw."""
         return {
             "study": self.study,
-            "stage": self.stage,
+            "level": self.level,
+            "levels": self.levels,
             "objectives": ["ccc_mean", *self.objectives],
             "budgets": self.budgets,
             "counts": self.counts,
@@ -83,6 +108,14 @@ class FrontReport:
             "points": [_point(r) for r in (*self.feasible, *self.references)],
             "panel_fronts": self.panel_fronts,
         }
+
+
+def level_label(level: str) -> str:
+    if level == FINAL:
+        return "final stage"
+    if level == "search":
+        return "search stage"
+    return f"{level} steps"
 
 
 def _spec_info(attrs: dict) -> tuple[str | None, str | None]:
@@ -97,36 +130,51 @@ def _spec_info(attrs: dict) -> tuple[str | None, str | None]:
     return spec.family, spec.summary()
 
 
-def _final(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict | None:
-    """The final stage's record of a trial (``microser.storage.final_record``), None if not retrained."""
-    from microser.storage import final_record
+def _settings(study: optuna.Study) -> dict:
+    from microser.storage import SETTINGS_ATTR
 
-    return final_record(study, trial)
+    settings = study.user_attrs.get(SETTINGS_ATTR)
+    return settings if isinstance(settings, dict) else {}
 
 
-def trial_row(trial: optuna.trial.FrozenTrial, stage: str = "final", final: dict | None = None) -> TrialRow:
-    """Read one trial's user attributes into a :class:`TrialRow` (CCC at ``stage``, see module doc).
+def study_levels(study: optuna.Study) -> list[str]:
+    """The study's levels, lowest first: its rungs' step counts and "final" (``search``, ``final`` before rungs)."""
+    fidelity = _settings(study).get("fidelity") or {}
+    rungs = fidelity.get("rungs") if isinstance(fidelity, dict) else None
+    return [str(r) for r in rungs] + [FINAL] if rungs else ["search", FINAL]
 
-    ``final`` is the trial's final-stage record (``microser.storage.final_record``).
-    """
-    if stage not in STAGES:
-        raise MicroserError(f"stage {stage!r} is not known: expected one of {', '.join(STAGES)}")
+
+def level_results(study: optuna.Study, trials, evaluations: Evaluations | None = None) -> dict[str, dict[int, dict]]:
+    """``{level: {trial number: {"ccc", "ccc_std"}}}`` for every trial that reached each level."""
+    ev = evaluations or Evaluations(study)
+    levels = study_levels(study)
+    out: dict[str, dict[int, dict]] = {level: {} for level in levels}
+    for t in trials:
+        a = t.user_attrs
+        if a.get("ccc") and not a.get("rejected") and t.state == TrialState.COMPLETE:
+            out[levels[0]][t.number] = {"ccc": dict(a["ccc"])}
+        for k, record in ev.rungs(t.number).items():
+            if 0 < k < len(levels) - 1 and record.get("ccc"):
+                out[levels[k]][t.number] = {"ccc": dict(record["ccc"])}
+        final = ev.final(t)
+        if final and final.get("ccc"):
+            out[FINAL][t.number] = {"ccc": dict(final["ccc"]), "ccc_std": final.get("ccc_std")}
+    return out
+
+
+def trial_row(trial: FrozenTrial, level: str, results: dict[str, dict[int, dict]]) -> TrialRow:
+    """Read one trial into a :class:`TrialRow` with its CCC at ``level`` (None when it did not reach it)."""
     attrs = trial.user_attrs
     family, summary = _spec_info(attrs)
-    ccc, ccc_stage = None, None
-    if stage == "final" and final and final.get("ccc"):
-        ccc, ccc_stage = dict(final["ccc"]), "final"
-    elif attrs.get("ccc") and not attrs.get("rejected"):
-        ccc, ccc_stage = dict(attrs["ccc"]), "search"
+    here = results.get(level, {}).get(trial.number)
     costs = {k: v for k, v in (attrs.get("costs") or {}).items() if isinstance(v, (int, float))}
     violations = {k: float(v) for k, v in (trial.constraints or {}).items() if v > 0}
-    state = trial.state.name
-    feasible = (state == "COMPLETE" and ccc is not None and not attrs.get("rejected")
-                and not attrs.get("reference") and not violations)
-    return TrialRow(number=trial.number, state=state, family=family, summary=summary, ccc=ccc,
-                    ccc_stage=ccc_stage, costs=costs, train_seconds=attrs.get("train_seconds"),
-                    reference=attrs.get("reference"), rejected=attrs.get("rejected"),
-                    violations=violations, feasible=feasible)
+    return TrialRow(number=trial.number, state=trial.state.name, family=family, summary=summary,
+                    ccc=here["ccc"] if here else None, level=level,
+                    levels={lv: r[trial.number]["ccc"]["mean"] for lv, r in results.items() if trial.number in r},
+                    costs=costs, train_seconds=attrs.get("train_seconds"), reference=attrs.get("reference"),
+                    rejected=attrs.get("rejected"), violations=violations, feasible=is_feasible(trial),
+                    ccc_std=here.get("ccc_std") if here else None)
 
 
 def non_dominated(scores: np.ndarray, costs: np.ndarray) -> np.ndarray:
@@ -152,11 +200,23 @@ def non_dominated(scores: np.ndarray, costs: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _settings(study: optuna.Study) -> dict:
-    from microser.storage import SETTINGS_ATTR
+def pareto_ranks(scores: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Non-dominated sorting: 0 for the points no other point dominates, 1 for those only rank-0 points dominate, ...
 
-    settings = study.user_attrs.get(SETTINGS_ATTR)
-    return settings if isinstance(settings, dict) else {}
+    Same dominance as :func:`non_dominated` (score higher is better, costs lower).
+
+    >>> pareto_ranks(np.array([.5, .6, .4, .3]), np.array([[10.], [20.], [30.], [30.]])).tolist()
+    [0, 0, 1, 2]
+    """
+    scores = np.asarray(scores, dtype=float)
+    costs = np.asarray(costs, dtype=float).reshape(len(scores), -1)
+    ranks = np.full(len(scores), -1, dtype=int)
+    rank = 0
+    while (ranks < 0).any():
+        left = np.flatnonzero(ranks < 0)
+        ranks[left[non_dominated(scores[left], costs[left])]] = rank
+        rank += 1
+    return ranks
 
 
 def study_objectives(study: optuna.Study) -> tuple[str, ...]:
@@ -167,21 +227,16 @@ def study_objectives(study: optuna.Study) -> tuple[str, ...]:
 
 
 def study_budgets(study: optuna.Study) -> dict[str, float]:
-    """Budget limits per cost key from the study's search settings.
+    """Budget limits per cost key from the study's search settings (``Budget.to_dict()`` mappings).
 
-    ``budgets`` (in the search settings, ``microser.storage.SETTINGS_ATTR``)
-    may hold budget strings (``"80k-params"``, parsed by :func:`microser.budgets.parse_budget`),
-    ``Budget.to_dict()`` mappings, or one ``{cost key: limit}`` mapping. When
-    the study records none, the limits are recovered from any trial's
+    When the study records none, the limits are recovered from any trial's
     constraints, which search sets to ``cost - limit``.
     """
-    from microser.budgets import Budget, parse_budget
+    from microser.budgets import Budget
 
     raw = _settings(study).get("budgets")
-    if isinstance(raw, dict):
-        return {str(k): float(v) for k, v in raw.items()}
     if raw:
-        budgets = [parse_budget(b) if isinstance(b, str) else Budget.from_dict(b) for b in raw]
+        budgets = [Budget.from_dict(b) for b in raw]
         return {b.metric: float(b.limit) for b in budgets}
     for t in study.get_trials(deepcopy=False):
         costs = t.user_attrs.get("costs") or {}
@@ -190,11 +245,31 @@ def study_budgets(study: optuna.Study) -> dict[str, float]:
     return {}
 
 
-def front_report(study: optuna.Study, *, stage: str = "final") -> FrontReport:
-    """The feasible Pareto-optimal trials of ``study`` at ``stage``, the references, and counts."""
-    rows = [trial_row(t, stage, _final(study, t)) for t in study.get_trials(deepcopy=False)]
+def _choose_level(level: str, levels: list[str], reached: dict[str, int]) -> str:
+    if level == "auto":
+        for lv in reversed(levels):
+            if reached[lv] >= MIN_FRONT_TRIALS:
+                return lv
+        return next((lv for lv in reversed(levels) if reached[lv]), levels[0])
+    if level in ("first", "search"):
+        return levels[0]
+    if level not in levels:
+        raise MicroserError(f"level {level!r} is not one of this study's levels ({', '.join(levels)}): pass "
+                            "--rung with one of those, 'first' or 'auto'")
+    return level
+
+
+def front_report(study: optuna.Study, *, level: str = "auto") -> FrontReport:
+    """The feasible Pareto-optimal trials of ``study`` at one ``level``, the references there, and counts."""
+    trials = study.get_trials(deepcopy=False)
+    results = level_results(study, trials)
+    levels = list(results)
+    feasible_numbers = {t.number for t in trials if is_feasible(t)}
+    reached = {lv: len(set(r) & feasible_numbers) for lv, r in results.items()}
+    level = _choose_level(str(level), levels, reached)
+    rows = [trial_row(t, level, results) for t in trials]
     objectives = study_objectives(study)
-    feasible = [r for r in rows if r.feasible and all(k in r.costs for k in objectives)]
+    feasible = [r for r in rows if r.feasible and r.ccc is not None and all(k in r.costs for k in objectives)]
     if feasible:
         mask = non_dominated(np.array([r.ccc["mean"] for r in feasible]),
                              np.array([[r.costs[k] for k in objectives] for r in feasible]))
@@ -219,31 +294,37 @@ def front_report(study: optuna.Study, *, stage: str = "final") -> FrontReport:
         "running": sum(r.state == "RUNNING" for r in rows),
         "pruned": sum(r.state == "PRUNED" for r in rows),
         "references": len(references),
-        "final_stage": sum(r.ccc_stage == "final" for r in rows),
     }
-    return FrontReport(study=study.study_name, stage=stage, objectives=objectives, budgets=study_budgets(study),
-                       feasible=feasible, references=references, counts=counts, panel_fronts=panel_fronts)
+    return FrontReport(study=study.study_name, level=level, levels=reached, objectives=objectives,
+                       budgets=study_budgets(study), feasible=feasible, references=references, counts=counts,
+                       panel_fronts=panel_fronts)
 
 
 def _on_front(row: TrialRow) -> TrialRow:
     return TrialRow(**{**asdict(row), "on_front": True})
 
 
-def all_rows(study: optuna.Study, *, stage: str = "final") -> list[TrialRow]:
-    """Every trial of the study as a row (``microser trials``), with ``on_front`` filled in."""
-    on_front = {r.number for r in front_report(study, stage=stage).front}
-    return [_on_front(r) if r.number in on_front else r
-            for r in (trial_row(t, stage, _final(study, t)) for t in study.get_trials(deepcopy=False))]
+def all_rows(study: optuna.Study, *, level: str = "auto") -> list[TrialRow]:
+    """Every trial of the study as a row (``microser trials``), ``on_front`` at ``level``."""
+    report = front_report(study, level=level)
+    on_front = {r.number for r in report.front}
+    trials = study.get_trials(deepcopy=False)
+    results = level_results(study, trials)
+    return [_on_front(r) if r.number in on_front else r for r in (trial_row(t, report.level, results) for t in trials)]
 
 
 def trial_detail(study: optuna.Study, number: int) -> dict:
-    """Everything stored about one trial, JSON-ready (``microser show --trial N``)."""
+    """Everything stored about one trial, JSON-ready (``microser show --trial N``): every rung and the final stage."""
     trials = study.get_trials(deepcopy=False)
     match = [t for t in trials if t.number == number]
     if not match:
         raise MicroserError(f"trial {number} is not in study {study.study_name!r} (it has trials 0.."
                             f"{len(trials) - 1}): pick a number from `microser trials --study {study.study_name}`")
     t = match[0]
+    ev = Evaluations(study)
+    levels = study_levels(study)
+    rungs = {levels[0]: t.user_attrs.get("ccc")}
+    rungs.update({levels[k]: r.get("ccc") for k, r in sorted(ev.rungs(t.number).items()) if k < len(levels) - 1})
     return {
         "number": t.number,
         "state": t.state.name,
@@ -253,7 +334,8 @@ def trial_detail(study: optuna.Study, number: int) -> dict:
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         "summary": _spec_info(t.user_attrs)[1],
-        "final": _final(study, t),
+        "rungs": {k: v for k, v in rungs.items() if v},
+        "final": ev.final(t),
         "compressed": study.user_attrs.get(f"{COMPRESSED_PREFIX}{t.number}"),
         "user_attrs": {k: (json.loads(v) if k == "spec" and isinstance(v, str) else v)
                        for k, v in t.user_attrs.items()},
@@ -265,7 +347,7 @@ def trial_detail(study: optuna.Study, number: int) -> dict:
 
 def _point(row: TrialRow) -> dict:
     return {"number": row.number, "family": row.family, "summary": row.summary, "ccc": row.ccc["mean"],
-            "ccc_stage": row.ccc_stage, "reference": row.reference, "on_front": row.on_front,
+            "level": row.level, "reference": row.reference, "on_front": row.on_front,
             **{key: row.costs.get(key) for key, _ in PANELS}}
 
 
@@ -306,21 +388,14 @@ def plot_front(report: FrontReport, path: str | Path) -> dict[str, list[tuple[in
     for ax, (key, label) in zip(axes, PANELS):
         feas = [p for p in points if not p["reference"] and p[key] is not None]
         refs = [p for p in points if p["reference"] and p[key] is not None]
-        # a trial's CCC is final-stage (retrained longer) or search-stage (brief training): different markers
-        groups = []
-        for stage, style in (("search", dict(s=16, color="#9aa5b1", edgecolor="none", label="trial, search-stage CCC")),
-                             ("final", dict(s=22, color="#2c7fb8", edgecolor="white", linewidth=0.5,
-                                            label="trial, final-stage CCC"))):
-            pts = [p for p in feas if (p["ccc_stage"] == "final") == (stage == "final")]
-            if pts:
-                sc = ax.scatter([p[key] for p in pts], [p["ccc"] for p in pts], alpha=0.9, zorder=2, **style)
-                groups.append((pts, sc))
+        sc = ax.scatter([p[key] for p in feas], [p["ccc"] for p in feas], s=18, color="#2c7fb8", edgecolor="white",
+                        linewidth=0.4, alpha=0.9, zorder=2, label="feasible trial")
+        groups = [(feas, sc)]
         front = [by_number[n] for n in report.panel_fronts.get(key, [])]
         if front:
             xs, ys = [p[key] for p in front], [p["ccc"] for p in front]
             ax.plot(xs, ys, drawstyle="steps-post", color="#d95f02", lw=1.4, zorder=3, label="front (this panel)")
-            ax.scatter(xs, ys, s=36, c=["#2c7fb8" if p["ccc_stage"] == "final" else "#9aa5b1" for p in front],
-                       edgecolors="#d95f02", linewidths=1.6, zorder=4)  # fill keeps the CCC-stage colour
+            ax.scatter(xs, ys, s=36, color="#2c7fb8", edgecolors="#d95f02", linewidths=1.6, zorder=4)
             for p in front:
                 ax.annotate(f"#{p['number']}", (p[key], p["ccc"]), xytext=(3, -9), textcoords="offset points",
                             fontsize=6.5, color="#a04000")
@@ -347,7 +422,7 @@ def plot_front(report: FrontReport, path: str | Path) -> dict[str, list[tuple[in
         ax.spines[["top", "right"]].set_visible(False)
         drawn[key] = [(p["number"], float(x), float(y)) for pts, sc in [*groups, (refs, rs)]
                       for p, (x, y) in zip(pts, sc.get_offsets())]
-    axes[0].set_ylabel("mean CCC (A/D/V), validation split")
+    axes[0].set_ylabel(f"mean CCC (A/D/V), validation, {report.label}")
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -356,7 +431,8 @@ def plot_front(report: FrontReport, path: str | Path) -> dict[str, list[tuple[in
                 labels.append(lab)
     axes[-1].legend(handles, labels, loc="lower right", frameon=False)
     c = report.counts
-    fig.suptitle(f"study {report.study}: {c['feasible']} feasible trials, {c['front']} on the front "
+    fig.suptitle(f"study {report.study} at {report.label}: {c['feasible']} feasible trials reached it, "
+                 f"{c['front']} on the front "
                  f"({c['rejected']} rejected over budget, {c['infeasible']} infeasible, {c['failed']} failed)",
                  fontsize=10)
     path = Path(path)
@@ -384,7 +460,7 @@ def plot_front_html(report: FrontReport, path: str | Path) -> None:
                 x=[p[key] for p in pts], y=[p["ccc"] for p in pts], mode="markers", marker=style,
                 name=group, legendgroup=group, showlegend=col == 1,
                 text=[f"#{p['number']} {p['reference'] or ''} {p['summary'] or ''}<br>CCC {p['ccc']:.3f} "
-                      f"({p['ccc_stage']})" for p in pts], hoverinfo="text+x"), row=1, col=col)
+                      f"({report.label})" for p in pts], hoverinfo="text+x"), row=1, col=col)
         front = [by_number[n] for n in report.panel_fronts.get(key, [])]
         fig.add_trace(go.Scatter(x=[p[key] for p in front], y=[p["ccc"] for p in front], mode="lines+markers",
                                  line=dict(shape="hv", color="#d95f02"), marker=dict(color="#d95f02"),
@@ -394,7 +470,7 @@ def plot_front_html(report: FrontReport, path: str | Path) -> None:
         if key in report.budgets:
             fig.add_vline(x=report.budgets[key], line_dash="dash", line_color="#c0392b", row=1, col=col)
         fig.update_xaxes(type="log", title_text=label, row=1, col=col)
-    fig.update_yaxes(title_text=f"mean CCC ({report.stage} stage)", row=1, col=1)
+    fig.update_yaxes(title_text=f"mean CCC, validation, {report.label}", row=1, col=1)
     fig.update_layout(title=f"study {report.study}", template="simple_white", height=460, width=1300)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,31 @@
-"""Search orchestration: an Optuna multi-objective study over a search space, with budgets, workers and a final stage.
+"""Search orchestration: a multi-objective Optuna study, successive halving over rungs of optimizer steps, a final stage.
 
-One trial: the space suggests an ``ArchSpec``; its costs are measured (cheap:
-one ONNX export); budgets become constraints (``trial.set_constraint``, value
-``cost - limit``); a candidate over budget is recorded COMPLETE with its
-costs, its constraints, the sentinel CCC ``REJECTED_CCC`` and the user
-attribute ``rejected: "over budget: ..."`` and is never trained. Otherwise it
-is distilled briefly (``microser.distill``) and scored by the mean validation
-CCC. Objectives: maximize that CCC, minimize the costs in ``objectives``.
+A candidate: the space suggests an ``ArchSpec``; its costs are measured (one
+ONNX export); budgets become constraints (``trial.set_constraint``, value
+``cost - limit``); a candidate over budget is recorded COMPLETE with its costs,
+its constraints, the sentinel CCC ``REJECTED_CCC`` and the user attribute
+``rejected`` and is never trained. Otherwise it is distilled for the first
+rung's steps and scored by mean CCC on the validation subset
+(``microser.splits.bounded``). Objectives: maximize that CCC, minimize the
+costs in ``objectives``; the sampler learns from first-rung results only.
 
-``trials`` counts trained trials only (not rejected candidates, not
-references); the same call again resumes up to that count. ``workers`` runs
-that many processes on one storage. After the search, the final stage
-retrains the top-``final_k`` feasible Pareto candidates and the references for
-``final_epochs`` with a fresh seed; Optuna refuses to change finished trials,
-so those results go to the study user attribute ``final:<trial number>``
-(read them with ``microser.storage.final_record``), their weights to the
-artifact store. User attributes of each trial are listed in
-docs/ARCHITECTURE.md ("Trials").
+Fidelity is counted in optimizer steps (batches of ``batch_size`` crops of
+``crop_seconds``), so a trial costs the same on any cache size. Whenever a
+worker is free it promotes a trial to the next rung if one is due
+(``microser.asha``: best ``1/eta`` of a rung by non-dominated sorting), else it
+draws a new candidate. Promotions retrain from scratch at the higher step
+count; they are jobs in the companion study (``microser.rungs``), claimed
+atomically, so several workers, PostgreSQL and a kill -9 followed by the same
+command lose nothing and train nothing twice.
+
+A wall-clock budget (``time``) covers the whole command: the search stops
+drawing new work when what it would start plus the estimated final stage no
+longer fits. The final stage trains the ``final_k`` best trials of the highest
+rungs and the references at ``final_steps`` with ``final_seeds`` seeds; where
+the cache has few validation speakers, each seed holds out other speakers for
+validation (``microser.splits.speaker_folds``). The summary compares the pick
+(best mean validation CCC over seeds) with the first reference on the test
+split, and calls it a win only when the margin exceeds its spread over seeds.
 """
 
 from __future__ import annotations
@@ -37,12 +46,20 @@ import optuna
 from optuna.trial import TrialState
 
 from microser import __version__
+from microser.asha import finalists, promotions
 from microser.budgets import Budget, describe_violations, parse_budgets, violations
+from microser.durations import parse_duration
 from microser.errors import MicroserError
-from microser.pareto import COST_KEYS, DEFAULT_OBJECTIVES
+from microser.pareto import COST_KEYS, DEFAULT_OBJECTIVES, is_feasible
+from microser.fidelity import Fidelity, resolve_fidelity
+from microser.final import FINAL_PLAN_ATTR, SearchSummary, summarize
+from microser.ladder import Ladder, read_ladder, references
+from microser.rungs import FINAL, Job, RungQueue
+from microser.splits import Split, bounded, speaker_folds
 from microser.storage import (
-    FINAL_PREFIX, SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, final_record,
-    heartbeat_seconds, open_storage, safe_url, save_weights, worker_tag,
+    SETTINGS_ATTR, artifact_store, default_artifacts_dir, default_storage_url, fail_dead_trials, heartbeat_seconds,
+    heartbeats_on,
+    open_storage, safe_url, save_weights, worker_tag,
 )
 
 REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
@@ -51,6 +68,7 @@ MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this 
 MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted
 PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
 MAX_FAILURES_IN_A_ROW = 3
+SEARCH_DONE_ATTR = "search_done"   # study user attr: the search stage ended (time or trials); a rerun goes on
 
 # Settings that define what a study's numbers mean: a study resumed with any of these changed is refused.
 IDENTITY_KEYS = ("objectives", "budgets", "input_seconds", "cache_fingerprint", "space_sha256", "fidelity",
@@ -61,8 +79,8 @@ IDENTITY_KEYS = ("objectives", "budgets", "input_seconds", "cache_fingerprint", 
 class SearchConfig:
     """Every ``microser search`` setting; the same keys are read from ``--config studies/NAME.toml``.
 
-    Defaults make ``microser search --budget 80k-params`` finish on the demo
-    cache in under 10 minutes on 2 cores (see ``bench/search_throughput.py``).
+    Defaults make ``microser search --budget 80k-params`` finish within 10 minutes
+    on 2 cores, on the demo cache or on a real one of any size.
     """
 
     study: str | None = None          # None: "search-<budgets>" (e.g. search-80k-params)
@@ -74,25 +92,28 @@ class SearchConfig:
     # fp32 ONNX bytes track params closely and a 4-D front keeps almost every trial,
     # so by default CCC is traded against params and int8 peak RAM only.
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
-    trials: int = 20                  # trained trials (rejected candidates and references not counted)
-    timeout: float | None = None      # seconds for the search stage; the running trial finishes
+    time: float | None = 600.0        # wall-clock seconds of the whole command (search + final stage); None: no limit
+    trials: int | None = None         # at most this many candidates trained at the first rung; None: what time allows
     workers: int = 1
     threads: int | None = None        # torch threads per worker; None: cores // workers
     seed: int = 0
     sampler: str = "tpe"
-    # search fidelity: brief; 1 s crops in batches of 16 give twice the optimizer steps of distill's
-    # 2 s x 32 for the same audio, and distill fits its warm-up + cosine schedule to the steps given.
-    # On the demo cache (834 training clips) one epoch is 52 steps: 4-9 CPU seconds for a candidate.
-    epochs: float | None = 1.0
-    steps: int | None = None          # instead of epochs
+    # fidelity, in optimizer steps of batch_size crops of crop_seconds (None: planned from time, see plan_steps)
+    rungs: tuple[int, ...] | None = None
+    eta: int = 3                      # promote the best 1/eta of a rung
+    epochs: float | None = None       # instead of rungs: one rung of this many epochs of the cache
     crop_seconds: float = 1.0
     crops_per_segment: int = 1
     batch_size: int = 16
+    valid_seconds: float | None = 600.0   # audio per validation (and test) evaluation; None: whole split
     input_seconds: float = 1.0        # audio length at which RAM and MACs are measured
     ram_mode: str = "offline"         # "streaming": ram_bytes = the C library's state + arena (microser.cgen)
-    # final stage: the top-K feasible Pareto candidates and the references, retrained longer
-    final_k: int = 3
-    final_epochs: float = 8.0
+    # final stage: the best trials of the highest rungs and the references, each with final_seeds seeds
+    final_k: int = 2
+    final_steps: int | None = None
+    final_epochs: float | None = None  # instead of final_steps
+    final_seeds: int = 2
+    folds: str = "auto"               # "auto": seed s validates on speaker fold s when the cache has few; "none"
     references: tuple[str, ...] = ("wav2small-ref",)
 
     def __post_init__(self):
@@ -102,18 +123,38 @@ class SearchConfig:
         if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise MicroserError(f"objectives {','.join(self.objectives)!r}: expected distinct cost keys from "
                                 f"{', '.join(COST_KEYS)}, e.g. 'params,ram_bytes'")
-        for name in ("trials", "workers", "final_k", "batch_size", "crops_per_segment"):
+        minimum = {"workers": 1, "final_k": 0, "batch_size": 2, "crops_per_segment": 1, "eta": 2, "final_seeds": 1}
+        for name, low in minimum.items():
             value = getattr(self, name)
-            if value < (0 if name in ("trials", "final_k") else 1):
-                raise MicroserError(f"{name}={value} must be >= {0 if name in ('trials', 'final_k') else 1}")
-        if self.epochs is not None and self.steps is not None:
-            raise MicroserError(f"epochs={self.epochs} and steps={self.steps}: give one of them (e.g. --epochs 4)")
-        if self.input_seconds <= 0 or self.crop_seconds <= 0:
-            raise MicroserError(f"input_seconds={self.input_seconds}, crop_seconds={self.crop_seconds}: both "
-                                "must be > 0, e.g. 1.0")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise MicroserError(f"{name}={value!r} must be an integer >= {low}")
+        if self.trials is not None and (isinstance(self.trials, bool) or not isinstance(self.trials, int)
+                                        or self.trials < 1):
+            raise MicroserError(f"trials={self.trials!r} must be an integer >= 1 (or left out: as many as --time allows)")
+        if self.time is None and self.trials is None:
+            raise MicroserError("time=none and no trials: give a wall-clock budget (--time 10m) or a number of "
+                                "candidates (--trials 30)")
+        if self.epochs is not None and self.rungs is not None:
+            raise MicroserError(f"epochs={self.epochs} and rungs={list(self.rungs)}: give one of them")
+        if self.final_epochs is not None and self.final_steps is not None:
+            raise MicroserError(f"final_epochs={self.final_epochs} and final_steps={self.final_steps}: give one")
+        if self.rungs is not None:
+            if not self.rungs or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.rungs) \
+                    or list(self.rungs) != sorted(set(self.rungs)):
+                raise MicroserError(f"rungs={list(self.rungs)}: expected increasing step counts >= 1, e.g. 60,200,600")
+        for name in ("epochs", "final_epochs", "crop_seconds", "input_seconds", "valid_seconds"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise MicroserError(f"{name}={value!r} must be a finite number > 0, e.g. 1.0")
+        if self.final_steps is not None and (not isinstance(self.final_steps, int) or self.final_steps < 1):
+            raise MicroserError(f"final_steps={self.final_steps!r} must be an integer >= 1, e.g. 1000")
+        if self.time is not None and not (math.isfinite(self.time) and self.time > 0):
+            raise MicroserError(f"time={self.time!r} must be a positive duration, e.g. 10m")
         parse_budgets(self.budgets)
         if self.ram_mode not in ("offline", "streaming"):
             raise MicroserError(f"ram_mode {self.ram_mode!r}: expected 'offline' or 'streaming'")
+        if self.folds not in ("auto", "none"):
+            raise MicroserError(f"folds {self.folds!r}: expected 'auto' or 'none'")
 
     @property
     def study_name(self) -> str:
@@ -131,11 +172,15 @@ class SearchConfig:
             raise MicroserError(f"search config key(s) {', '.join(unknown)} not known: expected keys among "
                                 f"{', '.join(sorted(known))}")
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        if d.get("steps") is not None and "epochs" not in d:
-            d["epochs"] = None    # steps replace the default epochs
         for key in ("budgets", "objectives", "references"):   # one string is accepted for a list
             if isinstance(d.get(key), str):
                 d[key] = tuple(x.strip() for x in d[key].split(",") if x.strip())
+        if isinstance(d.get("rungs"), str):
+            d["rungs"] = _ints(d["rungs"], "rungs")
+        if isinstance(d.get("time"), str):
+            d["time"] = None if d["time"].strip().lower() in ("none", "off", "") else parse_duration(d["time"], what="time")
+        if "trials" in d and "time" not in d and d["trials"] is not None:
+            d["time"] = None   # a number of trials alone is not cut short by the default wall-clock budget
         return cls(**d)
 
     @classmethod
@@ -156,58 +201,41 @@ class SearchConfig:
         return cls.from_dict(base)
 
 
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise MicroserError(f"{what} {text!r} is not understood: expected comma-separated integers, "
+                            "e.g. 60,200,600") from None
+
+
 @dataclass
 class TrainOutcome:
     """What a trainer returns for one candidate."""
 
     state_dict: dict
-    ccc: dict                       # validation ccc_report (whole split)
+    ccc: dict                       # validation ccc_report (whole subset)
     train_seconds: float
     samples_per_second: float
+    steps: int = 0
     collapsed: str | None = None    # the collapse message, when predictions were constant
-    test_ccc: dict | None = None    # test ccc_report, when asked for (final stage)
+    test_ccc: dict | None = None    # test ccc_report, when the split has a test part (final stage)
 
 
 @dataclass
 class SearchEvent:
-    """What the progress callback receives (rendered by ``microser.show.SearchLive``)."""
+    """What the progress callback receives (rendered by ``microser.show.search_live``)."""
 
-    kind: str                 # "start" | "measure" | "train" | "epoch" | "trial" | "final" | "done"
+    kind: str                 # "start" | "measure" | "train" | "epoch" | "trial" | "rejected" | "final" | "done"
     stage: str                # "references" | "search" | "final"
-    trained: int              # trained search trials in the study (all workers)
-    total: int                # the trained trials asked for
+    trained: int              # candidates trained at the first rung (all workers)
+    rungs: list[int]          # trials completed at each rung
     rejected: int
-    best_ccc: float | None    # best mean validation CCC of a feasible trained trial
-    eta_seconds: float | None
+    best_ccc: float | None    # best mean validation CCC of a feasible trial at the highest rung reached
+    eta_seconds: float | None  # until the command ends (search stage + final stage)
     message: str = ""
     final_done: int = 0
     final_total: int = 0
-
-
-@dataclass
-class SearchSummary:
-    """The outcome of ``run_search``: counts, timings and the front at final fidelity."""
-
-    study: str
-    storage: str
-    artifacts: str
-    cache: str
-    settings: dict
-    trained: int
-    rejected: int
-    failed: int
-    stale_failed: list[int]
-    search_seconds: float
-    final_seconds: float
-    mean_trial_seconds: float | None
-    rows: list[dict]          # final-stage candidates and references, best final CCC first
-    best: dict | None         # the best feasible candidate at final fidelity
-    reference: dict | None    # the first reference's row
-    margin_test: float | None  # best test mean CCC - reference test mean CCC (held-out speakers)
-    margin_valid: float | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---- the default components (tests inject fakes with the same signatures) ----
@@ -221,8 +249,8 @@ def measure_spec(spec, input_seconds: float) -> dict:
     return {**costs, "input_seconds": input_seconds}
 
 
-def distill_spec(spec, data, train_config, *, test: bool = False, progress=None, should_stop=None) -> TrainOutcome:
-    """Build ``spec`` (torch seeded with the config's seed), distil it, score validation (and test) CCC."""
+def distill_spec(spec, data, train_config, *, split: Split, progress=None, should_stop=None) -> TrainOutcome:
+    """Build ``spec`` (torch seeded with the config's seed), distil it on ``split``, score validation (and test)."""
     import torch
 
     from microser.distill import evaluate, train
@@ -230,13 +258,14 @@ def distill_spec(spec, data, train_config, *, test: bool = False, progress=None,
 
     torch.manual_seed(train_config.seed)
     model = build_model(spec)
-    result = train(model, data, train_config, progress=progress, should_stop=should_stop)
+    result = train(model, data, train_config, train_idx=split.train, valid_idx=split.valid, progress=progress,
+                   should_stop=should_stop)
     model.load_state_dict(result.state_dict)
     test_ccc = None
-    if test and len(data.split_indices("test")) >= 2:
-        test_ccc = evaluate(model, data, "test")
+    if split.test is not None and len(split.test) >= 2:
+        test_ccc = evaluate(model, data, "test", indices=split.test)
     return TrainOutcome(state_dict=result.state_dict, ccc=result.ccc, train_seconds=result.train_seconds,
-                        samples_per_second=result.samples_per_second,
+                        samples_per_second=result.samples_per_second, steps=result.steps,
                         collapsed=result.collapse_message if result.collapsed else None, test_ccc=test_ccc)
 
 
@@ -253,42 +282,9 @@ class Components:
 
 
 def default_space_path() -> Path:
-    return Path(__file__).resolve().parent / "search_spaces" / "default.toml"
+    from microser.space import SPACES_DIR
 
-
-def _train_config(config: SearchConfig, *, seed: int, threads: int, final: bool = False):
-    from microser.distill import TrainConfig
-
-    if final:
-        return TrainConfig(epochs=config.final_epochs, crop_seconds=config.crop_seconds,
-                           crops_per_segment=config.crops_per_segment, batch_size=config.batch_size,
-                           seed=seed, threads=threads)
-    return TrainConfig(epochs=config.epochs, steps=config.steps, crop_seconds=config.crop_seconds,
-                       crops_per_segment=config.crops_per_segment, batch_size=config.batch_size,
-                       seed=seed, threads=threads)
-
-
-MIN_RANKING_STEPS = 100  # below this many optimizer steps per trial, search-fidelity CCC barely ranks candidates
-
-
-def _few_steps_warning(config: SearchConfig, data) -> str:
-    """A warning when the search fidelity gives each trial fewer than MIN_RANKING_STEPS optimizer steps.
-
-    On espeak-emo (480 training segments) one epoch of 1 s crops in batches of
-    16 is 30 steps, and every candidate, wav2small-ref included, scored about
-    0 CCC: the search was blind. Users with small caches need --steps.
-    """
-    try:
-        n_train = len(data.split_indices("train"))
-    except (AttributeError, TypeError):
-        return ""
-    per_epoch = max(1, n_train * config.crops_per_segment // config.batch_size)
-    steps = config.steps if config.steps is not None else int(round((config.epochs or 1.0) * per_epoch))
-    if steps >= MIN_RANKING_STEPS:
-        return ""
-    return (f"warning: search fidelity is {steps} optimizer steps per trial ({n_train} training segments, "
-            f"batch {config.batch_size}); below {MIN_RANKING_STEPS} brief training barely ranks candidates: "
-            f"pass --steps {2 * MIN_RANKING_STEPS} (or more --epochs) for a small cache")
+    return SPACES_DIR / "default.toml"
 
 
 def _threads(config: SearchConfig) -> int:
@@ -306,10 +302,9 @@ def _sampler(config: SearchConfig, worker: int) -> optuna.samplers.BaseSampler:
 
     def make(seed: int) -> optuna.samplers.BaseSampler:
         if config.sampler == "tpe":
-            startup = max(3, min(10, config.trials // 3))
-            return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=startup)
+            return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
         if config.sampler == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, config.trials // 2)))
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
         return optuna.samplers.RandomSampler(seed=seed)
 
     return TrialSeededSampler(make, config.seed)
@@ -355,37 +350,17 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         """Nothing to do: every trial's seed is fixed by its number."""
 
 
+def _seed(base: int, *parts) -> int:
+    """A training seed for (study seed, trial, rung, seed index): distinct per job, the same on every rerun."""
+    codes = [int(p) if isinstance(p, int) else int(hashlib.sha256(str(p).encode()).hexdigest()[:8], 16) for p in parts]
+    return int(np.random.SeedSequence([int(base) % 2**32, *codes]).generate_state(1)[0] % 2**31)
+
+
 # ---- study state, read from storage (so every worker sees the same counts) ----
 
 
-def _is_trained(t: optuna.trial.FrozenTrial) -> bool:
-    return (t.state == TrialState.COMPLETE and "ccc" in t.user_attrs and not t.user_attrs.get("rejected")
-            and not t.user_attrs.get("reference"))
-
-
-def _feasible(t: optuna.trial.FrozenTrial) -> bool:
-    return _is_trained(t) and all(v <= 0 for v in t.constraints.values())
-
-
-def _counts(study: optuna.Study) -> dict:
-    trials = study.get_trials(deepcopy=False)
-    trained = [t for t in trials if _is_trained(t)]
-    feasible = [t for t in trained if all(v <= 0 for v in t.constraints.values())]
-    training_now = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("stage") == "training"]
-    return {
-        "trained": len(trained),
-        "training_now": len(training_now),
-        "rejected": sum(t.state == TrialState.COMPLETE and bool(t.user_attrs.get("rejected")) for t in trials),
-        "failed": sum(t.state == TrialState.FAIL for t in trials),
-        "best": max((t.user_attrs["ccc"]["mean"] for t in feasible), default=None),
-        "mean_seconds": float(np.mean([t.duration.total_seconds() for t in trained])) if trained else None,
-    }
-
-
 def _settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cache_path: str, space_path: Path,
-              artifacts: Path) -> dict:
-    fidelity = {"epochs": config.epochs, "steps": config.steps, "crop_seconds": config.crop_seconds,
-                "crops_per_segment": config.crops_per_segment, "batch_size": config.batch_size}
+              artifacts: Path, fidelity: Fidelity) -> dict:
     return {
         "objectives": list(config.objectives),
         "budgets": [b.to_dict() for b in budgets],
@@ -394,8 +369,8 @@ def _settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cache_pat
         "cache_fingerprint": getattr(data, "fingerprint", None),
         "space": str(space_path),
         "space_sha256": hashlib.sha256(space_path.read_bytes()).hexdigest() if space_path.is_file() else None,
-        "fidelity": fidelity,
-        "final": {"k": config.final_k, "epochs": config.final_epochs},
+        "fidelity": fidelity.to_dict(),
+        "final": {"k": config.final_k, "steps": fidelity.final_steps, "seeds": fidelity.final_seeds},
         "artifacts": str(artifacts.resolve()),
         "sampler": config.sampler,
         "seed": config.seed,
@@ -419,6 +394,8 @@ def _short(value) -> str:
         return ",".join(v["text"] for v in value) or "none"
     if isinstance(value, list):
         return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
     if isinstance(value, str) and len(value) > 16:
         return value[:12] + "..."
     return str(value)
@@ -428,28 +405,45 @@ def _short(value) -> str:
 
 
 class _Searcher:
-    """Runs trials in one process: measure, reject or train, record. Shared by the parent and workers."""
+    """Runs jobs in one process: new candidates at the first rung, promotions, final-stage seeds. Shared by workers."""
 
     def __init__(self, config: SearchConfig, study: optuna.Study, budgets, components: Components, *,
-                 worker: int, threads: int, progress=None):
+                 worker: int, threads: int, progress=None, t0: float | None = None):
         self.config, self.study, self.budgets, self.c = config, study, budgets, components
         self.worker, self.threads, self.progress = worker, threads, progress
-        self.store = artifact_store(study.user_attrs[SETTINGS_ATTR]["artifacts"])
+        settings = study.user_attrs[SETTINGS_ATTR]
+        self.fidelity = Fidelity.from_dict(settings["fidelity"])
+        self.objectives = tuple(settings["objectives"])
+        self.store = artifact_store(settings["artifacts"])
+        self.queue = RungQueue(study)
         self.cost_cache: dict[str, dict] = {}
         self.rejected_in_a_row = 0
         self.failed_in_a_row = 0
         self.duplicates_in_a_row = 0
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.deadline = self.t0 + config.time if config.time else None
+        self._splits: dict[int, Split] = {}
+        self.current: int | None = None   # the trial the objective is running (this process)
+
+    # -- reading the study --
+    def state(self) -> Ladder:
+        return read_ladder(self.study, self.queue, self.fidelity, self.objectives)
 
     # -- events --
-    def emit(self, kind: str, stage: str, message: str = "", **extra) -> None:
+    def emit(self, kind: str, stage: str, message: str = "", state: Ladder | None = None, **extra) -> None:
         if self.progress is None:
             return
-        counts = _counts(self.study)
-        remaining = max(0, self.config.trials - counts["trained"])
-        eta = counts["mean_seconds"] * remaining / self.config.workers if counts["mean_seconds"] else None
-        self.progress(SearchEvent(kind=kind, stage=stage, trained=counts["trained"], total=self.config.trials,
-                                  rejected=counts["rejected"], best_ccc=counts["best"], eta_seconds=eta,
-                                  message=message, **extra))
+        s = state or self.state()
+        remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if stage == "final":
+            plan = self.study.user_attrs.get(FINAL_PLAN_ATTR) or {}
+            extra.setdefault("final_total", len(plan.get("trials", [])) * int(plan.get("seeds", 0)))
+            extra.setdefault("final_done", sum(v == "COMPLETE" for v in s.final_keys.values()))
+            if remaining is not None:
+                remaining = max(remaining, self._final_seconds(s, pending_only=True))
+        self.progress(SearchEvent(kind=kind, stage=stage, trained=s.counts["trained"],
+                                  rungs=[len(level) for level in s.ladder], rejected=s.counts["rejected"],
+                                  best_ccc=s.counts["best"], eta_seconds=remaining, message=message, **extra))
 
     def measure(self, spec) -> dict:
         key = spec.to_json()
@@ -461,8 +455,87 @@ class _Searcher:
                 self.cost_cache[key] = streaming_costs(spec, self.cost_cache[key], self.config.input_seconds)
         return self.cost_cache[key]
 
-    # -- the objective --
+    # -- splits and training --
+    def split(self, fold: int = 0, test: bool = False) -> Split:
+        """Fold ``fold``'s train and bounded validation subset (and the bounded test split when asked)."""
+        key = fold * 2 + int(test)
+        if key not in self._splits:
+            data = self.c.data
+            train, valid, speakers = speaker_folds(data, fold + 1)[fold]
+            cap = self.fidelity.valid_seconds
+            test_idx = bounded(data, data.split_indices("test"), cap) if test else None
+            self._splits[key] = Split(train=train, valid=bounded(data, valid, cap), test=test_idx, fold=fold,
+                                      valid_speakers=speakers)
+        return self._splits[key]
+
+    def train(self, spec, steps: int, seed: int, split: Split, label: str) -> TrainOutcome:
+        from microser.distill import TrainConfig
+
+        f = self.fidelity
+        config = TrainConfig(steps=steps, crop_seconds=f.crop_seconds, crops_per_segment=f.crops_per_segment,
+                             batch_size=f.batch_size, seed=seed, threads=self.threads)
+        return self.c.trainer(spec, self.c.data, config, split=split, progress=self._step_progress(label))
+
+    def _step_progress(self, label: str):
+        if self.progress is None:
+            return None
+
+        def report(info: dict) -> None:
+            self.emit("epoch", "search", f"{label}: step {info.get('step')}/{info.get('steps')}, "
+                                         f"valid CCC {info.get('valid', {}).get('mean', float('nan')):.3f}")
+        return report
+
+    def _record(self, outcome: TrainOutcome, weights: dict) -> dict:
+        record = {"ccc": outcome.ccc, "train_seconds": outcome.train_seconds, "steps": outcome.steps,
+                  "samples_per_second": outcome.samples_per_second, "weights": weights}
+        if outcome.test_ccc is not None:
+            record["test_ccc"] = outcome.test_ccc
+        if outcome.collapsed:
+            record["collapsed"] = outcome.collapsed
+        return record
+
+    # -- time --
+    def _job_seconds(self, s: Ladder, trial: int | None, steps: int) -> float:
+        """Estimated wall seconds of a job of ``steps`` for ``trial``: the median job overhead (measuring,
+        validation, saving, storage) plus its own measured time per step (else the slowest measured)."""
+        if trial is not None and trial in s.step_seconds:
+            per_step = s.step_seconds[trial]
+        else:
+            known = list(s.step_seconds.values())
+            per_step = max(known) if known else 0.1
+        return s.overhead_seconds + per_step * steps
+
+    def _final_members(self, s: Ladder) -> list[int]:
+        plan = self.study.user_attrs.get(FINAL_PLAN_ATTR)
+        if plan and self.study.user_attrs.get(SEARCH_DONE_ATTR):
+            return list(plan["trials"])
+        refs = [t.number for t in references(self.study, self.config.references)]
+        return finalists(s.ladder, self.config.final_k) + refs
+
+    def _final_seconds(self, s: Ladder, pending_only: bool = False) -> float:
+        """Estimated seconds of the final stage (finalists as they stand now, and the references), over workers."""
+        f = self.fidelity
+        total = 0.0
+        members = self._final_members(s)
+        for n in members:
+            for seed in range(f.final_seeds):
+                if pending_only and s.final_keys.get(f"{n}/{FINAL}/{seed}") == "COMPLETE":
+                    continue
+                total += self._job_seconds(s, n, f.final_steps)
+        missing = max(0, self.config.final_k - (len(members) - len(self.config.references)))
+        total += missing * f.final_seeds * self._job_seconds(s, None, f.final_steps)
+        return total / self.config.workers
+
+    def out_of_time(self, s: Ladder, next_seconds: float) -> bool:
+        """True when starting ``next_seconds`` of work would leave too little time for the final stage."""
+        if self.deadline is None:
+            return False
+        return time.monotonic() + next_seconds + self._final_seconds(s) > self.deadline
+
+    # -- a new candidate (first rung) --
     def objective(self, trial: optuna.Trial):
+        started = time.monotonic()
+        self.current = trial.number
         trial.set_user_attr("worker", worker_tag())
         spec = self.c.space.suggest(trial)
         trial.set_user_attr("spec", spec.to_json())
@@ -474,7 +547,7 @@ class _Searcher:
         trial.set_user_attr("costs", costs)
         for key, value in violations(self.budgets, costs).items():
             trial.set_constraint(key, value)
-        cost_values = [float(costs[o]) for o in self.config.objectives]
+        cost_values = [float(costs[o]) for o in self.objectives]
         broken = describe_violations(self.budgets, costs)
         if broken:
             trial.set_user_attr("rejected", f"over budget: {broken}")
@@ -482,18 +555,15 @@ class _Searcher:
             return [REJECTED_CCC, *cost_values]
         self.rejected_in_a_row = 0
         trial.set_user_attr("stage", "training")
-        self.emit("train", "search", f"trial {trial.number}: training {spec.summary()}")
-        outcome = self.c.trainer(spec, self.c.data,
-                                 _train_config(self.config, seed=self.config.seed + trial.number,
-                                               threads=self.threads),
-                                 progress=self._epoch_progress(trial.number))
-        trial.set_user_attr("ccc", outcome.ccc)
-        trial.set_user_attr("train_seconds", outcome.train_seconds)
-        trial.set_user_attr("samples_per_second", outcome.samples_per_second)
-        if outcome.collapsed:
-            trial.set_user_attr("collapsed", outcome.collapsed)
-        trial.set_user_attr("weights", save_weights(outcome.state_dict, store=self.store, study_or_trial=trial,
-                                                    name=f"trial-{trial.number}-search"))
+        steps = self.fidelity.rungs[0]
+        self.emit("train", "search", f"trial {trial.number}: training {spec.summary()}, {steps} steps")
+        outcome = self.train(spec, steps, _seed(self.config.seed, trial.number, 0, 0), self.split(),
+                             f"trial {trial.number}")
+        weights = save_weights(outcome.state_dict, store=self.store, study_or_trial=trial,
+                               name=f"trial-{trial.number}-search")
+        for key, value in self._record(outcome, weights).items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("job_seconds", time.monotonic() - started)
         trial.set_user_attr("stage", "done")
         return [float(outcome.ccc["mean"]), *cost_values]
 
@@ -511,67 +581,132 @@ class _Searcher:
         trial.set_user_attr("duplicate_of", same[0])
         raise optuna.TrialPruned(f"same candidate as trial {same[0]}")
 
-    def _fail_lost_trials(self) -> None:
-        """Fail (and re-queue) RUNNING trials of dead workers: by heartbeat (RDB storages), else by pid (this host)."""
-        storage = self.study._storage
+    def new_candidate(self) -> None:
+        self.current = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
-                optuna.storages.fail_stale_trials(self.study)
-            else:
-                fail_dead_trials(self.study)
+            self.study.optimize(self.objective, n_trials=1, catch=(RuntimeError,), gc_after_trial=False)
+        mine = [t for t in self.study.get_trials(deepcopy=False) if t.number == self.current]
+        if mine and mine[-1].state == TrialState.FAIL:
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                raise MicroserError(f"study {self.study.study_name!r}: {self.failed_in_a_row} trials in a row "
+                                    "failed (see the log above): fix the cause, then run the same command again")
+        else:
+            self.failed_in_a_row = 0
+        if mine and mine[-1].state != TrialState.PRUNED:
+            t = mine[-1]
+            self.emit("rejected" if t.user_attrs.get("rejected") else "trial", "search", _trial_line(t))
 
-    def _epoch_progress(self, number: int):
-        if self.progress is None:
-            return None
+    # -- queued jobs (promotions and final seeds) --
+    def run_claimed(self, stage: str) -> bool:
+        """Claim one waiting job and train it; False when none was waiting."""
+        started = time.monotonic()
+        claim = self.queue.claim()
+        if claim is None:
+            return False
+        job = claim.job
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == job.of)
+        spec = self.c.load_spec(trial.user_attrs["spec"])
+        final = job.rung == FINAL
+        label = (f"trial {job.of} final seed {job.seed + 1}/{self.fidelity.final_seeds}" if final
+                 else f"trial {job.of} rung {job.rung + 1} ({job.steps} steps)")
+        with claim:
+            self.emit("train", stage, f"{label}: training")
+            outcome = self.train(spec, job.steps, _seed(self.config.seed, job.of, job.rung, job.seed),
+                                 self.split(job.fold, test=final), label)
+            weights = save_weights(outcome.state_dict, store=self.store, study_or_trial=self.study,
+                                   name=f"trial-{job.of}-{'final-' + str(job.seed) if final else 'rung-' + str(job.rung)}")
+            self.queue.finish(claim, {**self._record(outcome, weights), "job_seconds": time.monotonic() - started})
+        test = f", test {outcome.test_ccc['mean']:.3f}" if outcome.test_ccc else ""
+        self.emit("final" if final else "trial", stage, f"{label}: CCC {outcome.ccc['mean']:.3f}{test}")
+        return True
 
-        def report(info: dict) -> None:
-            self.emit("epoch", "search", f"trial {number}: epoch {info.get('epoch')}/{info.get('epochs')}, "
-                                         f"valid CCC {info.get('valid', {}).get('mean', float('nan')):.3f}")
-        return report
-
-    # -- the loop --
-    def run(self, deadline: float | None) -> None:
-        while True:
-            counts = _counts(self.study)
-            if counts["trained"] >= self.config.trials:
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            if counts["trained"] + counts["training_now"] >= self.config.trials:
-                # The last trials are training in other workers. Wait for them rather than leave: a worker
-                # that dies (kill -9, a lost host) leaves its trial RUNNING; once its heartbeat is stale it
-                # is failed and re-queued here, and this worker trains it.
-                self._fail_lost_trials()
-                time.sleep(min(2.0, heartbeat_seconds()))
-                continue
-            if self.rejected_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
-                raise MicroserError(
-                    f"budget {', '.join(b.text for b in self.budgets)}: {self.rejected_in_a_row} candidates in a "
-                    f"row were over budget in {self.study.user_attrs[SETTINGS_ATTR]['space']}: raise the budget "
-                    "or use a space with smaller models (--space)")
-            if self.duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
-                raise MicroserError(
-                    f"study {self.study.study_name!r}: the last {self.duplicates_in_a_row} candidates drawn from "
-                    f"{self.study.user_attrs[SETTINGS_ATTR]['space']} were all tried before ({counts['trained']} "
-                    "trained so far; the space has little left to draw): lower --trials or widen the space")
-            before = len(self.study.get_trials(deepcopy=False))
+    def fail_lost(self) -> list[int]:
+        """Fail (and queue again) jobs and trials of dead workers: by heartbeat (RDB storages), else by pid."""
+        failed = []
+        for study in (self.study, self.queue.queue):
+            storage = study._storage
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self.study.optimize(self.objective, n_trials=1, catch=(RuntimeError,), gc_after_trial=False)
-            last = [t for t in self.study.get_trials(deepcopy=False)[before:]
-                    if t.user_attrs.get("worker", {}).get("pid") == os.getpid()]
-            if last and last[-1].state == TrialState.FAIL:
-                self.failed_in_a_row += 1
-                if self.failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                    raise MicroserError(f"study {self.study.study_name!r}: {self.failed_in_a_row} trials in a row "
-                                        "failed (see the log above): fix the cause, then run the same command again")
-            else:
-                self.failed_in_a_row = 0
-            if last:
-                t = last[-1]
-                kind = "rejected" if t.user_attrs.get("rejected") else "trial"
-                self.emit(kind, "search", _trial_line(t))
+                if heartbeats_on(storage):
+                    optuna.storages.fail_stale_trials(study)
+                failed += fail_dead_trials(study)
+        return failed
+
+    # -- the search stage --
+    def search(self) -> None:
+        """First-rung candidates and promotions until the time or the trial cap says stop (for every worker).
+
+        The first worker to stop closes the search stage (study attribute ``search_done``); the others
+        see it before their next job, so every worker then waits for the same quiet ladder.
+        """
+        last_check = 0.0
+        while not self.study.user_attrs.get(SEARCH_DONE_ATTR):
+            if time.monotonic() - last_check > heartbeat_seconds():
+                self.fail_lost()
+                last_check = time.monotonic()
+            s = self.state()
+            due = promotions(s.ladder, s.taken, self.fidelity.eta)
+            if due:
+                trial, rung = due[0]
+                steps = self.fidelity.rungs[rung]
+                if self.out_of_time(s, self._job_seconds(s, trial, steps)):
+                    return self.close(s, "time")
+                self.queue.enqueue(Job(of=trial, rung=rung, steps=steps))
+                self.run_claimed("search")
+                continue
+            if self.run_claimed("search"):     # a job queued by another worker, or retried after a kill
+                continue
+            if self.config.trials is not None and s.counts["trained"] >= self.config.trials:
+                if s.counts["running"] == 0:
+                    return self.close(s, "trials")
+                time.sleep(min(2.0, heartbeat_seconds()))   # others still train: their results may be promotable
+                continue
+            if self.out_of_time(s, self._job_seconds(s, None, self.fidelity.rungs[0])):
+                return self.close(s, "time")
+            self._check_stuck(s)
+            self.new_candidate()
+
+    def close(self, s: Ladder, why: str) -> None:
+        """End the search stage for every worker of this study."""
+        self.study.set_user_attr(SEARCH_DONE_ATTR, {"why": why, "trained": s.counts["trained"]})
+
+    def settle(self) -> None:
+        """Wait until no search-stage work runs (others finish their job), then drop promotions nobody started."""
+        while True:
+            self.fail_lost()
+            trials = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            jobs = [t for t in self.queue.running() if t.user_attrs["job"]["rung"] != FINAL]
+            if not trials and not jobs:
+                break
+            time.sleep(min(2.0, heartbeat_seconds()))
+        for t in self.queue.trials(states=(TrialState.WAITING,)):
+            if t.user_attrs["job"]["rung"] != FINAL:
+                self.queue.cancel(t, "the search stage closed before this promotion started")
+
+    def _check_stuck(self, s: Ladder) -> None:
+        space = self.study.user_attrs[SETTINGS_ATTR]["space"]
+        if self.rejected_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
+            raise MicroserError(
+                f"budget {', '.join(b.text for b in self.budgets)}: {self.rejected_in_a_row} candidates in a "
+                f"row were over budget in {space}: raise the budget or use a space with smaller models (--space)")
+        if self.duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
+            raise MicroserError(
+                f"study {self.study.study_name!r}: the last {self.duplicates_in_a_row} candidates drawn from "
+                f"{space} were all tried before ({s.counts['trained']} trained so far; the space has little left "
+                "to draw): lower --trials or widen the space")
+
+    # -- the final stage --
+    def drain(self, stage: str = "final") -> None:
+        """Train queued jobs until none is waiting or running (failing and re-queuing those of dead workers)."""
+        while True:
+            if self.run_claimed(stage):
+                continue
+            self.fail_lost()
+            if not self.queue.running() and not self.queue.trials(states=(TrialState.WAITING,)):
+                return
+            time.sleep(min(2.0, heartbeat_seconds()))
 
 
 def _trial_line(t: optuna.trial.FrozenTrial) -> str:
@@ -601,16 +736,15 @@ def _open_data(config: SearchConfig, components: Components):
 
 
 def _open_space(config: SearchConfig, components: Components) -> tuple[Any, Path]:
-    path = Path(config.space) if config.space else default_space_path()
     if components.space is not None:
-        return components.space, path
+        return components.space, Path(config.space) if config.space else default_space_path()
     from microser.space import SearchSpace
 
-    return SearchSpace.load(path), path
+    space = SearchSpace.load(config.space or "default")
+    return space, Path(space.path)
 
 
-def open_study(config: SearchConfig, *, worker: int = 0, data=None, space_path: Path | None = None,
-               create: bool = False) -> optuna.Study:
+def open_study(config: SearchConfig, *, worker: int = 0, create: bool = False) -> optuna.Study:
     """Open (or, with ``create``, create) the study named by ``config`` with this worker's sampler."""
     name = config.study_name
     storage = open_storage(config.storage, name)
@@ -648,8 +782,8 @@ def _probe_budgets(config, budgets, space, measure, space_path: Path) -> None:
                         "use a space with smaller models (--space)")
 
 
-def _worker_main(config_dict: dict, worker: int, threads: int) -> None:
-    """Entry point of a spawned worker process: the same search loop on the same storage."""
+def _worker_main(config_dict: dict, worker: int, threads: int, seconds_left: float | None, mode: str) -> None:
+    """Entry point of a spawned worker process: the search stage (``mode="search"``) or draining final jobs."""
     import torch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -658,14 +792,46 @@ def _worker_main(config_dict: dict, worker: int, threads: int) -> None:
     components = Components()
     components.data, _ = _open_data(config, components)
     components.space, _ = _open_space(config, components)
+    from microser.models.spec import ArchSpec
+
+    components.load_spec = ArchSpec.from_json
     study = open_study(config, worker=worker)
-    deadline = time.monotonic() + config.timeout if config.timeout else None
-    _Searcher(config, study, parse_budgets(config.budgets), components, worker=worker, threads=threads).run(deadline)
+    searcher = _Searcher(config, study, parse_budgets(config.budgets), components, worker=worker, threads=threads)
+    searcher.deadline = None if seconds_left is None else time.monotonic() + seconds_left
+    if mode == "search":
+        searcher.search()
+    else:
+        searcher.drain()
+
+
+def _in_workers(searcher: _Searcher, mode: str) -> None:
+    """Run ``mode`` in ``config.workers`` spawned processes (this one reports progress meanwhile)."""
+    config = searcher.config
+    left = None if searcher.deadline is None else max(0.0, searcher.deadline - time.monotonic())
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(config.to_dict(), k + 1, searcher.threads, left, mode))
+             for k in range(config.workers)]
+    for p in procs:
+        p.start()
+    try:
+        seen = len(searcher.study.get_trials(deepcopy=False))
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            trials = searcher.study.get_trials(deepcopy=False)
+            for t in trials[seen:]:
+                if not t.state.is_finished():
+                    break
+                if t.state != TrialState.PRUNED:
+                    searcher.emit("rejected" if t.user_attrs.get("rejected") else "trial", mode, _trial_line(t))
+                seen += 1
+    finally:
+        for p in procs:
+            p.join()
 
 
 def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] | None = None,
                components: Components | None = None) -> SearchSummary:
-    """Create or resume the study, run the search (in ``config.workers`` processes), then the final stage.
+    """Create or resume the study, run the search stage (in ``config.workers`` processes), then the final stage.
 
     Library code never prints: Optuna's own INFO log is turned down to
     WARNING, and ``progress`` (if given) receives a :class:`SearchEvent` at
@@ -673,6 +839,7 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     """
     import torch
 
+    t0 = time.monotonic()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     c = replace(components) if components is not None else Components()
     budgets = parse_budgets(config.budgets)
@@ -686,12 +853,13 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
         c.resolve_reference = c.resolve_reference or resolve_spec
         c.load_spec = c.load_spec or ArchSpec.from_json
     reference_specs = [(name, c.resolve_reference(name)) for name in config.references]
+    fidelity = resolve_fidelity(config, c.data)
 
     name = config.study_name
-    url = config.storage or f"sqlite:///studies/{name}.db"
+    url = config.storage or default_storage_url(name)
     artifacts = Path(config.artifacts) if config.artifacts else default_artifacts_dir(config.storage, name)
     study = open_study(config, create=True)
-    settings = _settings(config, budgets, c.data, cache_path, space_path, artifacts)
+    settings = _settings(config, budgets, c.data, cache_path, space_path, artifacts, fidelity)
     old = study.user_attrs.get(SETTINGS_ATTR)
     if old is not None:
         _check_same_study(name, url, old, settings)
@@ -700,87 +868,65 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
         study.set_user_attr(SETTINGS_ATTR, settings)
         for params in getattr(c.space, "warm_starts", ()):  # known-good points first (space file)
             study.enqueue_trial(params, skip_if_exists=True)
-    stale = fail_dead_trials(study)
 
-    searcher = _Searcher(config, study, budgets, c, worker=0, threads=threads, progress=progress)
-    searcher.emit("start", "search", f"study {name} in {safe_url(url)}"
-                  + (f"; failed {len(stale)} stale trial(s) of a stopped run: {stale}" if stale else ""))
-    few = _few_steps_warning(config, c.data)
-    if few:
-        searcher.emit("start", "search", few)
-    counts = _counts(study)
-    if budgets and counts["trained"] == 0 and not any(_feasible(t) for t in study.get_trials(deepcopy=False)):
+    searcher = _Searcher(config, study, budgets, c, worker=0, threads=threads, progress=progress, t0=t0)
+    stale = searcher.fail_lost()
+    f = searcher.fidelity
+    searcher.emit("start", "search", f"study {name} in {safe_url(url)}; rungs {', '.join(map(str, f.rungs))} steps, "
+                  f"final {f.final_steps} steps x {f.final_seeds} seeds"
+                  + (f"; failed {len(stale)} trial(s) of a stopped run: {stale}" if stale else ""))
+    s = searcher.state()
+    if budgets and s.counts["trained"] == 0 and not any(is_feasible(t) for t in s.trials):
         _probe_budgets(config, budgets, c.space, searcher.measure, space_path)
 
-    t0 = time.monotonic()
-    deadline = t0 + config.timeout if config.timeout else None
-    procs = []
-    if config.workers > 1 and counts["trained"] < config.trials:
-        # N spawned processes search; this one trains the references meanwhile, then reports progress.
-        ctx = multiprocessing.get_context("spawn")
-        for k in range(config.workers):
-            p = ctx.Process(target=_worker_main, args=(config.to_dict(), k + 1, threads), daemon=False)
-            p.start()
-            procs.append(p)
-    try:
+    done = study.user_attrs.get(SEARCH_DONE_ATTR)
+    t_search = time.monotonic()
+    if done and config.trials is not None and s.counts["trained"] < config.trials:   # asked for more: reopen
+        study.set_user_attr(SEARCH_DONE_ATTR, None)
+        study.set_user_attr(FINAL_PLAN_ATTR, None)
+        done = None
+    if not done:
         _train_references(searcher, reference_specs)
-        if procs:
-            seen = len(study.get_trials(deepcopy=False))
-            while any(p.is_alive() for p in procs):
-                time.sleep(1.0)
-                trials = study.get_trials(deepcopy=False)
-                for t in trials[seen:]:
-                    if t.state.is_finished():
-                        searcher.emit("rejected" if t.user_attrs.get("rejected") else "trial", "search",
-                                      _trial_line(t))
-                        seen += 1
-                    else:
-                        break
+        if config.workers > 1:
+            _in_workers(searcher, "search")
         else:
-            searcher.run(deadline)
-    finally:
-        for p in procs:
-            p.join()
-    search_seconds = time.monotonic() - t0
+            searcher.search()
+        if not study.user_attrs.get(SEARCH_DONE_ATTR):   # the workers stopped without closing (e.g. interrupted)
+            searcher.close(searcher.state(), "stopped")
+    searcher.settle()
+    search_seconds = time.monotonic() - t_search
 
     t1 = time.monotonic()
     _final_stage(searcher, reference_specs)
     final_seconds = time.monotonic() - t1
     searcher.emit("done", "final", "search finished")
-    return _summary(study, config, url, settings, stale, search_seconds, final_seconds)
+    return summarize(study, settings, url, stale, search_seconds, final_seconds)
 
 
 # ---- references ----
 
 
-def _reference_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
-    return {t.user_attrs["reference"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("reference")}
-
-
 def _train_references(searcher: _Searcher, reference_specs) -> None:
-    """Train each reference once per study (same recipe and seed as the search), as a COMPLETE trial."""
-    study, config = searcher.study, searcher.config
-    done = _reference_trials(study)
+    """Train each reference once per study at the first rung (same recipe as candidates), as a COMPLETE trial."""
+    study = searcher.study
+    done = {t.user_attrs["reference"] for t in references(study, [n for n, _ in reference_specs])}
     for name, spec in reference_specs:
         if name in done:
             continue
         searcher.emit("train", "references", f"reference {name}: training {spec.summary()}")
+        started = time.monotonic()
         costs = searcher.measure(spec)
-        outcome = searcher.c.trainer(spec, searcher.c.data,
-                                     _train_config(config, seed=config.seed, threads=searcher.threads),
-                                     progress=None)
+        number = len(study.get_trials(deepcopy=False))
+        outcome = searcher.train(spec, searcher.fidelity.rungs[0], _seed(searcher.config.seed, "reference", name),
+                                 searcher.split(), f"reference {name}")
         weights = save_weights(outcome.state_dict, store=searcher.store, study_or_trial=study,
                                name="reference-" + "".join(ch if ch.isalnum() or ch in "-_." else "_"
-                                                           for ch in Path(name).name) + "-search")
+                                                           for ch in Path(name).name) + f"-{number}")
         attrs = {"spec": spec.to_json(), "family": spec.family, "summary": spec.summary(), "costs": costs,
-                 "ccc": outcome.ccc, "train_seconds": outcome.train_seconds,
-                 "samples_per_second": outcome.samples_per_second, "weights": weights, "reference": name,
-                 "worker": worker_tag()}
-        if outcome.collapsed:
-            attrs["collapsed"] = outcome.collapsed
+                 **searcher._record(outcome, weights), "reference": name, "worker": worker_tag(),
+                 "job_seconds": time.monotonic() - started}
         study.add_trial(optuna.create_trial(
-            values=[float(outcome.ccc["mean"]), *(float(costs[o]) for o in config.objectives)],
+            values=[float(outcome.ccc["mean"]), *(float(costs[o]) for o in searcher.objectives)],
             user_attrs=attrs, constraints=violations(searcher.budgets, costs)))
         searcher.emit("trial", "references", f"reference {name}: CCC {outcome.ccc['mean']:.3f}")
 
@@ -788,79 +934,35 @@ def _train_references(searcher: _Searcher, reference_specs) -> None:
 # ---- final stage ----
 
 
-def final_candidates(study: optuna.Study, objectives, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``k`` feasible trained trials to retrain: Pareto-optimal ones by search CCC first, then the next best."""
-    from microser.pareto import non_dominated
-
-    feasible = [t for t in study.get_trials(deepcopy=False) if _feasible(t)]
-    if not feasible or k == 0:
-        return []
-    scores = np.array([t.user_attrs["ccc"]["mean"] for t in feasible])
-    costs = np.array([[t.user_attrs["costs"][o] for o in objectives] for t in feasible], dtype=float)
-    on_front = non_dominated(scores, costs)
-    order = sorted(range(len(feasible)), key=lambda i: (not on_front[i], -scores[i], feasible[i].number))
-    return [feasible[i] for i in order[:k]]
+def final_members(study: optuna.Study, state: Ladder, k: int, names) -> list[int]:
+    """The trials the final stage trains: the ``k`` best of the highest rungs, then the references ``names``."""
+    return finalists(state.ladder, k) + [t.number for t in references(study, names)]
 
 
 def _final_stage(searcher: _Searcher, reference_specs) -> None:
-    study, config = searcher.study, searcher.config
-    refs = _reference_trials(study)
-    todo = final_candidates(study, config.objectives, config.final_k)
-    todo += [refs[name] for name, _ in reference_specs if name in refs]
-    todo = [t for t in todo if (final_record(study, t) or {}).get("epochs") != config.final_epochs]
-    for i, t in enumerate(todo):
-        spec = searcher.c.load_spec(t.user_attrs["spec"])
-        seed = config.seed + 10_000 + t.number   # a fresh seed: not the one the search used
-        searcher.emit("final", "final", f"final stage: trial {t.number} ({t.user_attrs.get('summary')}), "
-                      f"{config.final_epochs:g} epochs", final_done=i, final_total=len(todo))
-        outcome = searcher.c.trainer(spec, searcher.c.data,
-                                     _train_config(config, seed=seed, threads=searcher.threads, final=True),
-                                     test=True, progress=None)
-        weights = save_weights(outcome.state_dict, store=searcher.store, study_or_trial=study,
-                               name=f"trial-{t.number}-final")
-        record = {"ccc": outcome.ccc, "test_ccc": outcome.test_ccc, "weights": weights,
-                  "epochs": config.final_epochs, "seed": seed, "train_seconds": outcome.train_seconds,
-                  "collapsed": outcome.collapsed}
-        study.set_user_attr(f"{FINAL_PREFIX}{t.number}", record)
-        searcher.emit("final", "final", f"final stage: trial {t.number}: CCC {outcome.ccc['mean']:.3f}",
-                      final_done=i + 1, final_total=len(todo))
+    """Train the finalists and references with every seed: one plan per closed search stage, shared by workers."""
+    study, f = searcher.study, searcher.fidelity
+    plan = study.user_attrs.get(FINAL_PLAN_ATTR)
+    names = [n for n, _ in reference_specs]
+    refs = [t.number for t in references(study, names)]
+    if plan and all(n in plan["trials"] for n in refs):
+        members = list(plan["trials"])
+    else:   # computed on the settled ladder, so every worker that gets here computes the same plan
+        members = final_members(study, searcher.state(), searcher.config.final_k, names)
+        study.set_user_attr(FINAL_PLAN_ATTR, {"trials": members, "steps": f.final_steps, "seeds": f.final_seeds,
+                                              "folds": f.folds})
+    keys = searcher.queue.taken()
+    total = len(members) * f.final_seeds
+    for seed in range(f.final_seeds):   # seed-major: every member gets its first seed before any gets a second
+        for n in members:
+            job = Job(of=n, rung=FINAL, steps=f.final_steps, seed=seed, fold=seed % f.folds)
+            if job.key not in keys:
+                searcher.queue.enqueue(job)
+    searcher.emit("start", "final", f"final stage: {len(members)} trials x {f.final_seeds} seeds = {total} runs of "
+                  f"{f.final_steps} steps" + (f", validation rotating over {f.folds} speaker folds" if f.folds > 1
+                                              else ""))
+    if searcher.config.workers > 1:
+        _in_workers(searcher, "final")
+    searcher.drain()
 
 
-def _row(study: optuna.Study, t: optuna.trial.FrozenTrial, on_front: bool) -> dict:
-    a = t.user_attrs
-    final = final_record(study, t) or {}
-    return {"number": t.number, "reference": a.get("reference"), "summary": a.get("summary"),
-            "family": a.get("family"), "costs": a.get("costs"), "ccc": a.get("ccc"),
-            "final_ccc": final.get("ccc"), "test_ccc": final.get("test_ccc"),
-            "feasible": _feasible(t), "on_front": on_front, "train_seconds": a.get("train_seconds"),
-            "collapsed": final.get("collapsed") or a.get("collapsed")}
-
-
-def _summary(study, config, url, settings, stale, search_seconds, final_seconds) -> SearchSummary:
-    from microser.pareto import non_dominated
-
-    counts = _counts(study)
-    finalists = [t for t in study.get_trials(deepcopy=False) if final_record(study, t) and _feasible(t)]
-    rows = []
-    if finalists:
-        scores = np.array([final_record(study, t)["ccc"]["mean"] for t in finalists])
-        costs = np.array([[t.user_attrs["costs"][o] for o in config.objectives] for t in finalists], dtype=float)
-        mask = non_dominated(scores, costs)
-        rows = [_row(study, t, bool(m)) for t, m in zip(finalists, mask)]
-    refs = _reference_trials(study)
-    ref_rows = [_row(study, refs[n], False) for n in config.references if n in refs]
-    rows.sort(key=lambda r: -(r["final_ccc"] or {}).get("mean", -math.inf))
-    best = rows[0] if rows else None
-    reference = ref_rows[0] if ref_rows else None
-
-    def margin(key):
-        if best and reference and best.get(key) and reference.get(key):
-            return float(best[key]["mean"] - reference[key]["mean"])
-        return None
-
-    return SearchSummary(
-        study=study.study_name, storage=safe_url(url), artifacts=settings["artifacts"], cache=settings["cache"],
-        settings=settings, trained=counts["trained"], rejected=counts["rejected"], failed=counts["failed"],
-        stale_failed=list(stale), search_seconds=search_seconds, final_seconds=final_seconds,
-        mean_trial_seconds=counts["mean_seconds"], rows=rows + ref_rows, best=best, reference=reference,
-        margin_test=margin("test_ccc"), margin_valid=margin("final_ccc"))

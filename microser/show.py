@@ -125,36 +125,44 @@ def demo_built(report, as_json: bool = False) -> None:
 
 
 class search_live:
-    """The live view of `microser.search.run_search`: trial i of N, best CCC within budget, ETA, last event.
+    """The live view of `microser.search.run_search`: trials at each rung, the final stage, best CCC, ETA.
 
     Use as ``with show.search_live() as cb: run_search(config, progress=cb)``.
-    Trial lines (trained, rejected, reference, final stage) scroll above the bar.
+    Trial lines (first rung, promotions, rejected, references, final seeds) scroll above the status bar;
+    the bar fills with the command's time (elapsed / elapsed + ETA).
     """
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        import time
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("best CCC in budget {task.fields[best]}"), TimeElapsedColumn(),
-                            TextColumn("ETA {task.fields[eta]}"), TextColumn("[dim]{task.fields[now]}"),
-                            console=err_console, transient=False)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._time = time.monotonic
+        self.start = self._time()
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                            TextColumn("ETA {task.fields[eta]}"), TextColumn("best {task.fields[best]}"),
+                            TextColumn("[dim]{task.fields[now]}"), console=err_console, transient=False)
         self.bar.__enter__()
         self.task = None
         return self
 
     def __call__(self, event) -> None:
-        final = event.stage == "final" and event.final_total
-        total = event.final_total if final else event.total
-        done = event.final_done if final else event.trained
+        from microser.durations import format_duration
+
+        elapsed = self._time() - self.start
+        rungs = " ".join(f"r{k + 1}:{n}" for k, n in enumerate(event.rungs))
+        description = f"trials at rungs {rungs}"
+        if event.final_total:
+            description += f" | final {event.final_done}/{event.final_total}"
         fields = {"best": "-" if event.best_ccc is None else f"{event.best_ccc:.3f}",
-                  "eta": "-" if event.eta_seconds is None or final else _duration(event.eta_seconds),
-                  "now": event.message[:60] if event.kind in ("measure", "train", "epoch") else ""}
-        description = "final stage" if final else f"trials (rejected {event.rejected})"
+                  "eta": "-" if event.eta_seconds is None else format_duration(event.eta_seconds),
+                  "now": event.message[:50] if event.kind in ("measure", "train", "epoch") else ""}
+        total = elapsed + (event.eta_seconds or 0.0) if event.eta_seconds is not None else None
         if self.task is None:
-            self.task = self.bar.add_task(description, total=total, completed=done, **fields)
+            self.task = self.bar.add_task(description, total=total, completed=elapsed, **fields)
         else:
-            self.bar.update(self.task, description=description, total=total, completed=done, **fields)
-        if event.kind in ("start", "trial", "rejected") or (event.kind == "final" and "CCC" in event.message):
+            self.bar.update(self.task, description=description, total=total, completed=elapsed, **fields)
+        if event.kind in ("start", "trial", "rejected", "final"):
             self.bar.console.print(event.message, markup=False, highlight=False)
 
     def __exit__(self, *exc):
@@ -162,51 +170,63 @@ class search_live:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
+    from microser.durations import format_duration
+
+    return format_duration(seconds)
+
+
+def _mean_std(mean: dict | None, std: dict | None) -> str:
+    if not mean:
+        return "-"
+    return f"{mean['mean']:.3f}" + (f" ±{std['mean']:.3f}" if std and "mean" in std else "")
 
 
 def search_summary(summary, as_json: bool = False) -> None:
-    """The end of `microser search`: counts, timings and the front at final fidelity beside the references."""
+    """The end of `microser search`: the final stage's trials beside the references, counts, timings, the verdict."""
     if as_json:
         print_json(summary.to_dict())
         return
-    from rich.table import Table
+    from rich.table import Column, Table
 
     objectives = summary.settings["objectives"]
-    from rich.table import Column
-
-    table = Table("trial", Column("architecture", min_width=18, overflow="fold"), *objectives, "search",
-                  "final", "test", "", title=f"study {summary.study}: front at final fidelity "
-                  f"({summary.settings['final']['epochs']:g} epochs), references below",
-                  caption="mean CCC: search = search fidelity (valid), final = final fidelity on valid, "
-                          "test = final fidelity on test (held-out speakers)")
-
-    def ccc(d):
-        return "-" if not d else f"{d['mean']:.3f}"
-
+    fid = summary.settings["fidelity"]
+    rung_names = [f"r{k + 1}" for k in range(len(fid["rungs"]))]
+    table = Table("trial", Column("architecture", overflow="fold"), *objectives, *rung_names, "final valid",
+                  "final test", "", title=f"study {summary.study}: final stage ({fid['final_steps']} steps x "
+                  f"{fid['final_seeds']} seeds), references below",
+                  caption=f"mean CCC; r1..: validation at rungs of {', '.join(map(str, fid['rungs']))} steps; final: "
+                          "mean ± std over seeds" + (f" (validation speakers rotate over {fid['folds']} folds)"
+                                                     if fid.get("folds", 1) > 1 else "")
+                          + "; test = held-out speakers")
     for r in summary.rows:
-        tag = "ref" if r["reference"] else ("front" if r["on_front"] else "")
+        tag = "ref" if r["reference"] else ("pick" if summary.pick and r["number"] == summary.pick["number"]
+                                            else "front" if r["on_front"] else "")
         if r.get("collapsed"):
             tag += " collapsed"
         name = f"{r['reference']}: {r['summary']}" if r["reference"] else (r["summary"] or "-")
-        table.add_row(str(r["number"]), name, *(f"{int(r['costs'][o]):,}" for o in objectives),
-                      ccc(r["ccc"]), ccc(r["final_ccc"]), ccc(r["test_ccc"]), tag)
+        rungs = r.get("rungs") or {}
+        cells = [f"{rungs[k]['mean']:.3f}" if rungs.get(k) else "-" for k in range(len(rung_names))]
+        table.add_row(str(r["number"]), name, *(f"{int(r['costs'][o]):,}" for o in objectives), *cells,
+                      _mean_std(r["final_ccc"], r["final_ccc_std"]), _mean_std(r["test_ccc"], r["test_ccc_std"]), tag)
     console.print(table)
     budgets = ", ".join(b["text"] for b in summary.settings["budgets"]) or "none"
-    per_trial = f", {summary.mean_trial_seconds:.1f} s per trained trial" if summary.mean_trial_seconds else ""
-    console.print(f"{summary.trained} trained trials, {summary.rejected} rejected over budget ({budgets}), "
-                  f"{summary.failed} failed; search {_duration(summary.search_seconds)}{per_trial}, final stage "
-                  f"{_duration(summary.final_seconds)}")
+    at_rungs = ", ".join(f"{n} at {steps} steps" for n, steps in zip(summary.rungs, fid["rungs"]))
+    console.print(f"{summary.trained} candidates trained ({at_rungs}), {summary.rejected} rejected over budget "
+                  f"({budgets}), {summary.failed} failed; search {_duration(summary.search_seconds)}, final stage "
+                  f"{_duration(summary.final_seconds)}", highlight=False)
     if summary.stale_failed:
         console.print(f"failed {len(summary.stale_failed)} trial(s) left running by a stopped run: "
-                      f"{summary.stale_failed}")
-    if summary.best and summary.reference and summary.margin_test is not None:
-        verb = "beats" if summary.margin_test > 0 else "trails"
-        console.print(f"best feasible trial {summary.best['number']} {verb} {summary.reference['reference']} by "
-                      f"{summary.margin_test:+.3f} mean CCC on the test split (held-out speakers)")
+                      f"{summary.stale_failed}", highlight=False)
+    m = summary.margin
+    if summary.pick and summary.reference and m:
+        verdict = {"beats": "beats", "trails": "trails", "ties": "ties with"}[m["verdict"]]
+        console.print(f"pick: trial {summary.pick['number']} {verdict} {summary.reference['reference']}: test CCC "
+                      f"{m['mean']:+.3f} ± {m['spread']:.3f} over {len(m['per_seed'])} seed pair(s) (held-out "
+                      "speakers; a win needs the margin above its spread)", highlight=False)
+    for note in summary.notes:
+        console.print(note, highlight=False)
     console.print(f"storage {summary.storage}, artifacts {summary.artifacts}; next: microser pareto --study "
-                  f"{summary.study}")
+                  f"{summary.study}", highlight=False)
 
 
 # ---- costs (microser describe) ----
@@ -277,7 +297,7 @@ def pareto_front(report, *, as_json: bool = False, files: tuple = ()) -> None:
 
     c = report.counts
     table = Table(title=f"study {report.study}: feasible Pareto front (mean CCC vs "
-                        f"{', '.join(report.objectives)}; {report.stage} stage, validation split)")
+                        f"{', '.join(report.objectives)}; {report.label}, validation split)")
     for name in ("trial", "family", "architecture", "A", "D", "V", "CCC", "params", "ONNX KB", "RAM int8 KB",
                  "MACs", "train s", ""):
         table.add_column(name, no_wrap=name not in ("architecture", ""), overflow="fold")
@@ -288,22 +308,30 @@ def pareto_front(report, *, as_json: bool = False, files: tuple = ()) -> None:
                       "-" if r.train_seconds is None else f"{r.train_seconds:.0f}", tag)
 
     for r in report.front:
-        add(r, "" if r.ccc_stage == report.stage else f"({r.ccc_stage} CCC)")
+        add(r, "")
     if report.references:
         table.add_section()
         for r in report.references:
             add(r, f"reference {r.reference}")
     console.print(table)
     budgets = ", ".join(f"{k} <= {v:,.0f}" for k, v in report.budgets.items()) or "none"
-    console.print(f"{c['front']} on the front of {c['feasible']} feasible trials; {c['rejected']} rejected over "
-                  f"budget ({budgets}), {c['infeasible']} infeasible, {c['failed']} failed, {c['running']} running; "
-                  f"{c['final_stage']} with final-stage CCC. KB = 1000 bytes.", highlight=False)
+    levels = ", ".join(f"{_level(lv)} {n}" for lv, n in report.levels.items())
+    console.print(f"{c['front']} on the front of {c['feasible']} feasible trials at {report.label}; {c['rejected']} "
+                  f"rejected over budget ({budgets}), {c['infeasible']} infeasible, {c['failed']} failed, "
+                  f"{c['running']} running. Feasible trials per level: {levels} (--rung LEVEL). KB = 1000 bytes.",
+                  highlight=False)
     for f in files:
         console.print(f"wrote {f}", highlight=False)
 
 
+def _level(level: str) -> str:
+    from microser.pareto import level_label
+
+    return level_label(level)
+
+
 def trials_table(rows, *, as_json: bool = False) -> None:
-    """`microser trials`: every trial, its state, CCC, costs, and why it is not on the front."""
+    """`microser trials`: every trial, its state, CCC at every level it reached, costs, and notes."""
     if as_json:
         from dataclasses import asdict
 
@@ -311,8 +339,10 @@ def trials_table(rows, *, as_json: bool = False) -> None:
         return
     from rich.table import Table
 
-    table = Table(title="all trials")
-    for name in ("trial", "state", "architecture", "CCC", "stage", "params", "RAM int8 KB", "ONNX KB", "note"):
+    levels = list(dict.fromkeys(lv for r in rows for lv in r.levels))
+    table = Table(title=f"all trials (CCC = validation mean at each level; front at {_level(rows[0].level)})"
+                  if rows else "all trials")
+    for name in ("trial", "state", "architecture", *levels, "params", "RAM int8 KB", "note"):
         table.add_column(name, no_wrap=name not in ("architecture", "note"), overflow="fold")
     for r in rows:
         if r.reference:
@@ -323,9 +353,9 @@ def trials_table(rows, *, as_json: bool = False) -> None:
             note = "infeasible: " + ", ".join(f"{k} over by {v:,.0f}" for k, v in r.violations.items())
         else:
             note = "front" if r.on_front else ""
-        table.add_row(str(r.number), r.state, r.summary or "-", "-" if not r.ccc else f"{r.ccc['mean']:.3f}",
-                      r.ccc_stage or "-", _int(r.costs.get("params")), _kb(r.costs.get("ram_bytes")),
-                      _kb(r.costs.get("onnx_bytes")), note)
+        table.add_row(str(r.number), r.state, r.summary or "-",
+                      *(f"{r.levels[lv]:.3f}" if lv in r.levels else "-" for lv in levels),
+                      _int(r.costs.get("params")), _kb(r.costs.get("ram_bytes")), note)
     console.print(table)
 
 

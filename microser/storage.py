@@ -24,11 +24,9 @@ marked FAIL with a ``fail_reason`` user attribute and its parameters re-queued.
 Weights are stored with ``optuna.artifacts.FileSystemArtifactStore`` in the
 study's artifacts folder (default ``studies/<study>-artifacts`` beside the
 study file); the artifact id and the file's sha256 go into the trial's user
-attributes (``weights``). Optuna refuses to change a finished trial, so the
-final stage's results for trial ``n`` live in the study's user attribute
-``final:<n>`` (``{"ccc", "test_ccc", "weights", "epochs", "seed", ...}``);
-:func:`final_record` reads a trial's ``final_ccc``/``final_weights`` user
-attributes first and that study attribute second.
+attributes (``weights``); :func:`load_weights` reads one back, checked against
+its sha256. Evaluations after the first rung (higher rungs, the final stage)
+live in a companion study: ``microser.rungs``.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ from typing import Any
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from microser.errors import MicroserError
 from microser.teachers import sha256_file
@@ -54,7 +52,6 @@ from microser.teachers import sha256_file
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
 SETTINGS_ATTR = "config"     # study user attr: the search settings (objectives, budgets, cache, ...)
-FINAL_PREFIX = "final:"      # study user attr "final:<trial number>": the final stage's record
 _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 _SCHEMA_RACE_TRIES = 6         # attempts to open a database whose tables another worker is creating
 
@@ -75,6 +72,11 @@ def _env_seconds(name: str, default: int) -> int:
 def heartbeat_seconds() -> int:
     """Seconds between a running trial's heartbeats (RDB storages): ``MICROSER_HEARTBEAT_SECONDS`` or 10."""
     return _env_seconds("MICROSER_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
+
+
+def heartbeats_on(storage: optuna.storages.BaseStorage) -> bool:
+    """True for storages that record running trials' heartbeats (RDB storages opened by :func:`open_storage`)."""
+    return getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
 
 
 def grace_seconds() -> int:
@@ -277,9 +279,11 @@ def fail_dead_trials(study: optuna.Study, *, untagged_after_s: float = 600.0) ->
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another process finished or failed it first
         failed.append(t.number)
+        attrs = {k: v for k, v in t.user_attrs.items() if k not in ("worker", "fail_reason", "stage")}
         if t.params:
-            attrs = {k: v for k, v in t.user_attrs.items() if k not in ("worker", "fail_reason")}
             study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
+        elif "job" in attrs:   # a queued evaluation (microser.rungs): queue it again as it was
+            study.add_trial(optuna.create_trial(state=TrialState.WAITING, user_attrs={**attrs, "retry_of": t.number}))
     return failed
 
 
@@ -316,47 +320,14 @@ def save_weights(state_dict: dict, *, store: FileSystemArtifactStore, study_or_t
     return {"artifact_id": artifact_id, "sha256": digest}
 
 
-def _trial(study: optuna.Study, trial: FrozenTrial | int) -> FrozenTrial:
-    if isinstance(trial, FrozenTrial):
-        return trial
-    trials = study.get_trials(deepcopy=False)
-    for t in trials:
-        if t.number == int(trial):
-            return t
-    raise MicroserError(f"study {study.study_name!r} has no trial {trial} (trials 0..{len(trials) - 1}): "
-                        "pick one from `microser pareto`")
+def load_weights(study: optuna.Study, weights: dict, *, what: str, artifacts: str | Path | None = None) -> dict:
+    """The state dict stored as ``weights`` (``{"artifact_id", "sha256"}``), checked against its sha256.
 
-
-def final_record(study: optuna.Study, trial: FrozenTrial | int) -> dict | None:
-    """The final stage's result for a trial: ``{"ccc", "weights", ...}``, or None if it was not retrained."""
-    t = _trial(study, trial)
-    if "final_ccc" in t.user_attrs:
-        return {"ccc": t.user_attrs["final_ccc"], "weights": t.user_attrs.get("final_weights")}
-    return study.user_attrs.get(f"{FINAL_PREFIX}{t.number}")
-
-
-def load_trial_weights(study: optuna.Study, trial: FrozenTrial | int, stage: str = "final", *,
-                       artifacts: str | Path | None = None) -> dict:
-    """The trial's state dict, checked against its recorded sha256.
-
-    ``stage="final"`` gives the final-stage weights when the trial was
-    retrained there and its search weights otherwise; ``stage="search"``
-    always gives the search weights. ``artifacts`` overrides the folder
-    recorded in the study (for a moved study).
+    ``what`` names it in messages (``"trial 3"``); ``artifacts`` overrides the folder recorded in the study
+    (for a moved study). Which weights a trial has at which stage is ``microser.rungs.load_trial_weights``.
     """
     import torch
 
-    if stage not in ("final", "search"):
-        raise MicroserError(f"weights stage {stage!r} is not known: expected 'final' or 'search'")
-    t = _trial(study, trial)
-    weights = None
-    if stage == "final":
-        record = final_record(study, t)
-        weights = record.get("weights") if record else None
-    weights = weights or t.user_attrs.get("weights")
-    if not weights:
-        raise MicroserError(f"trial {t.number} of study {study.study_name!r} has no weights (it was "
-                            f"{t.user_attrs.get('rejected') or t.state.name}): pick a trained trial")
     folder = Path(artifacts) if artifacts is not None else Path(study_settings(study)["artifacts"])
     store = FileSystemArtifactStore(str(folder))
     where = folder / weights["artifact_id"]
@@ -365,14 +336,14 @@ def load_trial_weights(study: optuna.Study, trial: FrozenTrial | int, stage: str
         try:
             download_artifact(artifact_store=store, file_path=str(path), artifact_id=weights["artifact_id"])
         except (ArtifactNotFound, FileNotFoundError):
-            raise MicroserError(f"weights of trial {t.number} (study {study.study_name!r}) are missing: {where} "
+            raise MicroserError(f"weights of {what} (study {study.study_name!r}) are missing: {where} "
                                 "was deleted or moved: put the file back, or retrain the trial") from None
         digest = sha256_file(path)
         if digest != weights["sha256"]:
-            raise MicroserError(f"weights of trial {t.number} at {where} have sha256 {digest[:12]}... but the "
+            raise MicroserError(f"weights of {what} at {where} have sha256 {digest[:12]}... but the "
                                 f"study recorded {weights['sha256'][:12]}...: the file was changed; retrain the trial")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:  # more than tensors inside: refused, never executed
-            raise MicroserError(f"weights of trial {t.number} at {where} are not a plain state dict "
+            raise MicroserError(f"weights of {what} at {where} are not a plain state dict "
                                 f"({' '.join(str(e).split())[:100]}): retrain the trial") from None

@@ -288,7 +288,8 @@ def _study_with_two_trained_trials(tmp_path):
 
 
 def test_compress_and_export_say_that_a_trials_weights_were_deleted(tmp_path, capsys):
-    from microser.storage import load_study, load_trial_weights
+    from microser.rungs import load_trial_weights
+    from microser.storage import load_study
 
     url, study, artifacts = _study_with_two_trained_trials(tmp_path)
     gone = artifacts / study.trials[0].user_attrs["weights"]["artifact_id"]
@@ -408,7 +409,7 @@ def _msg_refused_storage(tmp_path) -> str:
 
 
 def _msg_deleted_weights(tmp_path) -> str:
-    from microser.storage import load_trial_weights
+    from microser.rungs import load_trial_weights
 
     url, study, artifacts = _study_with_two_trained_trials(tmp_path)
     (artifacts / study.trials[0].user_attrs["weights"]["artifact_id"]).unlink()

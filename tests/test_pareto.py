@@ -11,7 +11,8 @@ from optuna.trial import TrialState, create_trial
 
 from microser.errors import MicroserError
 from microser.pareto import front_report, non_dominated, plot_front, plot_front_html, trial_detail
-from microser.storage import FINAL_PREFIX, SETTINGS_ATTR
+from microser.rungs import FINAL, Job, RungQueue
+from microser.storage import SETTINGS_ATTR
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -70,7 +71,7 @@ def test_non_dominated_matches_a_brute_force_check():
 
 
 def test_front_counts_and_references_match_the_hand_made_study(study):
-    report = front_report(study, stage="search")
+    report = front_report(study, level="first")
     assert [r.number for r in report.front] == [0, 1, 3, 5]
     assert [r.number for r in report.references] == [8]
     assert report.counts["feasible"] == 6
@@ -83,19 +84,38 @@ def test_front_counts_and_references_match_the_hand_made_study(study):
     assert report.panel_fronts == {"params": [0, 1, 3, 5], "ram_bytes": [5], "onnx_bytes": [0, 1, 3, 5]}
 
 
-def test_final_stage_ccc_replaces_search_ccc_and_moves_the_front(study):
-    study.set_user_attr(f"{FINAL_PREFIX}2", {"ccc": _ccc(0.80)})  # retrained: now the best CCC
-    final = front_report(study, stage="final")
-    by_number = {r.number: r for r in final.feasible}
-    assert by_number[2].ccc_stage == "final" and by_number[2].ccc["mean"] == 0.80
-    assert by_number[1].ccc_stage == "search"
-    # 2 (.80 @ 3k, 35k) now dominates 3 (.70 @ 5k, 80k); 5 keeps the least RAM
-    assert [r.number for r in final.front] == [0, 1, 2, 5]
-    assert [r.number for r in front_report(study, stage="search").front] == [0, 1, 3, 5]
+def _evaluated(study, number, rung, steps, seed, ccc):
+    """A completed evaluation in the study's companion (what `microser search` records after the first rung)."""
+    job = Job(of=number, rung=rung, steps=steps, seed=seed, fold=seed)
+    RungQueue(study).queue.add_trial(create_trial(value=ccc, user_attrs={
+        "job": job.to_dict(), "key": job.key, "ccc": _ccc(ccc), "test_ccc": _ccc(ccc - .1)}))
+
+
+def test_each_level_is_its_own_front_never_two_fidelities_on_one_axis(study):
+    study.set_user_attr(SETTINGS_ATTR, {**study.user_attrs[SETTINGS_ATTR], "fidelity": {"rungs": [60, 200]}})
+    for n, ccc in ((1, .62), (3, .74), (5, .70)):
+        _evaluated(study, n, 1, 200, 0, ccc)
+    for n, (a, b) in ((3, (.75, .77)), (5, (.80, .78)), (8, (.60, .62))):
+        _evaluated(study, n, FINAL, 1000, 0, a)
+        _evaluated(study, n, FINAL, 1000, 1, b)
+    auto = front_report(study)                     # the highest level at least 3 feasible trials reached
+    assert auto.level == "200" and auto.levels == {"60": 6, "200": 3, "final": 2}
+    assert {r.number: r.ccc["mean"] for r in auto.feasible} == {1: .62, 3: .74, 5: .70}
+    assert {r.level for r in auto.feasible} == {"200"} and [r.number for r in auto.front] == [1, 3, 5]
+    assert auto.references == []                   # the reference skipped the middle rung: not drawn there
+    final = front_report(study, level="final")
+    assert {r.number: round(r.ccc["mean"], 6) for r in final.feasible} == {3: .76, 5: .79}
+    assert {r.number: round(r.ccc_std["mean"], 6) for r in final.feasible} == {3: .01, 5: .01}
+    assert [r.number for r in final.references] == [8] and round(final.references[0].ccc["mean"], 6) == .61
+    first = front_report(study, level="first")
+    assert first.level == "60" and [r.number for r in first.front] == [0, 1, 3, 5]
+    assert {r.number: r.levels for r in first.feasible}[3] == {"60": .70, "200": .74, "final": pytest.approx(.76)}
+    with pytest.raises(MicroserError, match=r"level '999' is not one of this study's levels \(60, 200, final\)"):
+        front_report(study, level="999")
 
 
 def test_png_is_written_and_draws_exactly_the_json_points(study, tmp_path):
-    report = front_report(study, stage="search")
+    report = front_report(study, level="first")
     points = json.loads(json.dumps(report.to_dict()))["points"]
     drawn = plot_front(report, tmp_path / "front.png")
     png = tmp_path / "front.png"
@@ -112,7 +132,7 @@ def test_png_is_written_and_draws_exactly_the_json_points(study, tmp_path):
 
 
 def test_html_plot_holds_the_same_points(study, tmp_path):
-    report = front_report(study, stage="search")
+    report = front_report(study, level="first")
     plot_front_html(report, tmp_path / "front.html")
     text = (tmp_path / "front.html").read_text()
     assert "plotly" in text.lower()
@@ -136,10 +156,10 @@ def test_cli_pareto_json_equals_the_library_and_writes_the_plot(study, tmp_path,
     for key, value in study.user_attrs.items():
         stored.set_user_attr(key, value)
     stored.add_trials(study.trials)
-    main(["pareto", "--study", "hand", "--storage", url, "--stage", "search", "--plot", str(tmp_path / "p.png"),
+    main(["pareto", "--study", "hand", "--storage", url, "--rung", "first", "--plot", str(tmp_path / "p.png"),
           "--json"])
     printed = json.loads(capsys.readouterr().out)
-    expected = json.loads(json.dumps(front_report(study, stage="search").to_dict()))
+    expected = json.loads(json.dumps(front_report(study, level="first").to_dict()))
     assert printed["points"] == expected["points"]
     assert [r["number"] for r in printed["front"]] == [0, 1, 3, 5]
     assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -75,7 +75,8 @@ def _is_trained(t) -> bool:
 
 @needs_server
 def test_three_workers_finish_the_study_after_one_is_killed_mid_trial(tiny, tmp_path, study_name):
-    from microser.storage import load_study, load_trial_weights
+    from microser.rungs import load_trial_weights
+    from microser.storage import load_study
 
     trials = 4
     shared = tmp_path / "shared-artifacts"          # what every host mounts at the same path (NFS, ...)

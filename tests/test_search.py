@@ -2,92 +2,46 @@
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 from optuna.trial import TrialState
 
 from microser.errors import MicroserError
-from microser.search import REJECTED_CCC, Components, SearchConfig, TrainOutcome, run_search
-from microser.storage import final_record, load_study, load_trial_weights
+from microser.fidelity import plan_steps
+from microser.final import compare
+from microser.pareto import is_candidate
+from microser.rungs import Evaluations, RungQueue, final_record, load_trial_weights
+from microser.search import REJECTED_CCC, SearchConfig, run_search
+from microser.storage import load_study
+from search_fakes import FakeSpace, FakeTrainer, fake_ccc, fake_components, fake_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-# ---- fakes: a one-dimensional space whose costs and CCC are known in closed form ----
+# ---- fake components (tests/search_fakes.py): costs and CCC known in closed form ----
 
 
-@dataclass(frozen=True)
-class FakeSpec:
-    width: int
-    family: str = "fake"
-
-    def summary(self) -> str:
-        return f"fake w{self.width}"
-
-    def to_json(self) -> str:
-        return json.dumps({"width": self.width})
+def _study(tmp_path):
+    return load_study("s", f"sqlite:///{tmp_path}/s.db")
 
 
-class FakeSpace:
-    def suggest(self, trial):
-        return FakeSpec(trial.suggest_int("width", 1, 64))
-
-
-def fake_measure(spec, input_seconds):
-    w = spec.width
-    return {"params": 1000 * w, "trainable_params": 1000 * w, "macs": 10_000 * w * input_seconds,
-            "onnx_bytes": 4000 * w, "ram_bytes": 100 * w, "ram_bytes_fp32": 400 * w, "input_seconds": input_seconds}
-
-
-class FakeTrainer:
-    """CCC rises with width (0.01 per unit); records every (width, epochs, seed) it trains."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, spec, data, train_config, *, test=False, progress=None, should_stop=None):
-        self.calls.append((spec.width, train_config.epochs, train_config.seed))
-        ccc = 0.01 * spec.width + (0.1 if train_config.epochs >= 8 else 0.0)
-        report = {"arousal": ccc, "dominance": ccc, "valence": ccc, "mean": ccc}
-        return TrainOutcome(state_dict={"w": torch.full((2,), float(spec.width))}, ccc=report,
-                            train_seconds=0.01, samples_per_second=100.0,
-                            test_ccc=dict(report) if test else None)
-
-
-class FakeData:
-    fingerprint = "fake-data-1"
-    path = "<fake>"
-
-
-def fake_components(trainer):
-    return Components(trainer=trainer, measure=fake_measure, space=FakeSpace(), data=FakeData(),
-                      resolve_reference=lambda name: FakeSpec(10), load_spec=lambda s: FakeSpec(json.loads(s)["width"]))
-
-
-def fake_config(tmp_path, **kw):
-    base = dict(study="s", storage=f"sqlite:///{tmp_path}/s.db", budgets=("20k-params",), trials=6, epochs=1.0,
-                final_epochs=8.0, final_k=2, threads=1, seed=3, sampler="random", space=str(tmp_path / "space.toml"))
-    base.update(kw)
-    return SearchConfig(**base)
+def _rung_calls(trainer, steps):
+    return [c for c in trainer.calls if c[1] == steps]
 
 
 def test_over_budget_candidates_are_recorded_and_never_trained(tmp_path):
     trainer = FakeTrainer()
     summary = run_search(fake_config(tmp_path), components=fake_components(trainer))
-    study = load_study("s", f"sqlite:///{tmp_path}/s.db")
-    trials = study.get_trials()
-    search_widths = [w for w, epochs, _ in trainer.calls if epochs == 1.0]
+    trials = _study(tmp_path).get_trials()
+    first_rung = [c[0] for c in _rung_calls(trainer, 10)]
     rejected = [t for t in trials if t.user_attrs.get("rejected")]
-    trained = [t for t in trials if "ccc" in t.user_attrs and not t.user_attrs.get("reference")
-               and not t.user_attrs.get("rejected")]
-    # references (width 10) train once at search fidelity; every other trained width fits the budget
-    assert sorted(search_widths) == sorted([10] + [t.params["width"] for t in trained])
+    trained = [t for t in trials if is_candidate(t)]
+    # the reference (width 10) trains once at the first rung; every other trained width fits the budget
+    assert sorted(first_rung) == sorted([10] + [t.params["width"] for t in trained])
     assert all(t.params["width"] <= 20 for t in trained)
-    assert len(trained) == 6 and summary.trained == 6
+    assert len(trained) == 9 and summary.trained == 9
     assert summary.rejected == len(rejected) > 0     # width is uniform in 1..64: most draws are over budget
     for t in rejected:
         w = t.params["width"]
@@ -97,41 +51,86 @@ def test_over_budget_candidates_are_recorded_and_never_trained(tmp_path):
         assert t.user_attrs["rejected"] == f"over budget: params {1000 * w} > 20000"
         assert "weights" not in t.user_attrs
     for t in trained:
-        assert t.values == pytest.approx([0.01 * t.params["width"], 1000.0 * t.params["width"], 100.0 * t.params["width"]])
-        assert t.constraints["params"] <= 0
+        w = t.params["width"]
+        assert t.values == pytest.approx([fake_ccc(w, 10), 1000.0 * w, 100.0 * w])
+        assert t.constraints["params"] <= 0 and t.user_attrs["steps"] == 10
 
 
-def test_final_stage_retrains_top_k_and_references_with_a_fresh_seed(tmp_path):
+def test_candidates_climb_the_rungs_by_successive_halving_each_once(tmp_path):
     trainer = FakeTrainer()
+    summary = run_search(fake_config(tmp_path, final_k=0, references=()), components=fake_components(trainer))
+    study = _study(tmp_path)
+    width = {t.number: t.params["width"] for t in study.get_trials() if is_candidate(t)}
+    ev = Evaluations(study)
+    at = [set(width)] + [{n for n in width if k in ev.rungs(n)} for k in (1, 2)]
+    assert summary.rungs == [len(x) for x in at] == [9, *summary.rungs[1:]]
+    # ASHA: the best 1/3 of a rung (by non-dominated sorting; here CCC and cost both grow with width, so all
+    # are on the front and CCC decides) is always among those promoted; earlier promotions stay
+    for k in (0, 1):
+        top = sorted(at[k], key=lambda n: (-width[n], n))[:len(at[k]) // 3]
+        assert set(top) <= at[k + 1] and at[k + 1] <= at[k]
+    assert len(at[1]) >= 3 and len(at[2]) >= 1
+    # every promotion trained once, at its rung's steps, with the CCC of that fidelity
+    assert len(_rung_calls(trainer, 30)) == len(at[1]) and len(_rung_calls(trainer, 90)) == len(at[2])
+    for k, steps in ((1, 30), (2, 90)):
+        for n in at[k]:
+            assert ev.rungs(n)[k]["ccc"]["mean"] == pytest.approx(fake_ccc(width[n], steps))
+    assert not [t for t in RungQueue(study).trials() if t.state != TrialState.COMPLETE]
+
+
+def test_final_stage_trains_finalists_and_references_with_seeds_on_rotating_speaker_folds(tmp_path):
+    # test CCC: the pick gains 0.04 on fold 1 over fold 0, the reference (width 10) does not: spread 0.02
+    trainer = FakeTrainer(test_offset=lambda w, fold: 0.04 * fold if w != 10 else 0.0)
     summary = run_search(fake_config(tmp_path), components=fake_components(trainer))
-    study = load_study("s", f"sqlite:///{tmp_path}/s.db")
-    finals = [(w, seed) for w, epochs, seed in trainer.calls if epochs == 8.0]
-    assert len(finals) == 3                       # final_k = 2 candidates + 1 reference
-    trained = [t for t in study.get_trials() if "ccc" in t.user_attrs and not t.user_attrs.get("rejected")
-               and not t.user_attrs.get("reference")]
-    # with CCC = 0.01 * width and cost = width, every trained trial is on the front: the top 2 by CCC go on
-    top2 = sorted(trained, key=lambda t: -t.params["width"])[:2]
-    assert sorted(w for w, _ in finals) == sorted([10] + [t.params["width"] for t in top2])
-    for t in top2:
-        record = final_record(study, t)
-        assert record["ccc"]["mean"] == pytest.approx(0.01 * t.params["width"] + 0.1)
-        assert record["seed"] != 3 + t.number
-        assert torch.equal(load_trial_weights(study, t)["w"], torch.full((2,), float(t.params["width"])))
-    assert summary.best["number"] == top2[0].number
-    assert summary.reference["reference"] == "fake" or summary.reference["summary"] == "fake w10"
-    assert summary.margin_test == pytest.approx(0.01 * (top2[0].params["width"] - 10))
+    study = _study(tmp_path)
+    finals = [c for c in trainer.calls if c[1] == 200]
+    assert len(finals) == 3 * 2                     # final_k = 2 candidates + 1 reference, 2 seeds each
+    assert all(has_test for *_, has_test in finals)
+    assert sorted(fold for *_, fold, _ in finals) == [0, 0, 0, 1, 1, 1]   # one speaker fold per seed
+    assert len({seed for _, _, seed, _, _ in finals}) == 6              # every run its own seed
+    search_seeds = {seed for w, steps, seed, *_ in trainer.calls if steps != 200}
+    assert not search_seeds & {seed for _, _, seed, _, _ in finals}
+    width = {t.number: t.params["width"] for t in study.get_trials() if is_candidate(t)}
+    best_two = sorted(width, key=lambda n: -width[n])[:2]            # the two widest reached the top rung
+    assert [r["number"] for r in summary.rows if not r["reference"]] == best_two
+    pick = summary.pick
+    assert pick["number"] == best_two[0]
+    assert pick["final_ccc"]["mean"] == pytest.approx(fake_ccc(width[best_two[0]], 200))
+    assert pick["test_ccc_std"]["mean"] == pytest.approx(0.02)      # (x, x + 0.04): population std 0.02
+    record = final_record(study, pick["number"])
+    assert [s["fold"] for s in record["seeds"]] == [0, 1] and record["steps"] == 200
+    assert torch.equal(load_trial_weights(study, pick["number"])["w"], torch.full((2,), float(width[pick["number"]])))
+    gap = fake_ccc(width[best_two[0]], 200) - fake_ccc(10, 200)
+    assert summary.margin["per_seed"] == pytest.approx([gap, gap + 0.04])
+    assert summary.margin["mean"] == pytest.approx(gap + 0.02) and summary.margin["spread"] == pytest.approx(0.02)
+    assert summary.margin["verdict"] == "beats"
 
 
-def test_resume_continues_to_n_trained_and_skips_done_work(tmp_path):
+def test_verdict_needs_the_margin_above_its_spread():
+    def row(*tests):
+        return {"seeds": [{"seed": i, "test_ccc": {"mean": t}} for i, t in enumerate(tests)]}
+
+    won = compare(row(.50, .54), row(.40, .46))
+    assert won["per_seed"] == pytest.approx([.10, .08]) and won["verdict"] == "beats"
+    assert (won["mean"], won["spread"]) == pytest.approx((.09, .01))
+    assert compare(row(.50, .44), row(.45, .45))["verdict"] == "ties"          # +.02 +- .03
+    assert compare(row(.30, .32), row(.45, .45))["verdict"] == "trails"
+    assert compare(row(.50), row())  is None                                   # no pair: no claim
+
+
+def test_resume_continues_to_n_candidates_and_never_trains_a_job_twice(tmp_path):
     trainer = FakeTrainer()
     run_search(fake_config(tmp_path, trials=3), components=fake_components(trainer))
-    first = len(trainer.calls)
-    summary = run_search(fake_config(tmp_path, trials=5), components=fake_components(trainer))
-    again = trainer.calls[first:]
-    assert summary.trained == 5
-    assert len([c for c in again if c[1] == 1.0]) == 2          # two new search trials, reference not retrained
+    first = list(trainer.calls)
     summary = run_search(fake_config(tmp_path, trials=5), components=fake_components(trainer))
     assert summary.trained == 5
+    assert len(_rung_calls(trainer, 10)) == 3 + 1 + 2         # 3 + reference, then 2 new; the reference kept
+    again = list(trainer.calls)
+    run_search(fake_config(tmp_path, trials=5), components=fake_components(trainer))
+    assert trainer.calls == again                              # search and final stage done: nothing to train
+    keys = [t.user_attrs["key"] for t in RungQueue(_study(tmp_path)).trials(states=(TrialState.COMPLETE,))]
+    assert len(keys) == len(set(keys))
+    assert len(first) < len(again)
 
 
 def test_impossible_budget_is_said_before_training_anything(tmp_path):
@@ -142,25 +141,49 @@ def test_impossible_budget_is_said_before_training_anything(tmp_path):
     assert trainer.calls == []
 
 
-def test_existing_study_with_other_objectives_or_budgets_is_refused(tmp_path):
+def test_existing_study_with_other_objectives_budgets_or_fidelity_is_refused(tmp_path):
     run_search(fake_config(tmp_path, trials=1, final_k=0, references=()), components=fake_components(FakeTrainer()))
     with pytest.raises(MicroserError, match="created with objectives params,ram_bytes, this run asks for "
                                             "params,onnx_bytes"):
         run_search(fake_config(tmp_path, objectives=("params", "onnx_bytes")), components=fake_components(FakeTrainer()))
     with pytest.raises(MicroserError, match="created with budgets 20k-params, this run asks for 30k-params"):
         run_search(fake_config(tmp_path, budgets=("30k-params",)), components=fake_components(FakeTrainer()))
+    with pytest.raises(MicroserError, match="created with fidelity .*rungs=10,30,90.*this run asks for .*rungs=10,40"):
+        run_search(fake_config(tmp_path, rungs=(10, 40)), components=fake_components(FakeTrainer()))
+
+
+def test_time_budget_plans_the_fidelity_and_leaves_room_for_the_final_stage(tmp_path):
+    assert plan_steps(600) == ((60, 200, 600), 1000)
+    rungs, final = plan_steps(3600)
+    assert rungs[0] == 60 and rungs[-1] > 600 and final > 1000
+    assert plan_steps(120)[1] < 1000
+    # a fake trainer whose runs take 2 ms per step: 8 s of budget, a final stage of 3 trials x 2 seeds x 200 steps
+    trainer = FakeTrainer(step_sleep=0.002)
+    start = time.monotonic()
+    summary = run_search(fake_config(tmp_path, trials=None, time=8.0), components=fake_components(trainer))
+    took = time.monotonic() - start
+    finals = len([c for c in trainer.calls if c[1] == 200])
+    assert summary.trained >= 1 and finals == (min(summary.trained, 2) + 1) * 2   # the final stage is complete
+    assert took < 8.0 * 1.25, took
 
 
 def test_config_file_keys_match_the_cli_and_flags_override(tmp_path):
     path = tmp_path / "study.toml"
-    path.write_text('budgets = ["80k-params"]\ntrials = 7\nfinal-epochs = 20\nobjectives = "params,macs"\n')
+    path.write_text('budgets = ["80k-params"]\ntrials = 7\nfinal-steps = 900\nobjectives = "params,macs"\n'
+                    'rungs = "50,150"\n')
     config = SearchConfig.load(path, trials=9, seed=None)
-    assert (config.budgets, config.trials, config.final_epochs, config.objectives) == (
-        ("80k-params",), 9, 20, ("params", "macs"))
+    assert (config.budgets, config.trials, config.final_steps, config.objectives, config.rungs) == (
+        ("80k-params",), 9, 900, ("params", "macs"), (50, 150))
+    assert config.time is None                      # trials alone: no default wall-clock cut
+    assert SearchConfig.load(None, time="1h30m").time == 5400.0
     assert config.study_name == "search-80k-params"
     (tmp_path / "bad.toml").write_text("trails = 3\n")
     with pytest.raises(MicroserError, match="key\\(s\\) trails not known"):
         SearchConfig.load(tmp_path / "bad.toml")
+    with pytest.raises(MicroserError, match="rungs=\\[200, 60\\]: expected increasing step counts"):
+        SearchConfig(rungs=(200, 60))
+    with pytest.raises(MicroserError, match="time 'ten minutes' is not understood"):
+        SearchConfig.load(None, time="ten minutes")
 
 
 # ---- real searches: tiny generated cache, tiny space, 1 epoch ----
@@ -187,8 +210,8 @@ def tiny(tmp_path_factory):
 
 def tiny_config(tiny, where, **kw):
     base = dict(study="t", storage=f"sqlite:///{where}/t.db", cache=str(tiny / "cache"), space=str(tiny / "space.toml"),
-                budgets=("3k-params",), trials=2, epochs=1.0, batch_size=8, crop_seconds=0.5, crops_per_segment=1,
-                final_k=1, final_epochs=2.0, references=(), threads=1, seed=5)
+                budgets=("3k-params",), trials=2, time=None, rungs=(20,), batch_size=8, crop_seconds=0.5,
+                final_k=1, final_steps=30, final_seeds=2, references=(), threads=1, seed=5)
     base.update(kw)
     return SearchConfig(**base)
 
@@ -209,7 +232,8 @@ def test_real_two_trial_search_records_the_contract_and_repeats_with_the_same_se
     assert len(trained) == 2
     for t in trained:
         a = t.user_attrs
-        assert set(a) >= {"spec", "family", "summary", "costs", "ccc", "train_seconds", "samples_per_second", "weights"}
+        assert set(a) >= {"spec", "family", "summary", "costs", "ccc", "train_seconds", "samples_per_second", "weights",
+                          "steps"}
         assert a["costs"]["params"] <= 3000 and a["costs"]["input_seconds"] == 1.0
         assert t.values[0] == pytest.approx(a["ccc"]["mean"])
         assert -1 <= a["ccc"]["mean"] <= 1
@@ -219,7 +243,8 @@ def test_real_two_trial_search_records_the_contract_and_repeats_with_the_same_se
     ref = [t for t in study.get_trials() if t.user_attrs.get("reference") == ref_json]
     assert len(ref) == 1 and ref[0].user_attrs["costs"]["params"] > 3000    # outside the budget, still trained
     assert final_record(study, ref[0])["ccc"]["mean"] == pytest.approx(summary.reference["final_ccc"]["mean"])
-    assert [r["number"] for r in summary.rows if not r["reference"]] == [summary.best["number"]]
+    assert [r["number"] for r in summary.rows if not r["reference"]] == [summary.pick["number"]]
+    assert len(summary.pick["seeds"]) == 2 and summary.margin is not None
     # same seed, one worker, fixed threads: the same candidates get the same values
     run_search(tiny_config(tiny, tmp_path / "b", references=(ref_json,), final_k=0))
     assert _trained_values(f"sqlite:///{tmp_path}/b/t.db") == _trained_values(f"sqlite:///{tmp_path}/a/t.db")
@@ -232,7 +257,7 @@ def _is_search(t):
 @pytest.mark.slow
 def test_two_workers_on_one_storage_produce_distinct_complete_trials(tiny, tmp_path):
     url = f"journal:{tmp_path}/t.log"
-    summary = run_search(tiny_config(tiny, tmp_path, storage=url, workers=2, trials=4, final_k=0, epochs=None, steps=60))
+    summary = run_search(tiny_config(tiny, tmp_path, storage=url, workers=2, trials=4, final_k=0, rungs=(60,)))
     study = load_study("t", url)
     trained = [t for t in study.get_trials() if _is_search(t)]
     assert summary.trained == len(trained) >= 4
@@ -251,7 +276,7 @@ def test_resume_after_a_real_kill_mid_trial(tiny, tmp_path):
 
     config = tmp_path / "study.toml"
     config.write_text(f'study = "t"\ncache = "{tiny / "cache"}"\nspace = "{tiny / "space.toml"}"\n'
-                      f'budgets = ["3k-params"]\ntrials = 2\nsteps = 150\nbatch_size = 8\ncrop_seconds = 0.5\n'
+                      f'budgets = ["3k-params"]\ntrials = 2\nrungs = [150]\nbatch_size = 8\ncrop_seconds = 0.5\n'
                       f'final_k = 0\nreferences = []\nthreads = 1\nseed = 5\n')
     command = [sys.executable, "-m", "microser.cli", "search", "--config", str(config)]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -291,8 +316,9 @@ def test_studies_demo_toml_spells_out_the_defaults():
 
     path = Path(__file__).resolve().parents[1] / "studies" / "demo.toml"
     config, default = SearchConfig.load(path), SearchConfig()
-    for key in ("objectives", "trials", "sampler", "seed", "workers", "epochs", "crop_seconds", "crops_per_segment",
-                "batch_size", "input_seconds", "final_k", "final_epochs", "references"):
+    for key in ("objectives", "time", "trials", "sampler", "seed", "workers", "rungs", "eta", "crop_seconds",
+                "batch_size", "valid_seconds", "input_seconds", "final_k", "final_steps", "final_seeds", "folds",
+                "references"):
         assert getattr(config, key) == getattr(default, key), key
     assert config.budgets == ("80k-params",)
 
@@ -304,31 +330,12 @@ def test_warm_starts_of_the_space_are_the_first_trials_of_a_new_study(tmp_path):
     trainer = FakeTrainer()
     components = fake_components(trainer)
     components.space = WarmSpace()
-    run_search(fake_config(tmp_path, trials=4, final_k=0), components=components)
+    run_search(fake_config(tmp_path, trials=4, final_k=0, references=()), components=components)
     study = load_study("s", f"sqlite:///{tmp_path}/s.db")
     searched = [t for t in study.get_trials() if not t.user_attrs.get("reference")]
     assert [t.params["width"] for t in searched[:2]] == [7, 12]
     # resuming the same study does not enqueue them again
-    run_search(fake_config(tmp_path, trials=5, final_k=0), components=components)
+    run_search(fake_config(tmp_path, trials=5, final_k=0, references=()), components=components)
     enqueued = [t.params["width"] for t in load_study("s", f"sqlite:///{tmp_path}/s.db").get_trials()
                 if "fixed_params" in t.system_attrs]
     assert enqueued == [7, 12]
-
-
-def test_a_search_fidelity_of_few_optimizer_steps_is_warned_about():
-    from microser.search import _few_steps_warning
-
-    class Data:
-        def __init__(self, n):
-            self.n = n
-
-        def split_indices(self, split):
-            return list(range(self.n))
-
-    # 480 training segments, 1 crop each, batch 16: 30 steps per epoch (espeak-emo)
-    warning = _few_steps_warning(SearchConfig(epochs=1.0, batch_size=16), Data(480))
-    assert "30 optimizer steps per trial (480 training segments, batch 16)" in warning
-    assert "--steps 200" in warning
-    assert _few_steps_warning(SearchConfig(epochs=4.0, batch_size=16), Data(480)) == ""   # 120 steps
-    assert _few_steps_warning(SearchConfig(epochs=None, steps=150), Data(480)) == ""
-    assert _few_steps_warning(SearchConfig(epochs=1.0), object()) == ""                  # no split info: no claim

@@ -110,7 +110,8 @@ def test_hf_teacher_ignores_remote_code_in_the_model_folder(tmp_path):
 
 
 def test_trial_weights_that_would_run_code_are_refused(tmp_path):
-    from microser.storage import SETTINGS_ATTR, artifact_store, load_trial_weights, open_storage, save_weights
+    from microser.rungs import load_trial_weights
+    from microser.storage import SETTINGS_ATTR, artifact_store, open_storage, save_weights
 
     url = f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(study_name="s", storage=open_storage(url, "s"))

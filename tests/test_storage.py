@@ -14,9 +14,10 @@ import torch
 from optuna.trial import TrialState
 
 from microser.errors import MicroserError
+from microser.rungs import FINAL, Job, RungQueue, final_record, load_trial_weights
 from microser.storage import (
-    SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, final_record, load_study,
-    load_trial_weights, open_storage, save_weights, worker_tag,
+    SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, load_study, open_storage, save_weights,
+    worker_tag,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -77,11 +78,25 @@ def test_weights_round_trip_and_final_stage_record(url, tmp_path):
     assert final_record(study, 0) is None
     assert torch.equal(load_trial_weights(study, 0)["w"], state["w"])   # no final stage yet: search weights
     final = {"w": -state["w"]}
-    study.set_user_attr("final:0", {"ccc": {"mean": 0.7},
+    study.set_user_attr("final:0", {"ccc": {"mean": 0.7},      # a study from before rungs: one seed
                                     "weights": save_weights(final, store=store, study_or_trial=study, name="f0")})
     assert final_record(study, 0)["ccc"] == {"mean": 0.7}
     assert torch.equal(load_trial_weights(study, 0, stage="final")["w"], final["w"])
     assert torch.equal(load_trial_weights(study, 0, stage="search")["w"], state["w"])
+    # the final stage now: one evaluation per seed in the companion study; its weights are the first seed's
+    queue = RungQueue(study)
+    for seed, (ccc, w) in enumerate(((0.6, 2 * state["w"]), (0.8, 3 * state["w"]))):
+        job = Job(of=0, rung=FINAL, steps=1000, seed=seed, fold=seed)
+        queue.enqueue(job)
+        claim = queue.claim()
+        with claim:
+            queue.finish(claim, {"ccc": {"mean": ccc}, "test_ccc": {"mean": ccc - 0.1},
+                                 "weights": save_weights({"w": w}, store=store, study_or_trial=study,
+                                                         name=f"s{seed}")})
+    record = final_record(study, 0)
+    assert record["ccc"]["mean"] == pytest.approx(0.7) and record["ccc_std"]["mean"] == pytest.approx(0.1)
+    assert record["test_ccc"]["mean"] == pytest.approx(0.6) and [s["fold"] for s in record["seeds"]] == [0, 1]
+    assert torch.equal(load_trial_weights(study, 0, stage="final")["w"], 2 * state["w"])
 
 
 def test_deleted_or_changed_weights_are_clear_errors(tmp_path):

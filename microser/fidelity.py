@@ -1,0 +1,87 @@
+"""Fidelity in optimizer steps: the rungs of a search and its final stage, planned from a wall-clock budget.
+
+A step is one batch of ``batch_size`` random crops of ``crop_seconds``, so a
+trial's cost does not depend on the cache's size (one epoch of a 100-hour
+cache is about 20,000 steps; of a small real corpus a few dozen). Epochs stay
+available and are converted to steps on the cache at hand. The fidelity is
+fixed when a study is created and is part of its identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from microser.splits import speaker_folds
+
+FEW_VALID_SPEAKERS = 4   # a validation split of at most this many speakers gets rotating folds in the final stage
+
+
+def plan_steps(seconds: float | None) -> tuple[tuple[int, ...], int]:
+    """Rungs and final-stage steps for a wall-clock budget (None: the 10-minute plan).
+
+    Calibrated on 2 CPU cores (docs/search.md): at 10 minutes, rungs of 60, 200
+    and 600 steps and a final stage of 1,000 steps leave time for about 25
+    candidates, 2 finalists and the reference with 2 seeds each. Longer budgets
+    raise the top rungs and the final stage (fidelity grows like time^0.75, the
+    number of candidates like time^0.25); shorter ones lower them.
+    """
+    scale = (seconds or 600.0) / 600.0
+    final = int(min(20_000, max(200, round(1000 * scale ** 0.75 / 50) * 50)))
+    top = int(max(60, round(0.6 * final / 10) * 10))
+    rungs = [60]
+    while rungs[-1] * 3 < top:
+        rungs.append(int(round(rungs[-1] * 10 / 3 / 10) * 10))
+    if top > rungs[-1]:
+        rungs.append(top)
+    return tuple(rungs), final
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """What every number of a study means: steps per rung, the final stage, and the recipe (frozen at creation)."""
+
+    rungs: tuple[int, ...]
+    final_steps: int
+    final_seeds: int
+    folds: int                # speaker folds the final seeds rotate over (1: the cache's own split only)
+    eta: int
+    crop_seconds: float
+    crops_per_segment: int
+    batch_size: int
+    valid_seconds: float | None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rungs": list(self.rungs)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fidelity":
+        return cls(**{**d, "rungs": tuple(d["rungs"])})
+
+
+def steps_for_epochs(epochs: float, n_train: int, config) -> int:
+    """Optimizer steps of ``epochs`` passes over ``n_train`` segments (``crops_per_segment`` crops each)."""
+    per_epoch = max(1, n_train * config.crops_per_segment // config.batch_size)
+    return max(1, int(round(epochs * per_epoch)))
+
+
+def resolve_fidelity(config, data) -> Fidelity:
+    """The study's fidelity: rungs and final steps from the config, from epochs of this cache, or planned from time."""
+    planned_rungs, planned_final = plan_steps(config.time)
+    n_train = len(data.split_indices("train")) if hasattr(data, "split_indices") else 0
+    if config.epochs is not None:
+        rungs = (steps_for_epochs(config.epochs, n_train, config),)
+    else:
+        rungs = tuple(config.rungs) if config.rungs else planned_rungs
+    if config.final_epochs is not None:
+        final = steps_for_epochs(config.final_epochs, n_train, config)
+    else:
+        final = config.final_steps or max(planned_final, rungs[-1])
+    folds = 1
+    if config.folds == "auto" and config.final_seeds > 1:
+        folds = len(speaker_folds(data, config.final_seeds)) if hasattr(data, "split_indices") else 1
+        if folds > 1 and len(speaker_folds(data, 1)[0][2]) > FEW_VALID_SPEAKERS:
+            folds = 1
+    return Fidelity(rungs=rungs, final_steps=final, final_seeds=config.final_seeds, folds=folds, eta=config.eta,
+                    crop_seconds=config.crop_seconds, crops_per_segment=config.crops_per_segment,
+                    batch_size=config.batch_size, valid_seconds=config.valid_seconds)
+

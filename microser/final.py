@@ -1,0 +1,111 @@
+"""The end of a search: the final stage's trials beside the references, the pick, and an honest verdict.
+
+The pick is the finalist with the best mean validation CCC over its seeds
+(each seed may validate on other speakers: ``microser.splits.speaker_folds``).
+Against the first reference it is compared on the test split, seed by seed
+(the same seed index trains both on the same fold): the margin is the mean of
+the paired differences and its spread their standard deviation; the pick
+"beats" the reference only when the margin exceeds the spread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import optuna
+
+from microser.fidelity import Fidelity
+from microser.ladder import read_ladder, references
+from microser.pareto import is_feasible, non_dominated
+from microser.rungs import Evaluations, RungQueue
+from microser.storage import safe_url
+
+FINAL_PLAN_ATTR = "final_plan"     # study user attr: finalists, steps, seeds, folds of the final stage
+
+
+@dataclass
+class SearchSummary:
+    """The outcome of ``run_search``: counts, timings, the final stage and the verdict against the reference."""
+
+    study: str
+    storage: str
+    artifacts: str
+    cache: str
+    settings: dict
+    trained: int
+    rejected: int
+    failed: int
+    rungs: list[int]           # trials completed at each rung
+    stale_failed: list[int]
+    search_seconds: float
+    final_seconds: float
+    rows: list[dict]           # finalists (front at final fidelity) then references, best final CCC first
+    pick: dict | None          # the finalist with the best mean validation CCC over seeds
+    reference: dict | None     # the first reference's row
+    margin: dict | None        # pick - reference, test CCC: {"mean", "spread", "per_seed", "verdict"}
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _row(t: optuna.trial.FrozenTrial, final: dict | None, rungs: dict[int, dict], on_front: bool) -> dict:
+    a = t.user_attrs
+    final = final or {}
+    return {"number": t.number, "reference": a.get("reference"), "summary": a.get("summary"),
+            "family": a.get("family"), "costs": a.get("costs"), "rungs": {0: a.get("ccc"), **rungs},
+            "final_ccc": final.get("ccc"), "final_ccc_std": final.get("ccc_std"),
+            "test_ccc": final.get("test_ccc"), "test_ccc_std": final.get("test_ccc_std"),
+            "seeds": final.get("seeds", []), "feasible": is_feasible(t), "on_front": on_front,
+            "collapsed": final.get("collapsed") or a.get("collapsed")}
+
+
+def compare(pick: dict, reference: dict) -> dict | None:
+    """Pick minus reference in test CCC, paired by seed (same seed index = same validation fold).
+
+    ``verdict`` is "beats" when the mean margin exceeds its spread (population
+    std over seed pairs), "trails" when it is below minus the spread, else "ties".
+    """
+    ref_by_seed = {s["seed"]: s for s in reference.get("seeds", []) if s.get("test_ccc")}
+    pairs = [float(s["test_ccc"]["mean"]) - float(ref_by_seed[s["seed"]]["test_ccc"]["mean"])
+             for s in pick.get("seeds", []) if s.get("test_ccc") and s["seed"] in ref_by_seed]
+    if not pairs:
+        return None
+    mean, spread = float(np.mean(pairs)), float(np.std(pairs))
+    verdict = "beats" if mean > spread and mean > 0 else "trails" if mean < -spread and mean < 0 else "ties"
+    return {"mean": mean, "spread": spread, "per_seed": pairs, "verdict": verdict}
+
+
+def summarize(study, settings, url, stale, search_seconds, final_seconds) -> SearchSummary:
+    """The search's outcome, read back from storage: finalists and references at final fidelity, the verdict."""
+    fidelity = Fidelity.from_dict(settings["fidelity"])
+    objectives = tuple(settings["objectives"])
+    queue = RungQueue(study, create=False)
+    s = read_ladder(study, queue, fidelity, objectives)
+    ev = Evaluations(study)
+    by_number = {t.number: t for t in s.trials}
+    plan = study.user_attrs.get(FINAL_PLAN_ATTR) or {"trials": []}
+    finals = {n: ev.final(by_number[n]) for n in plan["trials"] if n in by_number}
+    candidates = [n for n in plan["trials"] if finals.get(n) and finals[n].get("ccc") and is_feasible(by_number[n])]
+    rows = []
+    if candidates:
+        scores = np.array([finals[n]["ccc"]["mean"] for n in candidates])
+        costs = np.array([[by_number[n].user_attrs["costs"][o] for o in objectives] for n in candidates], dtype=float)
+        mask = non_dominated(scores, costs)
+        rows = [_row(by_number[n], finals[n], ev.rungs(n), bool(m)) for n, m in zip(candidates, mask)]
+    rows.sort(key=lambda r: -r["final_ccc"]["mean"])
+    refs = [_row(t, finals.get(t.number), ev.rungs(t.number), False)
+            for t in references(study, settings.get("references", ()))]
+    pick = rows[0] if rows else None
+    reference = refs[0] if refs else None
+    notes = []
+    if pick is None:
+        notes.append("no candidate finished the final stage: run the same command again to finish it, or give "
+                     "more --time")
+    return SearchSummary(
+        study=study.study_name, storage=safe_url(url), artifacts=settings["artifacts"], cache=settings["cache"],
+        settings=settings, trained=s.counts["trained"], rejected=s.counts["rejected"], failed=s.counts["failed"],
+        rungs=[len(level) for level in s.ladder], stale_failed=list(stale), search_seconds=search_seconds,
+        final_seconds=final_seconds, rows=rows + refs, pick=pick, reference=reference,
+        margin=compare(pick, reference) if pick and reference else None, notes=notes)
