@@ -67,6 +67,9 @@ def cache_built(report) -> None:
     )
     if report.n_skipped:
         console.print(f"skipped files and reasons: {report.out / 'skipped.csv'}")
+    if report.n_notes:
+        console.print(f"{report.n_notes} file(s) changed on the way in (float audio beyond full scale, "
+                      f"peak-normalised instead of clipped): {report.out / 'notes.csv'}")
 
 
 def cache_info(info: dict, as_json: bool = False) -> None:
@@ -79,6 +82,7 @@ def cache_info(info: dict, as_json: bool = False) -> None:
     console.print(
         f"[bold]{info['path']}[/]: {info['items']} items, {info['sources']} files, {info['hours']:.2f} h, "
         f"{info['speakers']} speakers, split by {info['split_by']} (seed {info['split_seed']}), {info['skipped']} skipped"
+        + (f", {info['notes']} peak-normalised (notes.csv)" if info.get('notes') else "")
     )
     splits = Table("split", "items", "speakers", title="splits")
     for s, n in info["items_per_split"].items():
