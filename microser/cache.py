@@ -229,6 +229,38 @@ def verify_cache(path) -> list[str]:
     return cache.verify()
 
 
+def require_trainable(data) -> None:
+    """Refuse, before any study is opened or any trial trained, data a search cannot train on (one line).
+
+    For a `Cache`: what `microser cache verify` finds (`Cache.verify`: sizes, checksums of every file, item
+    layout, fingerprint, NaN/Inf targets), and segments shorter than `MIN_SEGMENT_SAMPLES` (caches of older
+    versions kept them). For any data with splits: fewer than ``distill.MIN_SPLIT_SEGMENTS`` segments in the
+    train or the valid split.
+    """
+    from microser.distill import MIN_SPLIT_SEGMENTS
+
+    where = f"cache {data.path}" if isinstance(data, Cache) else "the training data"
+    if isinstance(data, Cache):
+        problems = data.verify()
+        if problems:
+            raise MicroserError(f"cache {data.path} fails `microser cache verify` ({listed(problems)}): rebuild it "
+                                "with `microser cache build` (a new --out), then search again")
+        short = [it for it in data.items if it["length"] < MIN_SEGMENT_SAMPLES]
+        if short:
+            it = short[0]
+            raise MicroserError(f"cache {data.path}: {len(short)} segment(s) shorter than {MIN_SECONDS:g} s, the "
+                                f"shortest input a microser model takes (first: item {it['index']}, {it['source']}, "
+                                f"{it['length']} samples): rebuild the cache with this microser, which skips them")
+    if not hasattr(data, "split_indices"):
+        return
+    for split in ("train", "valid"):
+        n = len(data.split_indices(split))
+        if n < MIN_SPLIT_SEGMENTS:
+            raise MicroserError(f"{where}: the {split} split has {n} segment(s); training needs at least "
+                                f"{MIN_SPLIT_SEGMENTS} in train and in valid: add audio (or speakers), or give "
+                                "the audio CSV's split column train and valid rows, and build the cache again")
+
+
 def cache_info(path) -> dict:
     """Summary of a cache: items, hours, speakers, items and speakers per split, target statistics, teachers."""
     cache = Cache.open(path)

@@ -36,13 +36,13 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from microser import __version__
-from microser.budgets import Budget, describe_violations, parse_budgets, violations
+from microser import __version__, checks
+from microser.budgets import Budget, canonical, canonical_dicts, describe_violations, parse_budgets, violations
 from microser.errors import MicroserError
 from microser.pareto import COST_KEYS, DEFAULT_OBJECTIVES
 from microser.storage import (
-    FINAL_PREFIX, SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, final_record,
-    heartbeat_seconds, open_storage, safe_url, save_weights, worker_tag,
+    FINAL_PREFIX, SETTINGS_ATTR, artifact_store, check_storage_url, check_study_name, default_artifacts_dir,
+    fail_dead_trials, final_record, heartbeat_seconds, open_storage, safe_url, save_weights, worker_tag,
 )
 
 REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
@@ -96,28 +96,54 @@ class SearchConfig:
     references: tuple[str, ...] = ("wav2small-ref",)
 
     def __post_init__(self):
+        self._check_values()
         if self.sampler not in SAMPLERS:
             raise MicroserError(f"sampler {self.sampler!r} is not known: expected one of {', '.join(SAMPLERS)}")
         bad = [o for o in self.objectives if o not in COST_KEYS]
         if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise MicroserError(f"objectives {','.join(self.objectives)!r}: expected distinct cost keys from "
                                 f"{', '.join(COST_KEYS)}, e.g. 'params,ram_bytes'")
-        for name in ("trials", "workers", "final_k", "batch_size", "crops_per_segment"):
-            value = getattr(self, name)
-            if value < (0 if name in ("trials", "final_k") else 1):
-                raise MicroserError(f"{name}={value} must be >= {0 if name in ('trials', 'final_k') else 1}")
         if self.epochs is not None and self.steps is not None:
             raise MicroserError(f"epochs={self.epochs} and steps={self.steps}: give one of them (e.g. --epochs 4)")
-        if self.input_seconds <= 0 or self.crop_seconds <= 0:
-            raise MicroserError(f"input_seconds={self.input_seconds}, crop_seconds={self.crop_seconds}: both "
-                                "must be > 0, e.g. 1.0")
         parse_budgets(self.budgets)
         if self.ram_mode not in ("offline", "streaming"):
             raise MicroserError(f"ram_mode {self.ram_mode!r}: expected 'offline' or 'streaming'")
+        check_study_name(self.study_name)
+        if self.storage is not None:
+            check_storage_url(self.storage)
+
+    def _check_values(self) -> None:
+        """Types and ranges of every value (a config file bypasses the CLI's types), as one-line errors."""
+        from microser.frontends import MIN_SECONDS
+
+        for f in fields(self):
+            value, option = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if isinstance(f.default, tuple) and not (isinstance(value, tuple) and all(isinstance(v, str)
+                                                                                      for v in value)):
+                example = list(f.default) or ["80k-params"]
+                raise MicroserError(f"{f.name} {value!r} is not a list of strings: write e.g. {f.name} = {example!r}")
+            if f.type in ("str | None", "str") and not isinstance(value, str) and value is not None:
+                raise MicroserError(f"{option} {value!r} is not a string: pass e.g. {option} {f.default or 'NAME'}")
+        for name, low, example in (("trials", 0, 20), ("workers", 1, 1), ("final_k", 0, 3), ("batch_size", 2, 16),
+                                   ("crops_per_segment", 1, 1), ("threads", 1, 1), ("steps", 1, 200)):
+            if getattr(self, name) is not None:
+                checks.number("--" + name.replace("_", "-"), getattr(self, name), low=low, integer=True,
+                              example=example)
+        checks.seed("--seed", self.seed)
+        for name, example in (("epochs", 1), ("final_epochs", 8), ("timeout", 3600), ("crop_seconds", 1),
+                              ("input_seconds", 1)):
+            value, option = getattr(self, name), "--" + name.replace("_", "-")
+            if value is not None:
+                checks.number(option, value, low=0, low_open=True, example=example)
+            if name in ("crop_seconds", "input_seconds") and value < MIN_SECONDS:
+                raise MicroserError(f"{option} {value:g} is shorter than {MIN_SECONDS:g} s, the shortest input a "
+                                    f"microser model takes (its STFT window must fit): pass {option} "
+                                    f"{MIN_SECONDS:g} or more, e.g. 1")
 
     @property
     def study_name(self) -> str:
-        return self.study or "-".join(["search", *(b.replace(" ", "") for b in self.budgets)])
+        """``--study``, else ``search-<budgets>`` with the budgets canonical (sorted, one spelling each)."""
+        return self.study or "-".join(["search", *(b.text for b in canonical(parse_budgets(self.budgets)))])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -388,7 +414,7 @@ def _settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cache_pat
                 "crops_per_segment": config.crops_per_segment, "batch_size": config.batch_size}
     return {
         "objectives": list(config.objectives),
-        "budgets": [b.to_dict() for b in budgets],
+        "budgets": canonical_dicts(budgets),
         "input_seconds": config.input_seconds,
         "cache": cache_path,
         "cache_fingerprint": getattr(data, "fingerprint", None),
@@ -407,6 +433,7 @@ def _settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cache_pat
 
 
 def _check_same_study(name: str, url: str, old: dict, new: dict) -> None:
+    old = {**old, "budgets": canonical_dicts(old.get("budgets") or [])}   # older studies kept budgets as typed
     for key in IDENTITY_KEYS:
         if old.get(key) != new.get(key):
             raise MicroserError(f"study {name!r} in {safe_url(url)} was created with {key} {_short(old.get(key))}, "
@@ -679,6 +706,9 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     threads = _threads(config)
     torch.set_num_threads(threads)
     c.data, cache_path = _open_data(config, c)
+    from microser.cache import require_trainable
+
+    require_trainable(c.data)   # cache verify's checks, segment lengths, split sizes: before any study or trial
     c.space, space_path = _open_space(config, c)
     if c.resolve_reference is None or c.load_spec is None:
         from microser.models.spec import ArchSpec, resolve_spec
