@@ -439,3 +439,5 @@ def predictions(result: dict, *, as_json: bool = False) -> None:
     console.print(f"{result['files']} files -> {result['out']} ({'int8' if result['int8'] else 'fp32'} "
                   f"{result['model']}); files longer than {result['max_seconds']:g} s were cut into segments "
                   f"overlapping {result['overlap_seconds']:g} s and their outputs averaged", highlight=False)
+    for row in result.get("skipped", []):
+        console.print(f"skipped {row['path']}: {row['reason']}", highlight=False, markup=False)
