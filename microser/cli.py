@@ -117,9 +117,10 @@ def demo(
     json_: JsonOpt = False,
 ) -> None:
     """Build the embedded SYNTHETIC demo corpus and its teacher cache (no download; reused when present)."""
-    from microser import show
+    from microser import checks, show
     from microser.demo import build_demo
 
+    checks.seed("--seed", seed)
     with show.cache_progress() as progress:
         report = build_demo(out, n_clips=clips, n_speakers=speakers, seed=seed, progress=progress)
     show.demo_built(report, as_json=json_)
@@ -137,9 +138,10 @@ def describe(
     json_: JsonOpt = False,
 ) -> None:
     """Print every cost of one architecture: params, MACs, ONNX bytes, peak RAM (int8 and fp32)."""
-    from microser import show
+    from microser import checks, show
     from microser.costs import measure_report
 
+    checks.number("--input-seconds", input_seconds, low=0, low_open=True, example=1)
     if ram_mode not in ("offline", "streaming"):
         raise MicroserError(f"--ram-mode {ram_mode!r}: expected offline or streaming")
     streaming = None
@@ -244,10 +246,13 @@ def pareto(
     json_: JsonOpt = False,
 ) -> None:
     """Show the feasible Pareto-optimal trials of a study (references marked below), with plots."""
-    from microser import show
+    from microser import checks, show
     from microser.pareto import front_report, plot_front, plot_front_html
     from microser.storage import load_study
 
+    for option, path in (("--plot", plot), ("--html", html)):
+        if path is not None:
+            checks.out_file(option, path)
     report = front_report(load_study(study, storage), stage=stage)
     if plot:
         plot_front(report, plot)

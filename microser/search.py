@@ -170,14 +170,18 @@ class SearchConfig:
         base: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
-            try:
-                base = tomllib.loads(path.read_text())
-            except FileNotFoundError:
+            if not path.is_file():
                 raise MicroserError(f"study config {path} does not exist: pass an existing TOML, "
-                                    "e.g. --config studies/demo.toml") from None
+                                    "e.g. --config studies/demo.toml")
+            try:
+                base = tomllib.loads(checks.read_text(path, "study config"))
             except tomllib.TOMLDecodeError as e:
                 raise MicroserError(f"study config {path} is not valid TOML ({e}): fix the file") from None
-            base = {k.replace("-", "_"): v for k, v in base.get("search", base).items()}
+            section = base.get("search", base)
+            if not isinstance(section, dict):
+                raise MicroserError(f"study config {path}: [search] is not a table: write the settings under "
+                                    "[search] or at the top level")
+            base = {k.replace("-", "_"): v for k, v in section.items()}
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(base)
 
