@@ -367,9 +367,9 @@ def build_cache(
     models = [make_teacher(s, audio=audio, device=device, target_range=(lo, hi), rescale_from=rescale_from,
                            allow_absolute_paths=allow_absolute_paths) for s in teachers]
     sources = _fill_speakers(sources, models)
-    for m in models:
-        m.check([s.path for s in sources])
     same = same_files(sources)
+    for m in models:  # a second path to a file is skipped, so the teacher need not know it
+        m.check([s.path for i, s in enumerate(sources) if i not in same])
     splits, split_by = _assign_splits(sources, split_seed, same)
     settings = {"max_seconds": float(max_seconds), "overlap_seconds": float(overlap_seconds),
                 "split_seed": int(split_seed), "target_range": [lo, hi],

@@ -37,13 +37,13 @@ class cache_progress:
         self.bar = Progress(TextColumn("cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[rtf]}"),
                             console=err_console, transient=False)
-        self.bar.__enter__()
         self.task = None
         return self
 
     def __call__(self, done: int, total: int, audio_seconds: float) -> None:
         now = self._time()
-        if self.task is None:
+        if self.task is None:  # the bar starts with the first report, so an early error is the only line
+            self.bar.__enter__()
             self.start = (now, audio_seconds)
             self.task = self.bar.add_task("cache", total=total, completed=done, rtf="")
             return
@@ -52,7 +52,8 @@ class cache_progress:
         self.bar.update(self.task, total=total, completed=done, rtf=rtf)
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.task is not None:
+            self.bar.__exit__(*exc)
 
 
 def cache_built(report) -> None:
@@ -142,7 +143,6 @@ class search_live:
                             TextColumn("best CCC in budget {task.fields[best]}"), TimeElapsedColumn(),
                             TextColumn("ETA {task.fields[eta]}"), TextColumn("[dim]{task.fields[now]}"),
                             console=err_console, transient=False)
-        self.bar.__enter__()
         self.task = None
         return self
 
@@ -154,7 +154,8 @@ class search_live:
                   "eta": "-" if event.eta_seconds is None or final else _duration(event.eta_seconds),
                   "now": event.message[:60] if event.kind in ("measure", "train", "epoch") else ""}
         description = "final stage" if final else f"trials (rejected {event.rejected})"
-        if self.task is None:
+        if self.task is None:  # the bar starts with the first event, so an early error is the only line
+            self.bar.__enter__()
             self.task = self.bar.add_task(description, total=total, completed=done, **fields)
         else:
             self.bar.update(self.task, description=description, total=total, completed=done, **fields)
@@ -162,7 +163,8 @@ class search_live:
             self.bar.console.print(event.message, markup=False, highlight=False)
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.task is not None:
+            self.bar.__exit__(*exc)
 
 
 def _duration(seconds: float) -> str:
@@ -440,4 +442,4 @@ def predictions(result: dict, *, as_json: bool = False) -> None:
                   f"{result['model']}); files longer than {result['max_seconds']:g} s were cut into segments "
                   f"overlapping {result['overlap_seconds']:g} s and their outputs averaged", highlight=False)
     for row in result.get("skipped", []):
-        console.print(f"skipped {row['path']}: {row['reason']}", highlight=False, markup=False)
+        console.print(f"skipped {row['path']}: {row['reason']}", highlight=False, markup=False, soft_wrap=True)

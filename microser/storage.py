@@ -50,7 +50,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from microser import checks
-from microser.errors import MicroserError
+from microser.errors import MicroserError, one_line
 from microser.teachers import sha256_file
 
 HEARTBEAT_SECONDS = 10
@@ -183,10 +183,12 @@ def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorag
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             return JournalStorage(JournalFileBackend(str(path)))
-        except ValueError:  # json.JSONDecodeError: Optuna tolerates only a torn last line
-            raise MicroserError(f"journal file {path}: {_bad_journal_line(path)} is not valid JSON (the file was "
-                                "edited or damaged): restore it from a backup, or pass another --storage to start "
-                                "afresh") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # replaying the log failed
+            bad = _bad_journal_line(path)   # Optuna tolerates only a torn last line
+            what = f"{bad} is not valid JSON" if bad else \
+                f"an entry cannot be replayed ({type(e).__name__}: {one_line(e, 80)})"
+            raise MicroserError(f"journal file {path}: {what} (the file was edited or damaged): restore it from a "
+                                "backup, or pass another --storage to start afresh") from None
     engine_kwargs: dict[str, Any] = {}
     if kind == "sqlite":
         path = Path(url[len("sqlite:///"):])
@@ -223,8 +225,8 @@ def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorag
     raise AssertionError("unreachable")
 
 
-def _bad_journal_line(path: Path) -> str:
-    """``"line N"``: the first line of a journal file that is not JSON (the torn last line excepted)."""
+def _bad_journal_line(path: Path) -> str | None:
+    """``"line N of M"``: the first line of a journal file that is not JSON (a torn last line excepted), or None."""
     import json
 
     lines = path.read_bytes().split(b"\n")
@@ -233,7 +235,7 @@ def _bad_journal_line(path: Path) -> str:
             json.loads(line)
         except ValueError:
             return f"line {number} of {len(lines) - 1}"
-    return "a line"
+    return None
 
 
 def _schema_race(e: Exception) -> bool:
