@@ -433,7 +433,12 @@ def list_sources(audio, *, allow_absolute_paths: bool = False) -> tuple[list[Sou
         split = (row.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
             problems.append(f"line {line}: split {split!r} is not one of {', '.join(SPLITS)}")
-        if not p.is_file():
+        try:
+            exists = p.is_file()
+        except OSError as e:  # a name too long for the file system, ...
+            exists = False
+            text = f"{text[:40]}{'...' if len(text) > 40 else ''} ({e.strerror})"
+        if not exists:
             problems.append(f"line {line}: {text} does not exist")
         key = p.relative_to(os.path.normpath(base)).as_posix() if p.is_relative_to(os.path.normpath(base)) else str(p)
         if key in seen:

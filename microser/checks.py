@@ -25,6 +25,10 @@ from pathlib import Path
 from microser.errors import MicroserError, one_line
 
 SEED_MAX = 2**32 - 1  # seeds feed numpy's SeedSequence and torch.manual_seed; both take 0 .. 2**32 - 1
+# --input-seconds: measuring costs runs the model once on this much audio (MACs in PyTorch, shapes in ONNX);
+# RAM and MACs grow linearly with the length, so a minute says all that longer inputs would, without
+# allocating gigabytes for them.
+MAX_INPUT_SECONDS = 60.0
 
 
 def number(option: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,

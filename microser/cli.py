@@ -121,6 +121,8 @@ def demo(
     from microser.demo import build_demo
 
     checks.seed("--seed", seed)
+    if out is not None:
+        checks.out_folder("--out", out)
     with show.cache_progress() as progress:
         report = build_demo(out, n_clips=clips, n_speakers=speakers, seed=seed, progress=progress)
     show.demo_built(report, as_json=json_)
@@ -141,7 +143,7 @@ def describe(
     from microser import checks, show
     from microser.costs import measure_report
 
-    checks.number("--input-seconds", input_seconds, low=0, low_open=True, example=1)
+    checks.number("--input-seconds", input_seconds, low=0, low_open=True, high=checks.MAX_INPUT_SECONDS, example=1)
     if ram_mode not in ("offline", "streaming"):
         raise MicroserError(f"--ram-mode {ram_mode!r}: expected offline or streaming")
     streaming = None
@@ -410,12 +412,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except (typer.Abort,):
         sys.exit(1)
-    except Exception as e:  # click usage errors
+    except Exception as e:  # usage errors: click's, or those of the click copy inside typer >= 0.29
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        usage = (click.exceptions.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))
+        if isinstance(e, usage) and hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
+            sys.exit(getattr(e, "exit_code", 2))
         raise
 
 

@@ -111,6 +111,8 @@ class SearchConfig:
         check_study_name(self.study_name)
         if self.storage is not None:
             check_storage_url(self.storage)
+        if self.artifacts is not None:
+            checks.out_folder("--artifacts", self.artifacts)
 
     def _check_values(self) -> None:
         """Types and ranges of every value (a config file bypasses the CLI's types), as one-line errors."""
@@ -134,7 +136,8 @@ class SearchConfig:
                               ("input_seconds", 1)):
             value, option = getattr(self, name), "--" + name.replace("_", "-")
             if value is not None:
-                checks.number(option, value, low=0, low_open=True, example=example)
+                checks.number(option, value, low=0, low_open=True, example=example,
+                              high=checks.MAX_INPUT_SECONDS if name == "input_seconds" else None)
             if name in ("crop_seconds", "input_seconds") and value < MIN_SECONDS:
                 raise MicroserError(f"{option} {value:g} is shorter than {MIN_SECONDS:g} s, the shortest input a "
                                     f"microser model takes (its STFT window must fit): pass {option} "
