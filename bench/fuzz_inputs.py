@@ -350,8 +350,10 @@ def csv_input(rng: random.Random, w: World, tmp: Path) -> tuple[str, list[str]]:
     for n in w.names[:6]:
         shutil.copy(w.corpus / n, folder / n)
     files = {}
-    # half the inputs are a valid pair with one random cell (they get past the first check), half are random
+    # half the inputs are a valid pair with one random cell in one of them (they get past the first check),
+    # half are random
     one_cell = rng.random() < 0.5
+    mutated = rng.choice(["audio.csv", "teacher.csv"])
     for which, columns in (("audio.csv", ["path", "speaker", "split"]),
                            ("teacher.csv", ["path", "arousal", "dominance", "valence", "speaker", "start", "end"])):
         if one_cell:
@@ -359,8 +361,9 @@ def csv_input(rng: random.Random, w: World, tmp: Path) -> tuple[str, list[str]]:
             rows = [[w.names[k], f"s{k}", ["valid", "test", "train"][min(k, 2)] if k < 2 else "train"]
                     if which == "audio.csv" else [w.names[k], f"{0.1 * k:.1f}", "0.5", "0.5", f"s{k}"]
                     for k in range(6)]
-            r, c = rng.randrange(len(rows)), rng.randrange(len(cols))
-            rows[r][c] = rng.choice(CELLS) if rng.random() < 0.8 else rand_text(rng)
+            if which == mutated:
+                r, c = rng.randrange(len(rows)), rng.randrange(len(cols))
+                rows[r][c] = rng.choice(CELLS) if rng.random() < 0.8 else rand_text(rng)
         else:
             cols = [c for c in columns if rng.random() < 0.85] or [rng.choice(columns)]
             if rng.random() < 0.2:

@@ -399,7 +399,7 @@ def predict(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning MicroserError into a one-line message (exit 2)."""
     try:
-        code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
+        code = app(args=argv, standalone_mode=False, prog_name="microser")  # returns typer.Exit's code
         if isinstance(code, int) and code:
             sys.exit(code)
     except MicroserError as e:

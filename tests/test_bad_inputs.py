@@ -125,6 +125,15 @@ MATRIX = {
     "smaller: predict stops at the first bad file": [f"{HERE}::test_predict_lists_unusable_files_and_predicts_the_rest"],
     "smaller: evaluate BUNDLE --study X --trial N ignores --study/--trial": [
         f"{HERE}::test_evaluate_refuses_a_bundle_together_with_study_and_trial"],
+    # found by bench/fuzz_inputs.py
+    "fuzz: usage errors (a float option given 'abc', an unknown option, a missing one)": [
+        f"{HERE}::test_usage_errors_are_a_usage_message_not_a_traceback"],
+    "fuzz: demo --out a file, search --artifacts a file, describe --input-seconds 1e6": [
+        f"{HERE}::test_bad_paths_and_numbers_are_one_line_errors_before_any_work"],
+    "fuzz: a CSV path too long for the file system": [
+        f"{HERE}::test_a_csv_path_too_long_for_the_file_system_is_a_listed_problem"],
+    "fuzz: pareto --plot with a suffix matplotlib cannot write": [
+        f"{HERE}::test_pareto_plot_with_a_suffix_matplotlib_cannot_write_is_a_one_line_error"],
 }
 
 
@@ -337,7 +346,8 @@ def _study_with_two_trained_trials(tmp_path):
                                name=f"trial-{seed}")
         study.add_trial(optuna.create_trial(values=[0.1, 1000.0], user_attrs={
             "spec": spec.to_json(), "family": "wav2small", "summary": spec.summary(), "weights": weights,
-            "ccc": {"arousal": 0.1, "dominance": 0.1, "valence": 0.1, "mean": 0.1}}))
+            "ccc": {"arousal": 0.1, "dominance": 0.1, "valence": 0.1, "mean": 0.1},
+            "costs": {"params": 1000 + seed, "ram_bytes": 500, "onnx_bytes": 4000, "macs": 10**6}}))
     return url, study, artifacts
 
 
@@ -723,13 +733,22 @@ def _bad_argv(tmp_path: Path, case: str) -> tuple[list[str], str]:
         "predict --out a folder": (["predict", str(tmp_path / "bundle"), str(tmp_path / "d"), "--out", str(tmp_path)],
                                    f"--out {tmp_path} is a folder, expected a file name: pass e.g. --out "
                                    f"{tmp_path / 'out.csv'}"),
+        # found by bench/fuzz_inputs.py
+        "demo --out a file": (["demo", "--out", str(tmp_path / "f")],
+                              f"--out {tmp_path / 'f'} is a file, expected a folder: pass a new folder name"),
+        "--artifacts a file": (search + ["--artifacts", str(tmp_path / "f")],
+                               f"--artifacts {tmp_path / 'f'} is a file, expected a folder: pass a new folder name"),
+        "describe --input-seconds 1e6": (["describe", "wav2small-ref", "--input-seconds", "1e6"],
+                                         "--input-seconds 1e+06 is out of range; expected a number > 0 and <= 60: "
+                                         "pass e.g. --input-seconds 1"),
     }[case]
 
 
 BAD_ARGV = ["cache build --out a file", "cache build --out unwritable", "--max-seconds inf", "--split-seed -1",
             "sqlite in /proc", "journal in /proc", "journal:", "--epochs nan", "--crop-seconds inf", "--seed -1",
             "--timeout -5", "--steps 0", "--epochs 0", "config trials = 'five'", "non-UTF-8 config",
-            "non-UTF-8 space", "predict --out a folder"]
+            "non-UTF-8 space", "predict --out a folder", "demo --out a file", "--artifacts a file",
+            "describe --input-seconds 1e6"]
 
 
 @pytest.fixture(scope="module")
@@ -750,6 +769,31 @@ def test_bad_paths_and_numbers_are_one_line_errors_before_any_work(bad_argv_root
     assert _cli_error(argv, capsys) == expected
     assert sorted(str(p) for p in bad_argv_root.rglob("*")) == before       # nothing created, nothing removed
     assert (bad_argv_root / "f").read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("argv,usage", [(["search", "--epochs", "abc"], "Invalid value for '--epochs'"),
+                                        (["search", "--bogus"], "No such option: --bogus"),
+                                        (["export", "--study", "s"], "Missing option '--trial'")])
+def test_usage_errors_are_a_usage_message_not_a_traceback(capsys, argv, usage):
+    code, out, err = _cli(argv, capsys)     # typer >= 0.29 raises its own click's exceptions
+    assert code == 2 and "Traceback" not in err and err.startswith(f"Usage: microser {argv[0]} [OPTIONS]")
+    assert err.rstrip().endswith(usage) or usage in err.splitlines()[-1]
+
+
+def test_a_csv_path_too_long_for_the_file_system_is_a_listed_problem(tmp_path):
+    labels = _tiny_corpus(tmp_path / "d", n=2)
+    listing = _labels(tmp_path / "d" / "list.csv", [("c0.wav",), ("x" * 300 + ".wav",)], header="path")
+    assert _error(build_cache, listing, [f"csv:{labels}"], tmp_path / "c") == (
+        f"audio CSV {listing}: 1 problem(s): line 3: {'x' * 40}... (File name too long) does not exist; fix or remove "
+        "those rows")
+
+
+def test_pareto_plot_with_a_suffix_matplotlib_cannot_write_is_a_one_line_error(tmp_path, capsys):
+    url, _, _ = _study_with_two_trained_trials(tmp_path)
+    message = _cli_error(["pareto", "--study", "s", "--storage", url, "--plot", str(tmp_path / "front.toml")], capsys)
+    assert message.startswith(f"--plot {tmp_path / 'front.toml'}: matplotlib cannot write '.toml' files; expected one "
+                              "of ") and message.endswith(": pass e.g. --plot front.png") and ".png" in message
+    assert not (tmp_path / "front.toml").exists()
 
 
 def test_export_out_a_file_or_unwritable_is_refused_before_the_work(tmp_path, capsys):
