@@ -143,7 +143,7 @@ def describe(
     from microser import checks, show
     from microser.costs import measure_report
 
-    checks.number("--input-seconds", input_seconds, low=0, low_open=True, high=checks.MAX_INPUT_SECONDS, example=1)
+    checks.number("--input-seconds", input_seconds, high=checks.MAX_INPUT_SECONDS, example=1)  # > 0: costs.py
     if ram_mode not in ("offline", "streaming"):
         raise MicroserError(f"--ram-mode {ram_mode!r}: expected offline or streaming")
     streaming = None
