@@ -737,8 +737,9 @@ def _run(sources, splits, models, writer: _Writer, settings: dict, batch_size: i
             else:
                 whole, (_, peak) = None, scan_audio(s.path)
             if info.n_samples < MIN_SEGMENT_SAMPLES:
-                raise MicroserError(f"{s.path}: audio is {info.n_samples} sample{'s' * (info.n_samples != 1)} at 16 kHz "
-                                    f"({info.n_samples / SAMPLE_RATE:.3g} s); expected at least "
+                n = info.n_samples
+                raise MicroserError(f"{s.path}: audio is {n} sample{'s' * (n != 1)} at 16 kHz "
+                                    f"({n / SAMPLE_RATE:.3g} s); expected at least "
                                     f"{MIN_SEGMENT_SAMPLES} ({MIN_SECONDS:g} s, the shortest input a microser model "
                                     "takes): remove the file or join it with its neighbours")
             digest = sha256_file(s.path)

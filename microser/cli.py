@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # usage errors: click's, or those of the click copy inside typer >= 0.29
         import click
 
-        usage = (click.exceptions.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))
+        usage = tuple(c for c in (click.exceptions.ClickException, getattr(typer, "TyperException", None)) if c)
         if isinstance(e, usage) and hasattr(e, "show"):
             e.show()
             sys.exit(getattr(e, "exit_code", 2))
