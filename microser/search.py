@@ -135,7 +135,7 @@ class SearchConfig:
         for name, example in (("epochs", 1), ("final_epochs", 8), ("timeout", 3600), ("crop_seconds", 1),
                               ("input_seconds", 1)):
             value, option = getattr(self, name), "--" + name.replace("_", "-")
-            if value is not None:
+            if value is not None or name not in ("epochs", "timeout"):   # those two may be None
                 checks.number(option, value, low=0, low_open=True, example=example,
                               high=checks.MAX_INPUT_SECONDS if name == "input_seconds" else None)
             if name in ("crop_seconds", "input_seconds") and value < MIN_SECONDS:
