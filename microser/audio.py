@@ -29,6 +29,7 @@ AUDIO_EXTENSIONS = frozenset(
 _LOWPASS_WIDTH = 6  # torchaudio's default sinc filter half-width, in zero crossings
 _ROLLOFF = 0.99  # torchaudio's default
 _SCAN_BLOCK = 1 << 18  # frames per block when scanning a long file for NaN/Inf/silence
+_LSB_HALF = 0.5 / 32768.0  # a mono 16 kHz signal whose peak is below this rounds to all zeros in int16
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,22 @@ def load_audio(path) -> np.ndarray:
     info = audio_info(path)
     data = _read_frames(info, 0, info.frames)
     _check_samples(info.path, data)
-    return _resample(data, info.sample_rate)
+    y = _resample(data, info.sample_rate)
+    if float(np.abs(y).max()) <= _LSB_HALF:
+        raise MicroserError(_converted_silent_message(info.path, float(np.abs(data).max())))
+    return y
 
 
 def check_audio(path) -> AudioInfo:
-    """Scan a file block by block (constant memory) for NaN/Inf and all-zero audio; return its header.
+    """Scan a file block by block (constant memory) for NaN/Inf, all-zero and conversion-silent audio; return
+    its header. Raises MicroserError naming the file and the reason, like `load_audio`."""
+    return scan_audio(path)[0]
 
-    Raises MicroserError naming the file and the reason, like `load_audio`.
-    """
+
+def scan_audio(path) -> tuple[AudioInfo, float]:
+    """`check_audio` that also returns the peak magnitude of the mono mix (at the source rate)."""
     info = audio_info(path)
-    peak = 0.0
+    peak = mono_peak = 0.0
     try:
         with sf.SoundFile(str(info.path)) as f:
             for block in f.blocks(blocksize=_SCAN_BLOCK, dtype="float32", always_2d=True):
@@ -98,13 +105,16 @@ def check_audio(path) -> AudioInfo:
                     raise MicroserError(_nonfinite_message(info.path))
                 if block.size:
                     peak = max(peak, float(np.abs(block).max()))
+                    mono_peak = max(mono_peak, float(np.abs(block.mean(axis=1)).max()))
     except MicroserError:
         raise
     except Exception as e:
         raise MicroserError(f"{info.path}: cannot decode audio ({one_line(e)}): re-encode it or remove it") from None
     if peak == 0.0:
         raise MicroserError(_silent_message(info.path))
-    return info
+    if mono_peak <= _LSB_HALF:
+        raise MicroserError(_converted_silent_message(info.path, peak))
+    return info, mono_peak
 
 
 def read_segment(info: AudioInfo, start: int, end: int) -> np.ndarray:
@@ -219,3 +229,9 @@ def _nonfinite_message(path: Path) -> str:
 
 def _silent_message(path: Path) -> str:
     return f"{path}: audio is silent (all samples are zero); expected speech: remove the file"
+
+
+def _converted_silent_message(path: Path, peak: float) -> str:
+    return (f"{path}: audio is silent after the mix to mono and 16-bit rounding (peak {peak:.3g} in the file: "
+            "opposite-phase channels, or a level below 1/65536 of full scale); expected audible speech: fix the "
+            "channels or the level, or remove the file")

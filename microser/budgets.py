@@ -111,6 +111,37 @@ def parse_budgets(texts: Iterable[str]) -> tuple[Budget, ...]:
     return budgets
 
 
+def canonical_text(budget: Budget) -> str:
+    """The one spelling of a budget: the largest exact suffix, e.g. ``80000-params`` -> ``80k-params``,
+    ``262144-ram`` -> ``256KiB-ram``, ``64000-onnx`` -> ``64KB-onnx`` (binary before decimal for bytes)."""
+    name = next(m for m, key in METRICS.items() if key == budget.metric)
+    limit = budget.limit
+    if float(limit) == int(limit):
+        limit = int(limit)
+        scales = (("G", 1000**3), ("M", 1000**2), ("k", 1000)) if name in _COUNT_METRICS else \
+            (("MiB", 1024**2), ("MB", 1000**2), ("KiB", 1024), ("KB", 1000))
+        for suffix, scale in scales:
+            if limit % scale == 0:
+                return f"{limit // scale}{suffix}-{name}"
+        return f"{limit}-{name}"
+    return f"{limit:g}-{name}"
+
+
+def canonical(budgets: Iterable[Budget]) -> tuple[Budget, ...]:
+    """Budgets as a study's identity records them: sorted by metric (params, macs, onnx, ram), each spelled by
+    `canonical_text`, so ``80000-params`` and ``80k-params``, in any order, are the same study."""
+    order = list(METRICS.values())
+    ordered = sorted(budgets, key=lambda b: order.index(b.metric))
+    return tuple(Budget(b.metric, b.limit, canonical_text(b)) for b in ordered)
+
+
+def canonical_dicts(budgets: Iterable[Budget | Mapping | str]) -> list[dict]:
+    """`canonical` of budgets given as Budgets, their ``to_dict()`` (a study's settings) or strings, as dicts."""
+    parsed = [b if isinstance(b, Budget) else parse_budget(b) if isinstance(b, str) else Budget.from_dict(b)
+              for b in budgets]
+    return [b.to_dict() for b in canonical(parsed)]
+
+
 def violations(budgets: Iterable[Budget], costs: Mapping[str, float]) -> dict[str, float]:
     """Constraint values keyed by cost key (``cost - limit``, ``<= 0`` feasible), for ``trial.set_constraint``."""
     return {b.metric: b.violation(costs) for b in budgets}

@@ -7,7 +7,10 @@ A cache is a folder readable with numpy + json/csv alone::
     audio.i16        every segment's 16 kHz int16 samples, concatenated (np.memmap; item i at [offset, offset+length))
     targets.npy      float32 (N, 3) in TARGETS order
     embeddings.npy   optional float32 (N, D)
-    skipped.csv      path,reason
+    skipped.csv      path,reason: files not cached (unreadable, empty, NaN, silent, shorter than MIN_SECONDS, a
+                     second path to a file already listed)
+    notes.csv        path,note: files cached with a change on the way in (float audio beyond full scale is
+                     peak-normalised instead of clipped); absent in caches of older versions
 
 Building is resumable and crash-safe. While it runs the folder holds
 ``build.json`` (the build's identity), append-only data files
@@ -27,7 +30,9 @@ import csv
 import datetime as _dt
 import fcntl
 import hashlib
+import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -37,10 +42,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 import microser
-from microser import SAMPLE_RATE, TARGETS
-from microser.audio import AUDIO_EXTENSIONS, audio_info, check_audio, from_int16, load_audio, read_segment, \
+from microser import SAMPLE_RATE, TARGETS, checks
+from microser.audio import AUDIO_EXTENSIONS, audio_info, from_int16, load_audio, read_segment, scan_audio, \
     segment_bounds, to_int16
 from microser.errors import MicroserError, one_line
+from microser.frontends import MIN_SECONDS
 from microser.teachers import Segment, listed, make_teacher, match_key, resolve_listed_path, sha256_file
 
 FORMAT = "microser-cache"
@@ -50,6 +56,9 @@ ITEM_COLUMNS = ("index", "source", "segment", "offset", "length", "start_s", "en
                 "source_sha256")
 _WHOLE_FILE_SECONDS = 600.0  # files up to this long are decoded whole; longer ones segment by segment
 _PARTS = ("audio.i16.part", "targets.f32.part", "embeddings.f32.part")
+# The shortest segment a cache holds: the shortest input every microser model accepts (frontends.MIN_SECONDS,
+# 0.25 s, above the largest STFT window any spec may have), so a cache serves every search space.
+MIN_SEGMENT_SAMPLES = math.ceil(MIN_SECONDS * SAMPLE_RATE)
 
 Progress = Callable[[int, int, float], None]  # (items done, items total, audio seconds done)
 
@@ -65,8 +74,9 @@ class BuildReport:
     audio_seconds: float  # audio cached in total (all items)
     run_audio_seconds: float  # audio processed by this call (0 when the cache was already complete)
     elapsed_seconds: float
-    resumed_items: int  # items found done from an earlier, interrupted run
+    resumed_items: int  # items found done from an earlier, interrupted run (0 when it was already complete)
     fingerprint: str
+    n_notes: int = 0  # files changed on the way in (peak-normalised), listed in notes.csv
 
     @property
     def rtf(self) -> float | None:
@@ -237,6 +247,38 @@ def verify_cache(path) -> list[str]:
     return cache.verify()
 
 
+def require_trainable(data) -> None:
+    """Refuse, before any study is opened or any trial trained, data a search cannot train on (one line).
+
+    For a `Cache`: what `microser cache verify` finds (`Cache.verify`: sizes, checksums of every file, item
+    layout, fingerprint, NaN/Inf targets), and segments shorter than `MIN_SEGMENT_SAMPLES` (caches of older
+    versions kept them). For any data with splits: fewer than ``distill.MIN_SPLIT_SEGMENTS`` segments in the
+    train or the valid split.
+    """
+    from microser.distill import MIN_SPLIT_SEGMENTS
+
+    where = f"cache {data.path}" if isinstance(data, Cache) else "the training data"
+    if isinstance(data, Cache):
+        problems = data.verify()
+        if problems:
+            raise MicroserError(f"cache {data.path} fails `microser cache verify` ({listed(problems)}): rebuild it "
+                                "with `microser cache build` (a new --out), then search again")
+        short = [it for it in data.items if it["length"] < MIN_SEGMENT_SAMPLES]
+        if short:
+            it = short[0]
+            raise MicroserError(f"cache {data.path}: {len(short)} segment(s) shorter than {MIN_SECONDS:g} s, the "
+                                f"shortest input a microser model takes (first: item {it['index']}, {it['source']}, "
+                                f"{it['length']} samples): rebuild the cache with this microser, which skips them")
+    if not hasattr(data, "split_indices"):
+        return
+    for split in ("train", "valid"):
+        n = len(data.split_indices(split))
+        if n < MIN_SPLIT_SEGMENTS:
+            raise MicroserError(f"{where}: the {split} split has {n} segment(s); training needs at least "
+                                f"{MIN_SPLIT_SEGMENTS} in train and in valid: add audio (or speakers), or give "
+                                "the audio CSV's split column train and valid rows, and build the cache again")
+
+
 def cache_info(path) -> dict:
     """Summary of a cache: items, hours, speakers, items and speakers per split, target statistics, teachers."""
     cache = Cache.open(path)
@@ -261,6 +303,7 @@ def cache_info(path) -> dict:
         "teachers": meta.get("teachers", []),
         "teacher_specs": meta.get("teacher_specs", []),
         "skipped": int(meta.get("n_skipped", 0)),
+        "notes": int(meta.get("n_notes", 0)),
         "max_seconds": meta.get("max_seconds"),
         "overlap_seconds": meta.get("overlap_seconds"),
         "target_range": meta.get("target_range"),
@@ -319,12 +362,21 @@ def build_cache(
         ``skipped.csv``; bad lists, teachers or settings raise MicroserError.
     """
     t0 = time.perf_counter()
-    out = Path(out)
+    out = checks.out_folder("--out", out)
     if batch_size < 1:
         raise MicroserError(f"batch_size={batch_size} must be >= 1: pass e.g. 8")
     if not teachers:
         raise MicroserError("no teacher given: pass --teacher SPEC (csv:FILE, hf:NAME_OR_PATH, onnx:FILE or demo)")
+    checks.number("--max-seconds", max_seconds, low=0, low_open=True, example=8)
+    if max_seconds < MIN_SECONDS:
+        raise MicroserError(f"--max-seconds {max_seconds:g} is shorter than {MIN_SECONDS:g} s, the shortest input a "
+                            f"microser model takes: pass --max-seconds {MIN_SECONDS:g} or more, e.g. 8")
+    checks.number("--overlap-seconds", overlap_seconds, low=0, example=1)
     segment_bounds(1, max_seconds, overlap_seconds)  # validates the two settings
+    checks.seed("--split-seed", split_seed)
+    for option, pair in (("--target-range", target_range), ("--rescale-from", rescale_from or (0.0, 1.0))):
+        for x in pair:
+            checks.number(option, x, example="0,1")
     lo, hi = float(target_range[0]), float(target_range[1])
     if not lo < hi:
         raise MicroserError(f"target range {lo:g},{hi:g} must have LO < HI: pass e.g. --target-range 0,1")
@@ -333,9 +385,10 @@ def build_cache(
     models = [make_teacher(s, audio=audio, device=device, target_range=(lo, hi), rescale_from=rescale_from,
                            allow_absolute_paths=allow_absolute_paths) for s in teachers]
     sources = _fill_speakers(sources, models)
-    for m in models:
-        m.check([s.path for s in sources])
-    splits, split_by = _assign_splits(sources, split_seed)
+    same = same_files(sources)
+    for m in models:  # a second path to a file is skipped, so the teacher need not know it
+        m.check([s.path for i, s in enumerate(sources) if i not in same])
+    splits, split_by = _assign_splits(sources, split_seed, same)
     settings = {"max_seconds": float(max_seconds), "overlap_seconds": float(overlap_seconds),
                 "split_seed": int(split_seed), "target_range": [lo, hi],
                 "rescale_from": None if rescale_from is None else [float(x) for x in rescale_from],
@@ -350,17 +403,17 @@ def build_cache(
         if done is not None:
             meta = done
             return BuildReport(out, meta["n_items"], meta["n_sources"], meta["n_skipped"], meta["audio_seconds"],
-                               0.0, time.perf_counter() - t0, meta["n_items"], meta["fingerprint"])
+                               0.0, time.perf_counter() - t0, 0, meta["fingerprint"], meta.get("n_notes", 0))
         state = _start_or_resume(out, identity, teachers)
         writer = _Writer(out)
         resumed = len(writer.items)
         try:
-            run_seconds = _run(sources, splits, models, writer, settings, batch_size, progress)
+            run_seconds = _run(sources, splits, models, writer, settings, batch_size, progress, same)
         finally:
             writer.close()
         meta = _finalise(out, writer, state, identity, teachers, split_by)
     return BuildReport(out, meta["n_items"], meta["n_sources"], meta["n_skipped"], meta["audio_seconds"],
-                       run_seconds, time.perf_counter() - t0, resumed, meta["fingerprint"])
+                       run_seconds, time.perf_counter() - t0, resumed, meta["fingerprint"], meta["n_notes"])
 
 
 def list_sources(audio, *, allow_absolute_paths: bool = False) -> tuple[list[Source], Path]:
@@ -382,13 +435,12 @@ def list_sources(audio, *, allow_absolute_paths: bool = False) -> tuple[list[Sou
         raise MicroserError(f"--audio {audio} is neither a folder nor a CSV file: pass a folder of audio files or "
                             "a CSV with a path column")
     base = audio.parent
-    with open(audio, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "path" not in cols:
-            raise MicroserError(f"audio CSV {audio} has no 'path' column (has: {', '.join(cols) or 'none'}); "
-                                "expected path[,speaker][,split]: rename the column holding file paths")
-        rows = list(enumerate(reader, start=2))
+    reader = csv.DictReader(io.StringIO(checks.read_text(audio, "audio CSV"), newline=""))
+    cols = reader.fieldnames or []
+    if "path" not in cols:
+        raise MicroserError(f"audio CSV {audio} has no 'path' column (has: {', '.join(cols) or 'none'}); "
+                            "expected path[,speaker][,split]: rename the column holding file paths")
+    rows = list(enumerate(reader, start=2))
     problems, sources, seen = [], [], set()
     for line, row in rows:
         text = (row.get("path") or "").strip()
@@ -399,7 +451,12 @@ def list_sources(audio, *, allow_absolute_paths: bool = False) -> tuple[list[Sou
         split = (row.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
             problems.append(f"line {line}: split {split!r} is not one of {', '.join(SPLITS)}")
-        if not p.is_file():
+        try:
+            exists = p.is_file()
+        except OSError as e:  # a name too long for the file system, ...
+            exists = False
+            text = f"{text[:40]}{'...' if len(text) > 40 else ''} ({e.strerror})"
+        if not exists:
             problems.append(f"line {line}: {text} does not exist")
         key = p.relative_to(os.path.normpath(base)).as_posix() if p.is_relative_to(os.path.normpath(base)) else str(p)
         if key in seen:
@@ -425,16 +482,37 @@ def _fill_speakers(sources: list[Source], models) -> list[Source]:
     return [s if s.speaker else Source(s.path, s.key, known.get(match_key(s.path)), s.split) for s in sources]
 
 
-def _assign_splits(sources: list[Source], seed: int) -> tuple[list[str], str]:
+def same_files(sources: list[Source]) -> dict[int, int]:
+    """``{i: j}`` for every source ``i`` that is the same file as an earlier source ``j`` (a symbolic or hard
+    link, or another path to it: same device and inode). Such a copy is skipped, never split on its own."""
+    first: dict[tuple[int, int], int] = {}
+    same = {}
+    for i, s in enumerate(sources):
+        try:
+            st = os.stat(s.path)
+        except OSError:
+            continue  # unreadable: the build skips it with its reason
+        key = (st.st_dev, st.st_ino)
+        if key in first:
+            same[i] = first[key]
+        else:
+            first[key] = i
+    return same
+
+
+def _assign_splits(sources: list[Source], seed: int, same: dict[int, int] | None = None) -> tuple[list[str], str]:
     """train/valid/test per source: by speaker when >= 3 speakers are known, else by file; a given split wins.
 
     Groups (speakers, or files) are shuffled with ``seed``; about 10 % go to
     valid and 10 % to test, at least one each when there are >= 3 groups
-    (with 2: one train, one valid; with 1: train).
+    (with 2: one train, one valid; with 1: train). A source in ``same`` (see
+    `same_files`) takes the split of the file it repeats and forms no group.
     """
-    speakers = sorted({s.speaker for s in sources if s.speaker and s.split is None})
+    same = same or {}
+    own = [s for i, s in enumerate(sources) if i not in same]
+    speakers = sorted({s.speaker for s in own if s.speaker and s.split is None})
     by_speaker = len(speakers) >= 3
-    groups = sorted({_group(s, by_speaker) for s in sources if s.split is None})
+    groups = sorted({_group(s, by_speaker) for s in own if s.split is None})
     rng = np.random.default_rng(seed)
     order = [groups[i] for i in rng.permutation(len(groups))]
     n = len(order)
@@ -443,7 +521,9 @@ def _assign_splits(sources: list[Source], seed: int) -> tuple[list[str], str]:
     assign = {g: "valid" for g in order[:n_valid]}
     assign.update({g: "test" for g in order[n_valid : n_valid + n_held]})
     splits = [s.split or assign.get(_group(s, by_speaker), "train") for s in sources]
-    given = any(s.split for s in sources)
+    for i, j in same.items():
+        splits[i] = splits[j]
+    given = any(s.split for s in own)
     split_by = ("csv+" if given else "") + ("speaker" if by_speaker else "source")
     return splits, split_by
 
@@ -536,6 +616,7 @@ class _Writer:
         self.out = out
         self.items: list[dict] = []
         self.skipped: dict[int, tuple[str, str]] = {}  # source index -> (key, reason)
+        self.notes: dict[int, tuple[str, str]] = {}  # source index -> (key, what was changed on the way in)
         self.ends = {"audio": 0, "targets": 0, "embeddings": 0}  # bytes
         self.emb_dim: int | None = None
         journal = out / "journal.jsonl"
@@ -552,6 +633,8 @@ class _Writer:
                 good += len(line)
                 if "skip" in entry:
                     self.skipped[entry["source"]] = (entry["key"], entry["skip"])
+                elif "note" in entry:
+                    self.notes[entry["source"]] = (entry["key"], entry["note"])
                 else:
                     self.items.extend(entry["items"])
                     self.ends = entry["ends"]
@@ -593,6 +676,11 @@ class _Writer:
             self._append({"source": source, "key": key, "skip": reason})
             self.skipped[source] = (key, reason)
 
+    def note(self, source: int, key: str, note: str) -> None:
+        if source not in self.notes:
+            self._append({"source": source, "key": key, "note": note})
+            self.notes[source] = (key, note)
+
     def _append(self, entry: dict) -> None:
         self.journal.write((json.dumps(entry) + "\n").encode())
         self.journal.flush()
@@ -603,11 +691,15 @@ class _Writer:
             f.close()
 
 
-def _run(sources, splits, models, writer: _Writer, settings: dict, batch_size: int, progress) -> float:
+def _run(sources, splits, models, writer: _Writer, settings: dict, batch_size: int, progress,
+         same: dict[int, int]) -> float:
     """Process every segment after the journal's position; returns the audio seconds processed in this call."""
     max_s, ov_s = settings["max_seconds"], settings["overlap_seconds"]
     infos, bounds, total = {}, {}, 0
     for i, s in enumerate(sources):  # headers only: cheap; unreadable/empty files are skipped here
+        if i in same:
+            writer.skip(i, s.key, f"same file as {sources[same[i]].key} (a link or another path to it): cached "
+                                  "once, so one recording never lands in two splits")
         if i in writer.skipped:
             continue
         try:
@@ -657,18 +749,32 @@ def _run(sources, splits, models, writer: _Writer, settings: dict, batch_size: i
         if first >= len(bounds[i]):
             continue
         try:
-            whole = load_audio(s.path) if info.seconds <= _WHOLE_FILE_SECONDS else None
-            if whole is None:
-                check_audio(s.path)
+            if info.seconds <= _WHOLE_FILE_SECONDS:
+                whole = load_audio(s.path)
+                peak = float(np.abs(whole).max())
+            else:
+                whole, (_, peak) = None, scan_audio(s.path)
+            if info.n_samples < MIN_SEGMENT_SAMPLES:
+                n = info.n_samples
+                raise MicroserError(f"{s.path}: audio is {n} sample{'s' * (n != 1)} at 16 kHz "
+                                    f"({n / SAMPLE_RATE:.3g} s); expected at least "
+                                    f"{MIN_SEGMENT_SAMPLES} ({MIN_SECONDS:g} s, the shortest input a microser model "
+                                    "takes): remove the file or join it with its neighbours")
             digest = sha256_file(s.path)
         except MicroserError as e:
             flush()  # earlier sources first, so the journal stays in order
             writer.skip(i, s.key, _reason(e, s.path))
             total -= len(bounds[i])
             continue
+        gain = 1.0
+        if peak > 1.0:  # float audio beyond full scale: scale the whole file down rather than clip it in int16
+            gain = 1.0 / peak
+            flush()
+            writer.note(i, s.key, f"float samples beyond full scale (peak {peak:.3g}, would clip in 16-bit): "
+                                  f"peak-normalised, gain {20 * math.log10(gain):.1f} dB")
         for j in range(first, len(bounds[i])):
             a, b = bounds[i][j]
-            x = to_int16(whole[a:b] if whole is not None else read_segment(info, a, b))
+            x = to_int16(gain * (whole[a:b] if whole is not None else read_segment(info, a, b)))
             item = {"_source": i, "source": s.key, "segment": j, "offset": 0, "length": b - a,
                     "start_s": round(a / SAMPLE_RATE, 6), "end_s": round(b / SAMPLE_RATE, 6),
                     "speaker": s.speaker, "split": splits[i], "source_sha256": digest}
@@ -693,6 +799,7 @@ def _finalise(out: Path, writer: _Writer, state: dict, identity: dict, specs, sp
         raise MicroserError(f"no usable audio: all {len(writer.skipped)} file(s) were skipped (reasons in "
                             f"{out / 'skipped.csv'}): fix the audio, then build again")
     items, offset = [], 0
+    notes = {i: n for i, n in writer.notes.items() if i not in writer.skipped}
     for k, it in enumerate(writer.items):
         row = {c: it[c] for c in ITEM_COLUMNS if c in it}
         row.update(index=k, offset=offset)
@@ -706,8 +813,10 @@ def _finalise(out: Path, writer: _Writer, state: dict, identity: dict, specs, sp
         np.save(out / "embeddings.npy", np.fromfile(out / _PARTS[2], dtype="<f4").reshape(n, emb_dim))
     _write_items(out / "items.csv", items)
     _write_skipped(out / "skipped.csv", writer.skipped)
+    _write_skipped(out / "notes.csv", notes, header=("path", "note"))
     os.replace(out / _PARTS[0], out / "audio.i16")
-    names = ["audio.i16", "targets.npy", "items.csv", "skipped.csv"] + (["embeddings.npy"] if emb_dim else [])
+    names = ["audio.i16", "targets.npy", "items.csv", "skipped.csv", "notes.csv"] + (["embeddings.npy"] if emb_dim
+                                                                                     else [])
     s = identity["settings"]
     meta = {
         "format": FORMAT, "version": VERSION, "complete": True,
@@ -718,6 +827,7 @@ def _finalise(out: Path, writer: _Writer, state: dict, identity: dict, specs, sp
         "max_seconds": s["max_seconds"], "overlap_seconds": s["overlap_seconds"],
         "target_range": s["target_range"], "rescale_from": s["rescale_from"],
         "n_items": n, "n_sources": len({it["source"] for it in items}), "n_skipped": len(writer.skipped),
+        "n_notes": len(notes),
         "audio_seconds": offset / SAMPLE_RATE, "embedding_dim": emb_dim,
         "identity": identity,
         "checksums": {name: sha256_file(out / name) for name in names},
@@ -729,10 +839,10 @@ def _finalise(out: Path, writer: _Writer, state: dict, identity: dict, specs, sp
     return meta
 
 
-def _write_skipped(path: Path, skipped: dict[int, tuple[str, str]]) -> None:
+def _write_skipped(path: Path, skipped: dict[int, tuple[str, str]], header=("path", "reason")) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "reason"])
+        w.writerow(header)
         for i in sorted(skipped):
             w.writerow(skipped[i])
 

@@ -117,9 +117,12 @@ def demo(
     json_: JsonOpt = False,
 ) -> None:
     """Build the embedded SYNTHETIC demo corpus and its teacher cache (no download; reused when present)."""
-    from microser import show
+    from microser import checks, show
     from microser.demo import build_demo
 
+    checks.seed("--seed", seed)
+    if out is not None:
+        checks.out_folder("--out", out)
     with show.cache_progress() as progress:
         report = build_demo(out, n_clips=clips, n_speakers=speakers, seed=seed, progress=progress)
     show.demo_built(report, as_json=json_)
@@ -137,9 +140,10 @@ def describe(
     json_: JsonOpt = False,
 ) -> None:
     """Print every cost of one architecture: params, MACs, ONNX bytes, peak RAM (int8 and fp32)."""
-    from microser import show
+    from microser import checks, show
     from microser.costs import measure_report
 
+    checks.number("--input-seconds", input_seconds, high=checks.MAX_INPUT_SECONDS, example=1)  # > 0: costs.py
     if ram_mode not in ("offline", "streaming"):
         raise MicroserError(f"--ram-mode {ram_mode!r}: expected offline or streaming")
     streaming = None
@@ -263,10 +267,13 @@ def pareto(
     json_: JsonOpt = False,
 ) -> None:
     """Show the feasible Pareto-optimal trials of a study at one fidelity (references below), with plots."""
-    from microser import show
+    from microser import checks, show
     from microser.pareto import front_report, plot_front, plot_front_html
     from microser.storage import load_study
 
+    for option, path in (("--plot", plot), ("--html", html)):
+        if path is not None:
+            checks.out_file(option, path)
     report = front_report(load_study(study, storage), level=rung)
     if plot:
         plot_front(report, plot)
@@ -411,7 +418,7 @@ def predict(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning MicroserError into a one-line message (exit 2)."""
     try:
-        code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
+        code = app(args=argv, standalone_mode=False, prog_name="microser")  # returns typer.Exit's code
         if isinstance(code, int) and code:
             sys.exit(code)
     except MicroserError as e:
@@ -424,12 +431,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except (typer.Abort,):
         sys.exit(1)
-    except Exception as e:  # click usage errors
+    except Exception as e:  # usage errors: click's, or those of the click copy inside typer >= 0.29
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        usage = tuple(c for c in (click.exceptions.ClickException, getattr(typer, "TyperException", None)) if c)
+        if isinstance(e, usage) and hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
+            sys.exit(getattr(e, "exit_code", 2))
         raise
 
 

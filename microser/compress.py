@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from microser import SAMPLE_RATE
+from microser import SAMPLE_RATE, checks
 from microser.errors import MicroserError
 
 ACTIVATION_SYMMETRIC = False
@@ -730,6 +730,8 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
 
     if target_params is not None and prune_ratio is not None:
         raise MicroserError(f"got --target-params {target_params} and --prune-ratio {prune_ratio}: give one of them")
+    _check_compress_values(target_params=target_params, prune_ratio=prune_ratio, steps=steps, epochs=epochs,
+                           finetune_epochs=finetune_epochs, seed=seed, lr=lr)
     settings = study_settings(study)
     cache_path = str(cache or settings["cache"])
     data = Cache.open(cache_path)
@@ -782,6 +784,22 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
         "folder": str(folder), "summary": spec.summary(), "params": final["params"],
         "int8_bytes": final["int8_bytes"], "ccc_int8_onnx": final["ccc_int8_onnx"]})
     return report
+
+
+def _check_compress_values(*, target_params, prune_ratio, steps, epochs, finetune_epochs, seed, lr) -> None:
+    """`compress_trial`'s numbers, refused in one line before the study is read or anything trained."""
+    if prune_ratio is not None:
+        checks.number("--prune-ratio", prune_ratio, example=0.3)
+        if not 0 < prune_ratio < 1:  # the rule prune() applies, said before fine-tuning rather than after
+            raise MicroserError(f"--prune-ratio {prune_ratio:g} must be in (0, 1): the fraction of channels removed "
+                                "from every body block but the last, e.g. --prune-ratio 0.3")
+    if target_params is not None:
+        checks.number("--target-params", target_params, low=1, integer=True, example=20000)
+    checks.number("--steps", steps, low=1, integer=True, example=3)
+    checks.number("--epochs", epochs, low=0, example=10)
+    checks.number("--finetune-epochs", finetune_epochs, low=0, example=2)
+    checks.seed("--seed", seed)
+    checks.number("--lr", lr, low=0, low_open=True, example=FINETUNE_LR)
 
 
 def load_compressed(study, trial: int):

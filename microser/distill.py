@@ -29,6 +29,7 @@ from microser.errors import MicroserError
 from microser.metrics import ccc_report
 
 DEFAULT_EPOCHS = 3
+MIN_SPLIT_SEGMENTS = 2  # train and valid need at least this many segments (a batch CCC needs two items)
 
 
 class DistillData(Protocol):
@@ -427,8 +428,8 @@ def train(
         should_stop: polled before every step; True ends training early (the result says ``stopped``).
     """
     t_start = time.perf_counter()
-    tr = _indices(data, train_idx, "train", 2)
-    va = _indices(data, valid_idx, "valid", 2)
+    tr = _indices(data, train_idx, "train", MIN_SPLIT_SEGMENTS)
+    va = _indices(data, valid_idx, "valid", MIN_SPLIT_SEGMENTS)
     targets_all = np.asarray(data.targets, dtype=np.float32)
     old_threads = torch.get_num_threads()
     if config.threads is not None:

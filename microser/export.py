@@ -24,6 +24,8 @@ import csv
 import datetime as _dt
 import importlib.util
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from microser import SAMPLE_RATE, TARGETS, __version__
+from microser import SAMPLE_RATE, TARGETS, __version__, checks
 from microser.errors import MicroserError
 
 
@@ -271,7 +273,7 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
     Args:
         model: the PyTorch model the graphs came from (parity reference).
         spec: its ArchSpec.
-        out: the bundle folder (created; files in it are replaced).
+        out: the bundle folder (created, or an earlier bundle there replaced whole).
         data: the cache (``microser.cache.Cache``): validation and test
             splits for CCC and parity, meta for the teacher and contract.
         fp32_named, int8_named: the named graphs (``onnxio.export_onnx`` and
@@ -281,14 +283,18 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
         source: where the model came from (study, trial, weights, compressed folder).
         c: also generate the C library (``microser.cgen.generate``).
 
-    Raises:
-        MicroserError when parity is worse than ``tolerance`` (the folder then
-        holds only ``parity.json``, named ``parity.FAILED.json``) or when C
-        export is unavailable.
-    """
-    from microser.compress import classify_nodes, size_accounting
+    The bundle is written to a temporary folder beside ``out`` and renamed
+    into place at the end, so ``out`` never mixes files of two exports and a
+    failed export leaves an earlier bundle there as it was.
 
-    out = Path(out)
+    Raises:
+        MicroserError when ``out`` is a file or a non-empty folder that is
+        not a microser bundle (before any work), when parity is worse than
+        ``tolerance`` (the report goes to ``out/parity.FAILED.json``, or
+        beside ``out`` as ``<out>.parity.FAILED.json`` when ``out`` holds an
+        earlier bundle, which is kept) or when C export is unavailable.
+    """
+    final = check_bundle_out(out)
     if c and _c_generator() is None:
         raise MicroserError(f"C export is not available for family {spec.family!r}: this version's microser.cgen "
                             "has no generate(bundle_dir, model, spec, int8_onnx_path); export without --c")
@@ -298,12 +304,33 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
         check_exportable(spec)  # mobilenet: refused before any work
     fp32_named, int8_named = Path(fp32_named), Path(int8_named)
     parity = parity_report(model, fp32_named, int8_named, data, tolerance=tolerance)
-    out.mkdir(parents=True, exist_ok=True)
     if not parity["passed"]:
-        (out / "parity.FAILED.json").write_text(json.dumps(parity, indent=1) + "\n")
+        if (final / "model_card.json").is_file():   # keep the earlier bundle as it is
+            failed = final.parent / f"{final.name}.parity.FAILED.json"
+        else:
+            final.mkdir(parents=True, exist_ok=True)
+            failed = final / "parity.FAILED.json"
+        failed.write_text(json.dumps(parity, indent=1) + "\n")
         raise MicroserError(f"export refused: parity is worse than the stated tolerance ({'; '.join(parity['failures'])}); "
-                            f"see {out / 'parity.FAILED.json'}; fine-tune longer, keep more ops float, or pass a "
-                            "looser --tolerance")
+                            f"see {failed}; fine-tune longer, keep more ops float, or pass a looser --tolerance")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    try:
+        report = _write_bundle(out, model, spec, data=data, fp32_named=fp32_named, int8_named=int8_named,
+                               quant=quant, costs=costs, source=source, parity=parity, c=c)
+        _replace_folder(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return BundleReport(folder=str(final), files=report.files, card=report.card, parity=report.parity)
+
+
+def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named: Path, quant: dict, costs: dict,
+                  source: dict, parity: dict, c: bool) -> BundleReport:
+    """Every bundle file in ``out`` (a fresh folder)."""
+    from microser.compress import classify_nodes, size_accounting
+
     named_int8 = onnx.load(str(int8_named))
     stripped = {"model.onnx": strip_graph(onnx.load(str(fp32_named))), "model.int8.onnx": strip_graph(named_int8)}
     for name, proto in stripped.items():
@@ -362,9 +389,6 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
     (out / "parity.json").write_text(json.dumps(parity, indent=1) + "\n")
     (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card_markdown(card))
-    stale = out / "parity.FAILED.json"
-    if stale.exists():
-        stale.unlink()
     if c:  # the C library and its measured flash/RAM/instructions go into the card's "c" section
         card["c"] = _c_generator()(out, model, spec, int8_named)
         (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
@@ -373,6 +397,36 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
         (out / "MODEL_CARD.md").write_text(model_card_markdown(card) + "\n" + card_markdown(card["c"]))
         files.append("C library (microser.cgen)")
     return BundleReport(folder=str(out), files=files, card=card, parity=parity)
+
+
+BUNDLE_FILES = frozenset({"model.onnx", "model.int8.onnx", "model.h", "model_card.json", "MODEL_CARD.md",
+                          "parity.json", "parity.FAILED.json", "c"})
+
+
+def check_bundle_out(out) -> Path:
+    """``out`` as a Path if a bundle may be written there: absent, an empty folder, or a folder holding only a
+    microser bundle (its model_card.json) or a failed export's parity.FAILED.json, which the new bundle replaces.
+    MicroserError before any work for a file, an unwritable place, or a folder holding anything else."""
+    out = checks.out_folder("--out", out)
+    if out.is_dir():
+        names = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in names if n not in BUNDLE_FILES]
+        if names and (foreign or not {"model_card.json", "parity.FAILED.json"} & set(names)):
+            shown = foreign or names
+            raise MicroserError(f"--out {out} holds files that are not a microser bundle ({', '.join(shown[:3])}"
+                                f"{', ...' if len(shown) > 3 else ''}); a bundle replaces its folder whole: pass a new "
+                                "or empty folder, or move those files away")
+    return out
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Put folder ``new`` at ``final``: renamed into place; an earlier bundle there is renamed away, then deleted."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _c_generator():
@@ -524,6 +578,8 @@ def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None
     from microser.compress import calibration_crops, load_compressed, load_trial_model, measure_stage
     from microser.storage import study_settings
 
+    check_bundle_out(out)   # before the work: a file, an unwritable place or a foreign folder is refused now
+    checks.number("--tolerance", tolerance.int8_ccc_drop, low=0, example=0.02)
     settings = study_settings(study)
     data = Cache.open(cache or settings["cache"])
     input_seconds = float(settings.get("input_seconds", 1.0))
@@ -568,6 +624,33 @@ def _bundle_paths(path: Path, int8: bool) -> Path:
     return path
 
 
+def _graph_session(path: Path):
+    """An onnxruntime session for a bundle's graph; MicroserError when the file does not load (truncated, edited)."""
+    from microser.errors import one_line
+    from microser.onnxio import ort_session
+
+    try:
+        return ort_session(str(path))
+    except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        raise MicroserError(f"{path} does not load in onnxruntime ({one_line(e, 120)}): the file is truncated or not "
+                            "an ONNX graph; export the bundle again with `microser export`") from None
+
+
+def _read_card(folder: Path) -> dict | None:
+    """A bundle's model_card.json (None when the folder has none); MicroserError when it is not a JSON object."""
+    card = folder / "model_card.json"
+    if not card.is_file():
+        return None
+    try:
+        value = json.loads(checks.read_text(card, "model card"))
+    except ValueError as e:
+        raise MicroserError(f"model card {card} is not valid JSON ({e}): export the bundle again with "
+                            "`microser export`") from None
+    if not isinstance(value, dict):
+        raise MicroserError(f"model card {card} is not a JSON object: export the bundle again with `microser export`")
+    return value
+
+
 def evaluate_target(*, study=None, trial: int | None = None, compressed: bool = False, path=None, cache=None,
                     split: str = "test") -> dict:
     """CCC per target on a cache split for a trial, a compressed trial, a bundle folder or an ONNX file.
@@ -581,19 +664,23 @@ def evaluate_target(*, study=None, trial: int | None = None, compressed: bool = 
     from microser.distill import evaluate
 
     results: dict[str, dict] = {}
+    if path is not None and (study is not None or trial is not None):
+        raise MicroserError(f"evaluate got a model path ({path}) and --study/--trial: pass one of them (a bundle or "
+                            "ONNX file, or --study with --trial)")
     if path is not None:
         path = Path(path)
+        graphs = {"fp32": _bundle_paths(path, False), "int8": _bundle_paths(path, True)} if path.is_dir() \
+            else {"onnx": _bundle_paths(path, False)}
+        sessions = {name: _graph_session(g) for name, g in graphs.items()}
         if cache is None:
-            card = path / "model_card.json"
-            if not (path.is_dir() and card.is_file()):
+            card = _read_card(path) if path.is_dir() else None
+            cache = ((card or {}).get("data") or {}).get("cache")
+            if not cache:
                 raise MicroserError(f"{path}: pass --cache CACHE_DIR to evaluate an ONNX file (only bundles record "
                                     "their cache)")
-            cache = json.loads(card.read_text())["data"]["cache"]
         data = Cache.open(cache)
-        graphs = {"fp32": _bundle_paths(path, False), "int8": _bundle_paths(path, True)} if path.is_dir() \
-            else {"onnx": path}
-        for name, g in graphs.items():
-            results[name] = onnx_ccc(g, data, split)
+        for name, session in sessions.items():
+            results[name] = onnx_ccc(session, data, split)
         target = str(path)
     else:
         if study is None or trial is None:
@@ -624,16 +711,20 @@ def predict_files(model_path, audio, out, *, int8: bool = False, max_seconds: fl
     the cache did (``microser.audio.segment_bounds``; defaults from the
     bundle's card, else 8 s with 1 s overlap) and the outputs are the mean
     over segments. A file shorter than the model's minimum input (the card's
-    ``min_samples``, 0.25 s) is zero-padded at the end to that length.
+    ``min_samples``, 0.25 s) is zero-padded at the end to that length. A file
+    that cannot be used (unreadable, empty, NaN, silent) is listed in the
+    result's ``skipped`` with its reason and the others go on; when every file
+    is skipped, MicroserError.
     """
     from microser.audio import check_audio, read_segment, segment_bounds
     from microser.cache import list_sources
-    from microser.onnxio import ort_session, run_onnx
+    from microser.onnxio import run_onnx
 
+    out = checks.out_file("--out", out)
     model_path = Path(model_path)
     graph = _bundle_paths(model_path, int8)
-    card_path = model_path / "model_card.json" if model_path.is_dir() else None
-    contract = json.loads(card_path.read_text())["contract"] if card_path and card_path.is_file() else {}
+    card = _read_card(model_path) if model_path.is_dir() else None
+    contract = (card or {}).get("contract") or {}
     if max_seconds is None:
         max_seconds = contract.get("max_samples", 8 * SAMPLE_RATE) / SAMPLE_RATE
     if overlap_seconds is None:
@@ -641,25 +732,31 @@ def predict_files(model_path, audio, out, *, int8: bool = False, max_seconds: fl
         overlap_seconds = 1.0 if overlap_seconds is None else float(overlap_seconds)
     overlap_seconds = min(overlap_seconds, max_seconds / 2)
     min_samples = int(contract.get("min_samples", 0))
-    session = ort_session(str(graph))
-    rows = []
+    session = _graph_session(graph)
+    rows, skipped = [], []
     for source in list_sources(audio, allow_absolute_paths=True)[0]:
         path = source.path
-        info = check_audio(path)
-        bounds = segment_bounds(info.n_samples, max_seconds, overlap_seconds)
-        outs = []
-        for start, end in bounds:
-            x = read_segment(info, start, end)
-            if len(x) < min_samples:
-                x = np.pad(x, (0, min_samples - len(x)))
-            outs.append(run_onnx(session, x[None])[0])
+        try:
+            info = check_audio(path)
+            bounds = segment_bounds(info.n_samples, max_seconds, overlap_seconds)
+            outs = []
+            for start, end in bounds:
+                x = read_segment(info, start, end)
+                if len(x) < min_samples:
+                    x = np.pad(x, (0, min_samples - len(x)))
+                outs.append(run_onnx(session, x[None])[0])
+        except MicroserError as e:  # listed with its reason; the other files go on
+            skipped.append({"path": str(path), "reason": str(e).removeprefix(f"{path}: ")})
+            continue
         mean = np.mean(outs, axis=0)
         rows.append({"path": str(path), **{t: float(v) for t, v in zip(TARGETS, mean)}, "segments": len(bounds)})
-    out = Path(out)
+    if not rows:
+        raise MicroserError(f"none of the {len(skipped)} audio file(s) could be used (first: {skipped[0]['path']}: "
+                            f"{skipped[0]['reason']}): fix the audio, then predict again")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", *TARGETS, "segments"])
         writer.writeheader()
         writer.writerows(rows)
     return {"model": str(graph), "out": str(out), "files": len(rows), "int8": int8, "max_seconds": max_seconds,
-            "overlap_seconds": overlap_seconds, "rows": rows}
+            "overlap_seconds": overlap_seconds, "rows": rows, "skipped": skipped}

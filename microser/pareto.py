@@ -376,8 +376,14 @@ def plot_front(report: FrontReport, path: str | Path) -> dict[str, list[tuple[in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix and suffix not in formats:
+        raise MicroserError(f"--plot {path}: matplotlib cannot write '.{suffix}' files; expected one of "
+                            f"{', '.join('.' + f for f in sorted(formats))}: pass e.g. --plot front.png")
     points = report.to_dict()["points"]
     _require_points(report, points)
     by_number = {p["number"]: p for p in points}

@@ -45,9 +45,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from microser import __version__
+from microser import __version__, checks
 from microser.asha import finalists, promotions
-from microser.budgets import Budget, describe_violations, parse_budgets, violations
+from microser.budgets import Budget, canonical, canonical_dicts, describe_violations, parse_budgets, violations
 from microser.durations import parse_duration
 from microser.errors import MicroserError
 from microser.pareto import COST_KEYS, DEFAULT_OBJECTIVES, is_feasible
@@ -57,9 +57,8 @@ from microser.ladder import Ladder, read_ladder, references
 from microser.rungs import FINAL, Job, RungQueue
 from microser.splits import Split, bounded, speaker_folds
 from microser.storage import (
-    SETTINGS_ATTR, artifact_store, default_artifacts_dir, default_storage_url, fail_dead_trials, heartbeat_seconds,
-    heartbeats_on,
-    open_storage, safe_url, save_weights, worker_tag,
+    SETTINGS_ATTR, artifact_store, check_storage_url, check_study_name, default_artifacts_dir, default_storage_url,
+    fail_dead_trials, heartbeat_seconds, heartbeats_on, open_storage, safe_url, save_weights, worker_tag,
 )
 
 REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
@@ -117,20 +116,14 @@ class SearchConfig:
     references: tuple[str, ...] = ("wav2small-ref",)
 
     def __post_init__(self):
+        self._check_values()
         if self.sampler not in SAMPLERS:
             raise MicroserError(f"sampler {self.sampler!r} is not known: expected one of {', '.join(SAMPLERS)}")
         bad = [o for o in self.objectives if o not in COST_KEYS]
         if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise MicroserError(f"objectives {','.join(self.objectives)!r}: expected distinct cost keys from "
                                 f"{', '.join(COST_KEYS)}, e.g. 'params,ram_bytes'")
-        minimum = {"workers": 1, "final_k": 0, "batch_size": 2, "crops_per_segment": 1, "eta": 2, "final_seeds": 1}
-        for name, low in minimum.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise MicroserError(f"{name}={value!r} must be an integer >= {low}")
-        if self.trials is not None and (isinstance(self.trials, bool) or not isinstance(self.trials, int)
-                                        or self.trials < 1):
-            raise MicroserError(f"trials={self.trials!r} must be an integer >= 1 (or left out: as many as --time allows)")
+        self._check_values()
         if self.time is None and self.trials is None:
             raise MicroserError("time=none and no trials: give a wall-clock budget (--time 10m) or a number of "
                                 "candidates (--trials 30)")
@@ -142,23 +135,51 @@ class SearchConfig:
             if not self.rungs or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.rungs) \
                     or list(self.rungs) != sorted(set(self.rungs)):
                 raise MicroserError(f"rungs={list(self.rungs)}: expected increasing step counts >= 1, e.g. 60,200,600")
-        for name in ("epochs", "final_epochs", "crop_seconds", "input_seconds", "valid_seconds"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise MicroserError(f"{name}={value!r} must be a finite number > 0, e.g. 1.0")
-        if self.final_steps is not None and (not isinstance(self.final_steps, int) or self.final_steps < 1):
-            raise MicroserError(f"final_steps={self.final_steps!r} must be an integer >= 1, e.g. 1000")
-        if self.time is not None and not (math.isfinite(self.time) and self.time > 0):
-            raise MicroserError(f"time={self.time!r} must be a positive duration, e.g. 10m")
         parse_budgets(self.budgets)
         if self.ram_mode not in ("offline", "streaming"):
             raise MicroserError(f"ram_mode {self.ram_mode!r}: expected 'offline' or 'streaming'")
         if self.folds not in ("auto", "none"):
             raise MicroserError(f"folds {self.folds!r}: expected 'auto' or 'none'")
+        check_study_name(self.study_name)
+        if self.storage is not None:
+            check_storage_url(self.storage)
+        if self.artifacts is not None:
+            checks.out_folder("--artifacts", self.artifacts)
+
+    def _check_values(self) -> None:
+        """Types and ranges of every value (a config file bypasses the CLI's types), as one-line errors."""
+        from microser.frontends import MIN_SECONDS
+
+        for f in fields(self):
+            value, option = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if f.name != "rungs" and isinstance(f.default, tuple) and not (
+                    isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                example = list(f.default) or ["80k-params"]
+                raise MicroserError(f"{f.name} {value!r} is not a list of strings: write e.g. {f.name} = {example!r}")
+            if f.type in ("str | None", "str") and not isinstance(value, str) and value is not None:
+                raise MicroserError(f"{option} {value!r} is not a string: pass e.g. {option} {f.default or 'NAME'}")
+        for name, low, example in (("trials", 1, 30), ("workers", 1, 1), ("final_k", 0, 2), ("batch_size", 2, 16),
+                                   ("crops_per_segment", 1, 1), ("threads", 1, 1), ("eta", 2, 3),
+                                   ("final_steps", 1, 1000), ("final_seeds", 1, 2)):
+            if getattr(self, name) is not None:
+                checks.number("--" + name.replace("_", "-"), getattr(self, name), low=low, integer=True,
+                              example=example)
+        checks.seed("--seed", self.seed)
+        for name, example in (("epochs", 1), ("final_epochs", 8), ("time", 600), ("valid_seconds", 600),
+                              ("crop_seconds", 1), ("input_seconds", 1)):
+            value, option = getattr(self, name), "--" + name.replace("_", "-")
+            if value is not None or name in ("crop_seconds", "input_seconds"):
+                checks.number(option, value, low=0, low_open=True, example=example,
+                              high=checks.MAX_INPUT_SECONDS if name == "input_seconds" else None)
+            if name in ("crop_seconds", "input_seconds") and value < MIN_SECONDS:
+                raise MicroserError(f"{option} {value:g} is shorter than {MIN_SECONDS:g} s, the shortest input a "
+                                    f"microser model takes (its STFT window must fit): pass {option} "
+                                    f"{MIN_SECONDS:g} or more, e.g. 1")
 
     @property
     def study_name(self) -> str:
-        return self.study or "-".join(["search", *(b.replace(" ", "") for b in self.budgets)])
+        """``--study``, else ``search-<budgets>`` with the budgets canonical (sorted, one spelling each)."""
+        return self.study or "-".join(["search", *(b.text for b in canonical(parse_budgets(self.budgets)))])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -189,14 +210,18 @@ class SearchConfig:
         base: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
-            try:
-                base = tomllib.loads(path.read_text())
-            except FileNotFoundError:
+            if not path.is_file():
                 raise MicroserError(f"study config {path} does not exist: pass an existing TOML, "
-                                    "e.g. --config studies/demo.toml") from None
+                                    "e.g. --config studies/demo.toml")
+            try:
+                base = tomllib.loads(checks.read_text(path, "study config"))
             except tomllib.TOMLDecodeError as e:
                 raise MicroserError(f"study config {path} is not valid TOML ({e}): fix the file") from None
-            base = {k.replace("-", "_"): v for k, v in base.get("search", base).items()}
+            section = base.get("search", base)
+            if not isinstance(section, dict):
+                raise MicroserError(f"study config {path}: [search] is not a table: write the settings under "
+                                    "[search] or at the top level")
+            base = {k.replace("-", "_"): v for k, v in section.items()}
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(base)
 
@@ -279,6 +304,7 @@ class Components:
     data: Any = None           # a Cache; None: open config.cache (or the demo cache)
     resolve_reference: Callable | None = None   # name -> ArchSpec; None: microser.models.spec.resolve_spec
     load_spec: Callable | None = None           # JSON -> ArchSpec; None: ArchSpec.from_json
+    clock: Callable[[], float] = time.monotonic  # seconds; the wall-clock budget and job times read it
 
 
 def default_space_path() -> Path:
@@ -363,7 +389,7 @@ def _settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cache_pat
               artifacts: Path, fidelity: Fidelity) -> dict:
     return {
         "objectives": list(config.objectives),
-        "budgets": [b.to_dict() for b in budgets],
+        "budgets": canonical_dicts(budgets),
         "input_seconds": config.input_seconds,
         "cache": cache_path,
         "cache_fingerprint": getattr(data, "fingerprint", None),
@@ -382,6 +408,7 @@ def _settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cache_pat
 
 
 def _check_same_study(name: str, url: str, old: dict, new: dict) -> None:
+    old = {**old, "budgets": canonical_dicts(old.get("budgets") or [])}   # older studies kept budgets as typed
     for key in IDENTITY_KEYS:
         if old.get(key) != new.get(key):
             raise MicroserError(f"study {name!r} in {safe_url(url)} was created with {key} {_short(old.get(key))}, "
@@ -420,7 +447,7 @@ class _Searcher:
         self.rejected_in_a_row = 0
         self.failed_in_a_row = 0
         self.duplicates_in_a_row = 0
-        self.t0 = time.monotonic() if t0 is None else t0
+        self.t0 = self.c.clock() if t0 is None else t0
         self.deadline = self.t0 + config.time if config.time else None
         self._splits: dict[int, Split] = {}
         self.current: int | None = None   # the trial the objective is running (this process)
@@ -434,7 +461,7 @@ class _Searcher:
         if self.progress is None:
             return
         s = state or self.state()
-        remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        remaining = None if self.deadline is None else max(0.0, self.deadline - self.c.clock())
         if stage == "final":
             plan = self.study.user_attrs.get(FINAL_PLAN_ATTR) or {}
             extra.setdefault("final_total", len(plan.get("trials", [])) * int(plan.get("seeds", 0)))
@@ -530,11 +557,11 @@ class _Searcher:
         """True when starting ``next_seconds`` of work would leave too little time for the final stage."""
         if self.deadline is None:
             return False
-        return time.monotonic() + next_seconds + self._final_seconds(s) > self.deadline
+        return self.c.clock() + next_seconds + self._final_seconds(s) > self.deadline
 
     # -- a new candidate (first rung) --
     def objective(self, trial: optuna.Trial):
-        started = time.monotonic()
+        started = self.c.clock()
         self.current = trial.number
         trial.set_user_attr("worker", worker_tag())
         spec = self.c.space.suggest(trial)
@@ -563,7 +590,7 @@ class _Searcher:
                                name=f"trial-{trial.number}-search")
         for key, value in self._record(outcome, weights).items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr("job_seconds", time.monotonic() - started)
+        trial.set_user_attr("job_seconds", self.c.clock() - started)
         trial.set_user_attr("stage", "done")
         return [float(outcome.ccc["mean"]), *cost_values]
 
@@ -601,7 +628,7 @@ class _Searcher:
     # -- queued jobs (promotions and final seeds) --
     def run_claimed(self, stage: str) -> bool:
         """Claim one waiting job and train it; False when none was waiting."""
-        started = time.monotonic()
+        started = self.c.clock()
         claim = self.queue.claim()
         if claim is None:
             return False
@@ -617,7 +644,7 @@ class _Searcher:
                                  self.split(job.fold, test=final), label)
             weights = save_weights(outcome.state_dict, store=self.store, study_or_trial=self.study,
                                    name=f"trial-{job.of}-{'final-' + str(job.seed) if final else 'rung-' + str(job.rung)}")
-            self.queue.finish(claim, {**self._record(outcome, weights), "job_seconds": time.monotonic() - started})
+            self.queue.finish(claim, {**self._record(outcome, weights), "job_seconds": self.c.clock() - started})
         test = f", test {outcome.test_ccc['mean']:.3f}" if outcome.test_ccc else ""
         self.emit("final" if final else "trial", stage, f"{label}: CCC {outcome.ccc['mean']:.3f}{test}")
         return True
@@ -643,9 +670,9 @@ class _Searcher:
         """
         last_check = 0.0
         while not self.study.user_attrs.get(SEARCH_DONE_ATTR):
-            if time.monotonic() - last_check > heartbeat_seconds():
+            if self.c.clock() - last_check > heartbeat_seconds():
                 self.fail_lost()
-                last_check = time.monotonic()
+                last_check = self.c.clock()
             s = self.state()
             due = promotions(s.ladder, s.taken, self.fidelity.eta)
             if due:
@@ -797,7 +824,7 @@ def _worker_main(config_dict: dict, worker: int, threads: int, seconds_left: flo
     components.load_spec = ArchSpec.from_json
     study = open_study(config, worker=worker)
     searcher = _Searcher(config, study, parse_budgets(config.budgets), components, worker=worker, threads=threads)
-    searcher.deadline = None if seconds_left is None else time.monotonic() + seconds_left
+    searcher.deadline = None if seconds_left is None else components.clock() + seconds_left
     if mode == "search":
         searcher.search()
     else:
@@ -807,7 +834,7 @@ def _worker_main(config_dict: dict, worker: int, threads: int, seconds_left: flo
 def _in_workers(searcher: _Searcher, mode: str) -> None:
     """Run ``mode`` in ``config.workers`` spawned processes (this one reports progress meanwhile)."""
     config = searcher.config
-    left = None if searcher.deadline is None else max(0.0, searcher.deadline - time.monotonic())
+    left = None if searcher.deadline is None else max(0.0, searcher.deadline - searcher.c.clock())
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, args=(config.to_dict(), k + 1, searcher.threads, left, mode))
              for k in range(config.workers)]
@@ -839,13 +866,16 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     """
     import torch
 
-    t0 = time.monotonic()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     c = replace(components) if components is not None else Components()
+    t0 = c.clock()
     budgets = parse_budgets(config.budgets)
     threads = _threads(config)
     torch.set_num_threads(threads)
     c.data, cache_path = _open_data(config, c)
+    from microser.cache import require_trainable
+
+    require_trainable(c.data)   # cache verify's checks, segment lengths, split sizes: before any study or trial
     c.space, space_path = _open_space(config, c)
     if c.resolve_reference is None or c.load_spec is None:
         from microser.models.spec import ArchSpec, resolve_spec
@@ -880,7 +910,7 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
         _probe_budgets(config, budgets, c.space, searcher.measure, space_path)
 
     done = study.user_attrs.get(SEARCH_DONE_ATTR)
-    t_search = time.monotonic()
+    t_search = c.clock()
     if done and config.trials is not None and s.counts["trained"] < config.trials:   # asked for more: reopen
         study.set_user_attr(SEARCH_DONE_ATTR, None)
         study.set_user_attr(FINAL_PLAN_ATTR, None)
@@ -894,11 +924,11 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
         if not study.user_attrs.get(SEARCH_DONE_ATTR):   # the workers stopped without closing (e.g. interrupted)
             searcher.close(searcher.state(), "stopped")
     searcher.settle()
-    search_seconds = time.monotonic() - t_search
+    search_seconds = c.clock() - t_search
 
-    t1 = time.monotonic()
+    t1 = c.clock()
     _final_stage(searcher, reference_specs)
-    final_seconds = time.monotonic() - t1
+    final_seconds = c.clock() - t1
     searcher.emit("done", "final", "search finished")
     return summarize(study, settings, url, stale, search_seconds, final_seconds)
 
@@ -914,7 +944,7 @@ def _train_references(searcher: _Searcher, reference_specs) -> None:
         if name in done:
             continue
         searcher.emit("train", "references", f"reference {name}: training {spec.summary()}")
-        started = time.monotonic()
+        started = searcher.c.clock()
         costs = searcher.measure(spec)
         number = len(study.get_trials(deepcopy=False))
         outcome = searcher.train(spec, searcher.fidelity.rungs[0], _seed(searcher.config.seed, "reference", name),
@@ -924,7 +954,7 @@ def _train_references(searcher: _Searcher, reference_specs) -> None:
                                                            for ch in Path(name).name) + f"-{number}")
         attrs = {"spec": spec.to_json(), "family": spec.family, "summary": spec.summary(), "costs": costs,
                  **searcher._record(outcome, weights), "reference": name, "worker": worker_tag(),
-                 "job_seconds": time.monotonic() - started}
+                 "job_seconds": searcher.c.clock() - started}
         study.add_trial(optuna.create_trial(
             values=[float(outcome.ccc["mean"]), *(float(costs[o]) for o in searcher.objectives)],
             user_attrs=attrs, constraints=violations(searcher.budgets, costs)))

@@ -37,13 +37,13 @@ class cache_progress:
         self.bar = Progress(TextColumn("cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[rtf]}"),
                             console=err_console, transient=False)
-        self.bar.__enter__()
         self.task = None
         return self
 
     def __call__(self, done: int, total: int, audio_seconds: float) -> None:
         now = self._time()
-        if self.task is None:
+        if self.task is None:  # the bar starts with the first report, so an early error is the only line
+            self.bar.__enter__()
             self.start = (now, audio_seconds)
             self.task = self.bar.add_task("cache", total=total, completed=done, rtf="")
             return
@@ -52,7 +52,8 @@ class cache_progress:
         self.bar.update(self.task, total=total, completed=done, rtf=rtf)
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.task is not None:
+            self.bar.__exit__(*exc)
 
 
 def cache_built(report) -> None:
@@ -67,6 +68,9 @@ def cache_built(report) -> None:
     )
     if report.n_skipped:
         console.print(f"skipped files and reasons: {report.out / 'skipped.csv'}")
+    if report.n_notes:
+        console.print(f"{report.n_notes} file(s) changed on the way in (float audio beyond full scale, "
+                      f"peak-normalised instead of clipped): {report.out / 'notes.csv'}")
 
 
 def cache_info(info: dict, as_json: bool = False) -> None:
@@ -79,6 +83,7 @@ def cache_info(info: dict, as_json: bool = False) -> None:
     console.print(
         f"[bold]{info['path']}[/]: {info['items']} items, {info['sources']} files, {info['hours']:.2f} h, "
         f"{info['speakers']} speakers, split by {info['split_by']} (seed {info['split_seed']}), {info['skipped']} skipped"
+        + (f", {info['notes']} peak-normalised (notes.csv)" if info.get('notes') else "")
     )
     splits = Table("split", "items", "speakers", title="splits")
     for s, n in info["items_per_split"].items():
@@ -142,7 +147,6 @@ class search_live:
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                             TextColumn("ETA {task.fields[eta]}"), TextColumn("best {task.fields[best]}"),
                             TextColumn("[dim]{task.fields[now]}"), console=err_console, transient=False)
-        self.bar.__enter__()
         self.task = None
         return self
 
@@ -151,14 +155,15 @@ class search_live:
 
         elapsed = self._time() - self.start
         rungs = " ".join(f"r{k + 1}:{n}" for k, n in enumerate(event.rungs))
-        description = f"trials at rungs {rungs}"
+        description = f"trials at rungs {rungs}, rejected {event.rejected}"
         if event.final_total:
             description += f" | final {event.final_done}/{event.final_total}"
         fields = {"best": "-" if event.best_ccc is None else f"{event.best_ccc:.3f}",
                   "eta": "-" if event.eta_seconds is None else format_duration(event.eta_seconds),
                   "now": event.message[:50] if event.kind in ("measure", "train", "epoch") else ""}
         total = elapsed + (event.eta_seconds or 0.0) if event.eta_seconds is not None else None
-        if self.task is None:
+        if self.task is None:  # the bar starts with the first event, so an early error is the only line
+            self.bar.__enter__()
             self.task = self.bar.add_task(description, total=total, completed=elapsed, **fields)
         else:
             self.bar.update(self.task, description=description, total=total, completed=elapsed, **fields)
@@ -166,7 +171,8 @@ class search_live:
             self.bar.console.print(event.message, markup=False, highlight=False)
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.task is not None:
+            self.bar.__exit__(*exc)
 
 
 def _duration(seconds: float) -> str:
@@ -465,3 +471,5 @@ def predictions(result: dict, *, as_json: bool = False) -> None:
     console.print(f"{result['files']} files -> {result['out']} ({'int8' if result['int8'] else 'fp32'} "
                   f"{result['model']}); files longer than {result['max_seconds']:g} s were cut into segments "
                   f"overlapping {result['overlap_seconds']:g} s and their outputs averaged", highlight=False)
+    for row in result.get("skipped", []):
+        console.print(f"skipped {row['path']}: {row['reason']}", highlight=False, markup=False, soft_wrap=True)

@@ -48,6 +48,7 @@ from typing import Any
 
 import optuna
 
+from microser import checks
 from microser.errors import MicroserError
 from microser.frontends import FrontendSpec, Rule
 from microser.models.spec import FAMILIES, ArchSpec
@@ -174,7 +175,7 @@ class SearchSpace:
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.toml")))
             raise MicroserError(f"search space {path} does not exist; pass a TOML file or one of: {known}")
-        text = path.read_text()
+        text = checks.read_text(path, "search space")
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import re
 import socket
 import tempfile
 import time
@@ -46,7 +47,8 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from microser.errors import MicroserError
+from microser import checks
+from microser.errors import MicroserError, one_line
 from microser.teachers import sha256_file
 
 HEARTBEAT_SECONDS = 10
@@ -87,9 +89,46 @@ def grace_seconds() -> int:
     return max(_env_seconds("MICROSER_GRACE_SECONDS", GRACE_SECONDS), 2 * heartbeat_seconds())
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_study_name(study_name) -> str:
+    """The study name if it is safe as a file name in every storage: 1-100 characters from ``A-Z a-z 0-9 . _ -``,
+    starting with a letter or digit; MicroserError otherwise. Every command checks it the same way."""
+    if not isinstance(study_name, str) or not STUDY_NAME.fullmatch(study_name):
+        bad = sorted({ch for ch in str(study_name) if not (ch.isascii() and (ch.isalnum() or ch in "._-"))})
+        why = (f"has {', '.join(repr(ch) for ch in bad)}" if bad else
+               "is empty" if not study_name else
+               "is longer than 100 characters" if len(str(study_name)) > 100 else "starts with '.', '_' or '-'")
+        raise MicroserError(f"study name {study_name!r} {why}; expected 1-100 characters from A-Z a-z 0-9 . _ - "
+                            "starting with a letter or digit (it names files under studies/): pass e.g. --study ser80k")
+    return study_name
+
+
 def default_storage_url(study_name: str) -> str:
     """``sqlite:///studies/<study>.db``: the storage used when ``--storage`` is not given."""
-    return f"sqlite:///studies/{study_name}.db"
+    return f"sqlite:///studies/{check_study_name(study_name)}.db"
+
+
+def check_storage_url(url: str) -> str:
+    """The URL if it names a lasting storage whose file (sqlite, journal) can be written; MicroserError naming the
+    URL and the fix otherwise: in-memory SQLite (``sqlite://``, ``sqlite:///``, ``sqlite:///:memory:``), an empty
+    journal path, a folder, or a place that cannot be written. Runs before any study is opened or trained."""
+    fix = "pass e.g. --storage sqlite:///studies/NAME.db"
+    if url.startswith("sqlite:") and (not url.startswith("sqlite:///") or url[len("sqlite:///"):].split("?")[0]
+                                      in ("", ":memory:")):
+        raise MicroserError(f"storage {url!r} names no database file (SQLite would keep the study in memory and "
+                            f"lose it at exit): {fix}")
+    kind = storage_kind(url)
+    if kind == "journal" and not str(_journal_path(url)).strip(". "):
+        raise MicroserError(f"storage {url!r} names no journal file: pass e.g. --storage journal:studies/NAME.log")
+    path = file_of(url)
+    if path is not None:
+        if path.is_dir():
+            raise MicroserError(f"storage {url!r}: {path} is a folder, expected a {kind} file: {fix}")
+        if not path.exists():
+            checks.out_file("--storage", path)
+    return url
 
 
 def storage_kind(url: str) -> str:
@@ -137,14 +176,21 @@ def safe_url(url: str) -> str:
 
 def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorage:
     """Open (creating files and folders as needed) the storage named by ``url``; see the module doc."""
-    url = given = url or default_storage_url(study_name)
+    url = given = check_storage_url(url or default_storage_url(study_name))
     kind = storage_kind(url)
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = _journal_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # replaying the log failed
+            bad = _bad_journal_line(path)   # Optuna tolerates only a torn last line
+            what = f"{bad} is not valid JSON" if bad else \
+                f"an entry cannot be replayed ({type(e).__name__}: {one_line(e, 80)})"
+            raise MicroserError(f"journal file {path}: {what} (the file was edited or damaged): restore it from a "
+                                "backup, or pass another --storage to start afresh") from None
     engine_kwargs: dict[str, Any] = {}
     if kind == "sqlite":
         path = Path(url[len("sqlite:///"):])
@@ -181,6 +227,19 @@ def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorag
     raise AssertionError("unreachable")
 
 
+def _bad_journal_line(path: Path) -> str | None:
+    """``"line N of M"``: the first line of a journal file that is not JSON (a torn last line excepted), or None."""
+    import json
+
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            json.loads(line)
+        except ValueError:
+            return f"line {number} of {len(lines) - 1}"
+    return None
+
+
 def _schema_race(e: Exception) -> bool:
     """True for the errors of two processes creating Optuna's tables at once (not for a refused connection)."""
     text = str(getattr(e, "orig", None) or e).lower()
@@ -205,6 +264,7 @@ def _first_line(e: BaseException) -> str:
 
 def load_study(study_name: str, storage: str | None = None) -> optuna.Study:
     """Open an existing study; MicroserError naming the storage and the studies it holds if absent."""
+    check_study_name(study_name)
     url = storage or default_storage_url(study_name)
     path = file_of(url)
     if path is not None and not path.exists():
@@ -292,6 +352,7 @@ def fail_dead_trials(study: optuna.Study, *, untagged_after_s: float = 600.0) ->
 
 def default_artifacts_dir(url: str | None, study_name: str) -> Path:
     """``<folder of the study file>/<study>-artifacts``; ``studies/<study>-artifacts`` for server databases."""
+    check_study_name(study_name)
     url = url or default_storage_url(study_name)
     path = file_of(url)
     folder = path.parent if path is not None else Path("studies")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from microser import SAMPLE_RATE, TARGETS
+from microser.checks import read_text
 from microser.errors import MicroserError
 
 _MAX_LISTED = 5  # problems named in one message before "... and N more"
@@ -159,7 +161,7 @@ class CsvTeacher:
         self._read(allow_absolute_paths)
 
     def _read(self, allow_absolute_paths: bool) -> None:
-        with open(self.path, newline="", encoding="utf-8-sig") as f:
+        with io.StringIO(read_text(self.path, "teacher CSV"), newline="") as f:
             reader = csv.DictReader(f)
             cols = reader.fieldnames or []
             missing = [c for c in ("path", *TARGETS) if c not in cols]

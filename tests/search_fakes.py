@@ -46,12 +46,28 @@ def fake_ccc(width: int, steps: int) -> float:
     return 0.01 * width + steps / 100_000
 
 
-class FakeTrainer:
-    """Records every (width, steps, seed, fold, has_test) it trains; optionally sleeps and logs to a file."""
+class FakeClock:
+    """A clock that moves only when a fake trainer says its run took time: wall-clock logic, tested exactly."""
 
-    def __init__(self, sleep: float = 0.0, log: str | None = None, test_offset=None, step_sleep: float = 0.0):
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTrainer:
+    """Records every (width, steps, seed, fold, has_test) it trains; optionally sleeps and logs to a file.
+
+    With a ``clock`` (:class:`FakeClock`), each run advances it by ``overhead + step_seconds * steps`` and
+    reports that as its training time, instead of sleeping.
+    """
+
+    def __init__(self, sleep: float = 0.0, log: str | None = None, test_offset=None, step_sleep: float = 0.0,
+                 clock: FakeClock | None = None, step_seconds: float = 0.0, overhead: float = 0.0):
         self.calls = []
         self.sleep, self.log, self.step_sleep = sleep, log, step_sleep
+        self.clock, self.step_seconds, self.overhead = clock, step_seconds, overhead
         self.test_offset = test_offset or (lambda width, fold: 0.0)
 
     def __call__(self, spec, data, train_config, *, split, progress=None, should_stop=None):
@@ -63,6 +79,10 @@ class FakeTrainer:
                 f.write(json.dumps({"pid": os.getpid(), "call": call, "t": time.time()}) + "\n")
         if self.sleep or self.step_sleep:
             time.sleep(self.sleep + self.step_sleep * train_config.steps)
+        took = None
+        if self.clock is not None:
+            self.clock.now += self.overhead + self.step_seconds * train_config.steps
+            took = self.step_seconds * train_config.steps
         ccc = fake_ccc(spec.width, train_config.steps)
         report = {"arousal": ccc, "dominance": ccc, "valence": ccc, "mean": ccc}
         test = None
@@ -70,7 +90,8 @@ class FakeTrainer:
             t = ccc + self.test_offset(spec.width, split.fold)
             test = {"arousal": t, "dominance": t, "valence": t, "mean": t}
         return TrainOutcome(state_dict={"w": torch.full((2,), float(spec.width))}, ccc=report,
-                            train_seconds=time.monotonic() - start, samples_per_second=100.0,
+                            train_seconds=took if took is not None else time.monotonic() - start,
+                            samples_per_second=100.0,
                             steps=train_config.steps, test_ccc=test)
 
 

@@ -15,7 +15,7 @@ from microser.pareto import is_candidate
 from microser.rungs import Evaluations, RungQueue, final_record, load_trial_weights
 from microser.search import REJECTED_CCC, SearchConfig, run_search
 from microser.storage import load_study
-from search_fakes import FakeSpace, FakeTrainer, fake_ccc, fake_components, fake_config
+from search_fakes import FakeClock, FakeSpace, FakeTrainer, fake_ccc, fake_components, fake_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -157,14 +157,20 @@ def test_time_budget_plans_the_fidelity_and_leaves_room_for_the_final_stage(tmp_
     rungs, final = plan_steps(3600)
     assert rungs[0] == 60 and rungs[-1] > 600 and final > 1000
     assert plan_steps(120)[1] < 1000
-    # a fake trainer whose runs take 2 ms per step: 8 s of budget, a final stage of 3 trials x 2 seeds x 200 steps
-    trainer = FakeTrainer(step_sleep=0.002)
-    start = time.monotonic()
-    summary = run_search(fake_config(tmp_path, trials=None, time=8.0), components=fake_components(trainer))
-    took = time.monotonic() - start
+    # on a fake clock, each run takes 0.5 s plus 0.05 s per step: a 90 s budget, a final stage of
+    # 3 trials x 2 seeds x 200 steps (63 s); the search must stop drawing in time for it
+    clock = FakeClock()
+    trainer = FakeTrainer(clock=clock, step_seconds=0.05, overhead=0.5)
+    components = fake_components(trainer)
+    components.clock = clock
+    start = clock()
+    summary = run_search(fake_config(tmp_path, trials=None, time=90.0, budgets=("64k-params",)),
+                         components=components)
+    took = clock() - start
     finals = len([c for c in trainer.calls if c[1] == 200])
-    assert summary.trained >= 1 and finals == (min(summary.trained, 2) + 1) * 2   # the final stage is complete
-    assert took < 8.0 * 1.25, took
+    assert finals == 6                              # the final stage is complete: 2 finalists and the reference
+    assert 80.0 < took <= 90.0, took               # used the budget, and did not overrun it
+    assert summary.trained >= 6 and summary.rungs[1] >= 2
 
 
 def test_config_file_keys_match_the_cli_and_flags_override(tmp_path):
