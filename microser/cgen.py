@@ -68,6 +68,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import Template
 
 import numpy as np
 
@@ -75,6 +76,13 @@ from microser import SAMPLE_RATE, TARGETS
 from microser.errors import MicroserError
 
 DEFAULT_PREFIX = "ser"
+TEMPLATES = Path(__file__).resolve().parent / "cgen_templates"
+# int8 conv columns are padded with zero taps (zero weights) to the kernel's step: 4 taps for the dual-MAC kernel
+# (two SMLAD words per step), 16 for the portable loop, whose int8 weight loads a host compiler auto-vectorizes 16
+# lanes at a time (GCC -O2 does so only when the constant trip count is a multiple of that; measured with
+# callgrind: 128 padded taps cost 390 x86 instructions per 2x2 block, 120 unpadded ones 1947).
+TAP_ALIGN_DSP = 4
+TAP_ALIGN_PORTABLE = 16
 GCC_FLAGS = ("-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O2")
 CLIP_NOTE = ("prenorm 'clip' divides by whole-utterance statistics, which no stream knows in advance: the C "
              "library runs it in two passes (P_prescan over the whole utterance, then P_push of the same samples), "
@@ -116,6 +124,16 @@ class Stage:
     bias: np.ndarray | None = None  # (cout,) float, or int32 when int8
     w_scale: np.ndarray | None = None  # (cout,) float32 per-channel weight scales (int8)
     ln: tuple[np.ndarray, np.ndarray, float] | None = None  # LayerNorm gamma, beta (C, F), eps
+    cin: int = 0  # conv only: input channels (set by shape_plan)
+
+    @property
+    def taps(self) -> int:
+        """Multiply-accumulates per output element of a conv: ``cin * k * k``."""
+        return self.cin * self.k * self.k
+
+    def padded_taps(self, align: int = TAP_ALIGN_PORTABLE) -> int:
+        """`taps` rounded up to a multiple of ``align``: an int8 kernel's column length (zero weights past taps)."""
+        return -(-self.taps // align) * align
 
 
 @dataclass
@@ -174,7 +192,7 @@ def shape_plan(spec, *, int8: bool = True) -> Plan:
         assert f_out == bands[i]
         tensors.append(Tensor(c, f_out, q))
         stages.append(Stage("conv", i, len(tensors) - 2, len(tensors) - 1, body.kernel, s, body.kernel // 2,
-                            norm=body.norm, int8=int8))
+                            norm=body.norm, int8=int8, cin=tensors[-2].channels))
         f = f_out
         if i in body.pool_after:
             f = halve(f)
@@ -235,13 +253,35 @@ def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
     return m
 
 
+@dataclass(frozen=True)
+class BodyArena:
+    """Where the body phase keeps its scratch in the arena (units: floats from the arena start).
+
+    ``[0, hrow)``: a float conv's pre-LayerNorm row, or the two int16 im2col columns of an int8 conv
+    (``2 * padded_taps()`` int16 = ``padded_taps()`` floats, the longer, portable padding); ``[hrow, hrow + C*F)``: the last body row in float, as
+    the head reads it; then, when the last body tensor is int8, that row as int8 (``i8_bytes`` from the arena
+    start), before it is dequantized.
+    """
+
+    hrow: int
+    i8_bytes: int
+    floats: int
+
+
+def body_arena(plan: Plan) -> BodyArena:
+    temp = max([plan.tensors[st.dst].row for st in plan.stages if st.kind == "conv"]
+               + [st.padded_taps() for st in plan.stages if st.kind == "conv" and st.int8], default=0)
+    last = plan.tensors[-1]
+    floats = temp + last.row + (-(-last.row // 4) if last.quant is not None else 0)
+    return BodyArena(hrow=temp, i8_bytes=4 * (temp + last.row), floats=floats)
+
+
 def _arena_floats(plan: Plan) -> int:
     """Scratch floats: max over the phases (front-end frame, body row, head features) that never overlap in time."""
     fe = plan.fe
     m = fe.n_fft // 2 if fe.n_fft % 2 == 0 else fe.n_fft
     front = 4 * m + fe.n_fft // 2 + 1 + 2 * fe.n_mels
-    temp = max((plan.tensors[st.dst].row for st in plan.stages if st.kind == "conv"), default=0)
-    body = temp + plan.tensors[-1].row
+    body = body_arena(plan).floats
     c, f = plan.tensors[-1].channels, plan.tensors[-1].bands
     feats = {"attention+gram": c * f + c * c, "attention": c * f, "meanstd": 2 * c * f}[plan.pooling]
     n = max(front, body, feats)
@@ -539,6 +579,61 @@ def _first_head_mean(g: _Graph, means) -> str:
     return body_out[0]
 
 
+# ---- fixed-point requantization (the int8 conv contract; C side in cgen_templates/int8_support.c) ----
+
+
+def conv_scales(plan: Plan, st: Stage) -> np.ndarray:
+    """Per-output-channel float32 requantization scales of an int8 conv, in onnxruntime's order and precision:
+    ``(x_scale * w_scale[c]) / y_scale``, each step rounded to float32 (as QLinearConv computes them)."""
+    xs = np.float32(plan.tensors[st.src].quant[0])
+    ys = np.float32(plan.tensors[st.dst].quant[0])
+    return ((xs * st.w_scale.astype(np.float32)).astype(np.float32) / ys).astype(np.float32)
+
+
+def fixed_multiplier(scale) -> tuple[int, int]:
+    """``(mult, shift)`` with ``mult * 2**-shift == scale`` exactly, ``2**30 <= mult < 2**31``, ``1 <= shift <= 62``.
+
+    A float32 scale has a 24-bit mantissa, so a 31-bit multiplier holds it without rounding: the C requant()
+    computes ``round(acc * scale)`` of the exact real product (ties to even). Scales below ``2**-32`` map to
+    ``(0, 1)`` (every int32 accumulator then rounds to 0, exactly as the real product does).
+
+    >>> fixed_multiplier(0.75)
+    (1610612736, 31)
+    """
+    value = float(np.float32(scale))
+    if not math.isfinite(value) or value < 0:
+        raise MicroserError(f"requantization scale {value!r} is not a finite non-negative number: expected the "
+                            "scales of a calibrated int8 graph; re-run microser compress")
+    if value == 0.0:
+        return 0, 1
+    m, e = math.frexp(value)  # value = m * 2**e, 0.5 <= m < 1
+    mult, shift = int(m * 2**31), 31 - e
+    if shift > 62:
+        return 0, 1
+    if shift < 1:
+        raise MicroserError(f"requantization scale {value:g} is >= 2**30: the int8 conv's output scale is far "
+                            "smaller than its input's, expected a calibrated int8 graph; re-run microser compress")
+    assert mult * 2.0**-shift == value
+    return mult, shift
+
+
+def requantize_reference(acc, scales, zero_point: int) -> np.ndarray:
+    """What the C requant() returns, in Python integers: ``clamp(round_half_even(acc * scale) + zp, -128, 127)``.
+
+    ``acc`` (..., C) int32 values, ``scales`` (C,) float32 (the last axis is the channel). Exact: ``acc * mult``
+    fits int64, then it is shifted with ties to even.
+    """
+    acc = np.asarray(acc, dtype=np.int64)
+    pairs = np.array([fixed_multiplier(sc) for sc in np.asarray(scales, np.float32).reshape(-1)], dtype=np.int64)
+    p = acc * pairs[:, 0]  # |acc| < 2**31 and mult < 2**31: exact in int64
+    shift = pairs[:, 1]
+    q = p >> shift  # floor
+    rem = p - (q << shift)
+    half = np.left_shift(1, shift - 1)
+    out = q + ((rem > half) | ((rem == half) & (q % 2 == 1)))
+    return np.clip(out + int(zero_point), -128, 127).astype(np.int8)
+
+
 # ---- C emission ----
 
 
@@ -626,7 +721,8 @@ class _Emitter:
             lines.append(f"    {ctype} {name}{dim}; /* {comment} */")
         if self.pad:
             lines.append(f"    int8_t pad_[{self.pad}]; /* keeps the arena 8-byte aligned on every ABI */")
-        lines.append(f"    union {{ float f[{self.arena}]; int32_t i[{self.arena}]; }} arena; /* scratch, meaningless between calls */")
+        lines.append(f"    union {{ float f[{self.arena}]; int32_t i[{self.arena}]; int16_t h[{2 * self.arena}]; "
+                     f"int8_t b[{4 * self.arena}]; }} arena; /* scratch, meaningless between calls */")
         lines += [f"}} {P}_state;", "",
                   f"/* Start an utterance (zeroes the state). */",
                   f"void {P}_init({P}_state *st);",
@@ -669,8 +765,17 @@ class _Emitter:
                "/* Exact streaming computation of the offline model; see microser/cgen.py for the scheme. */",
                f'#include "{P}.h"', "#include <math.h>", "#include <string.h>", "",
                f"typedef char {P}_layout_check[(sizeof({P}_state) == {P.upper()}_RAM_BYTES) ? 1 : -1];", ""]
+        if any(st.kind == "conv" and st.int8 for st in self.plan.stages):
+            out.append(_template("int8_support.c").substitute())
         out.append(self._tables())
         out.append(self._quant_fn())
+        out.append(self._trace())
+        int8_convs = [st for st in self.plan.stages if st.kind == "conv" and st.int8]
+        if int8_convs:
+            for cond, align in (("#if MICROSER_SIMD", TAP_ALIGN_DSP), ("#else", TAP_ALIGN_PORTABLE)):
+                out.append(cond)
+                out += [_template("mm_s8.c").substitute(kp=kp) for kp in sorted({st.padded_taps(align) for st in int8_convs})]
+            out.append("#endif")
         out.append(self._fft())
         for i in reversed(range(len(self.plan.stages))):
             out.append(self._stage_decl(i))
@@ -712,12 +817,16 @@ class _Emitter:
             if st.kind != "conv":
                 continue
             if st.int8:
-                t.append(_array("int8_t", f"W{i}", st.weight, 16))
-                t.append(_array("int32_t", f"B{i}", st.bias))
-                xs = np.float32(plan.tensors[st.src].quant[0])
-                ys = np.float32(plan.tensors[st.dst].quant[0])
-                scale = (xs * st.w_scale.astype(np.float32)).astype(np.float32) / ys  # onnxruntime's order, float32
-                t.append(_array("float", f"SC{i}", scale.astype(np.float32)))
+                dsp, portable = st.padded_taps(TAP_ALIGN_DSP), st.padded_taps(TAP_ALIGN_PORTABLE)
+                t.append(f"#if MICROSER_SIMD /* taps padded to {dsp}; groups of 4 stored (k, k+2, k+1, k+3) for SXTB16 */\n"
+                         f"#define KP{i} {dsp}\n#define MM{i} mm{dsp}\n"
+                         + _array("int8_t", f"W{i}", conv_weight_rows(st, TAP_ALIGN_DSP, dual=True), 16)
+                         + f"#else /* taps padded to {portable} */\n#define KP{i} {portable}\n#define MM{i} mm{portable}\n"
+                         + _array("int8_t", f"W{i}", conv_weight_rows(st, TAP_ALIGN_PORTABLE), 16) + "#endif\n")
+                t.append(_array("int32_t", f"B{i}", np.append(st.bias, [0] * (len(st.bias) % 2))))
+                mult, shift = zip(*(fixed_multiplier(sc) for sc in conv_scales(plan, st)))
+                t.append(_array("int32_t", f"M{i}", mult))
+                t.append(_array("uint8_t", f"R{i}", shift, 16))
             else:
                 t.append(_array("float", f"W{i}", st.weight))
                 t.append(_array("float", f"B{i}", st.bias))
@@ -803,33 +912,47 @@ static void fft(float *xr, float *xi, float *yr, float *yi)
         return f"static void s{i}_push({self.P}_state *st);"
 
     def _dest(self, i: int) -> tuple[str, str]:
-        """(C code declaring `dst` for the output row of stage i, C code delivering it)."""
+        """(C declaring ``dst``, the output row of stage i; C statements delivering it: the trace hook for int8
+        rows, then the next stage, or the head, which reads the last row in float: dequantized when int8)."""
         plan = self.plan
         d = plan.stages[i].dst
-        if i + 1 < len(plan.stages):
-            nt = plan.tensors[d]
-            nst = plan.stages[i + 1]
-            decl = f"{self._ctype(nt)} *dst = st->ring{i + 1} + (st->n{i + 1} % {nst.k}) * {nt.row};"
-            return decl, f"s{i + 1}_push(st);"
-        off = max((t_.row for t_ in (plan.tensors[s_.dst] for s_ in plan.stages if s_.kind == "conv")), default=0)
         t = plan.tensors[d]
+        trace = f"    TRACE({d}, j, dst, {t.row});\n" if t.quant is not None else ""
+        if i + 1 < len(plan.stages):
+            nst = plan.stages[i + 1]
+            decl = f"{self._ctype(t)} *dst = st->ring{i + 1} + (st->n{i + 1} % {nst.k}) * {t.row};"
+            return decl, f"{trace}    s{i + 1}_push(st);"
+        arena = body_arena(plan)
         if t.quant is None:
-            return f"float *dst = st->arena.f + {off};", f"head_push(st, st->arena.f + {off});"
-        return f"float *hrow = st->arena.f + {off};", "head_push(st, hrow);"
+            return f"float *dst = st->arena.f + {arena.hrow};", "    head_push(st, dst);"
+        s, zp = _qparams(t)
+        return (f"int8_t *dst = st->arena.b + {arena.i8_bytes};",
+                f"""{trace}    {{ /* DequantizeLinear: the head reads floats */
+        float *hrow = st->arena.f + {arena.hrow};
+        int e;
+        for (e = 0; e < {t.row}; e++) hrow[e] = (float)((int)dst[e] - ({zp})) * {s};
+        head_push(st, hrow);
+    }}""")
 
     def _store(self, i: int, value: str, index: str) -> str:
-        """C statement storing float `value` at `index` of the stage's output (quantizing / dequantizing as needed)."""
-        plan = self.plan
-        d = plan.stages[i].dst
-        t = plan.tensors[d]
-        last = i + 1 == len(plan.stages)
+        """C statement storing float `value` at `index` of the stage's output (quantizing when it is int8)."""
+        t = self.plan.tensors[self.plan.stages[i].dst]
         if t.quant is None:
             return f"dst[{index}] = {value};"
         s, zp = _qparams(t)
-        q = f"quant({value}, {s}, {zp})"
-        if last:  # the head reads the dequantized int8 value
-            return f"hrow[{index}] = (float)({q} - ({zp})) * {s};"
-        return f"dst[{index}] = (int8_t){q};"
+        return f"dst[{index}] = (int8_t)quant({value}, {s}, {zp});"
+
+    def _conv_s8(self, i: int) -> str:
+        """An int8 conv stage from cgen_templates/conv_s8.c: im2col pairs, the 2x2 dual-MAC kernel, requant()."""
+        plan, st = self.plan, self.plan.stages[i]
+        src, dst = plan.tensors[st.src], plan.tensors[st.dst]
+        k, xzp = st.k, src.quant[1]
+        decl, deliver = self._dest(i)
+        unrolled = "\n".join(f"                    c[{d}] = (int16_t)(x[base + {d}] - ({xzp}));" for d in range(k))
+        return _template("conv_s8.c").substitute(
+            i=i, P=self.P, block=st.block, cin=src.channels, fin=src.bands, cout=dst.channels, fout=dst.bands,
+            k=k, s=st.s, p=st.p, kk=st.taps, kk_ci=k * k, row=src.row, xzp=xzp,
+            yzp=dst.quant[1], unrolled=unrolled, dst=decl.split("=", 1)[1].strip().rstrip(";"), deliver=deliver)
 
     def _stage(self, i: int) -> str:
         plan, P = self.plan, self.P
@@ -837,6 +960,8 @@ static void fft(float *xr, float *xi, float *yr, float *yi)
         src, dst = plan.tensors[st.src], plan.tensors[st.dst]
         K, S, Pd = st.k, st.s, st.p
         fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
+        if st.kind == "conv" and st.int8:
+            return self._conv_s8(i) + self._stage_push(i)
         decl, deliver = self._dest(i)
         last = i + 1 == len(plan.stages)
         body = []
@@ -852,9 +977,14 @@ static void s{i}_row({P}_state *st, int32_t j)
     const int dt_lo = r0 < 0 ? (int)-r0 : 0;
     const int dt_hi = r0 + {K} > n ? (int)(n - r0) : {K};
 {body[0]}
-    {deliver}
+{deliver}
 }}
+""" + self._stage_push(i)
 
+    def _stage_push(self, i: int) -> str:
+        st, P = self.plan.stages[i], self.P
+        K, S, Pd = st.k, st.s, st.p
+        return f"""
 static void s{i}_push({P}_state *st)
 {{
     const int32_t r = st->n{i}++, t = r + {Pd} - {K} + 1;
@@ -876,40 +1006,23 @@ static void s{i}_flush({P}_state *st)
 """
 
     def _conv_body(self, i, st, src, dst, decl, last) -> str:
-        """One register accumulator per output element (float, or int32 for int8 convs); the interior band's taps
-        unrolled. (A variant accumulating whole int32 rows over contiguous bands was measured: 6% fewer
-        instructions for the int8 ref, 8% more for a 5x5, 52-channel spec; not worth two code paths.)"""
+        """A float conv (float32 library, or a conv the int8 graph keeps float): one register accumulator per
+        output element; the interior band's taps unrolled."""
         K, S, Pd = st.k, st.s, st.p
         fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
         ring = f"st->ring{i}"
-        if st.int8:
-            xs, xzp = _qparams(src)
-            ys, yzp = _qparams(dst)
-            inner = f"acc += (int32_t)w[df] * ((int32_t)x[base + df] - ({xzp}));"
-            acc_decl = f"int32_t acc = B{i}[co];"
-            ys_f, yzp_i = dst.quant
-            finish = (f"float v = (float)acc * SC{i}[co];\n"
-                      f"            v = v < {_flit(-128 - yzp_i)} ? {_flit(-128 - yzp_i)} : "
-                      f"(v > {_flit(127 - yzp_i)} ? {_flit(127 - yzp_i)} : v);\n"
-                      f"            {{\n                const int q = (int)lrintf(v) + ({yzp});\n")
-            if last:
-                finish += f"                hrow[co * {fout} + fo] = (float)(q - ({yzp})) * {ys};\n            }}"
-            else:
-                finish += f"                dst[co * {fout} + fo] = (int8_t)q;\n            }}"
-            xtype = "int8_t"
+        if src.quant is None:
+            inner = "acc += w[df] * x[base + df];"
         else:
-            if src.quant is None:
-                inner = "acc += w[df] * x[base + df];"
-            else:
-                xs, xzp = _qparams(src)
-                inner = f"acc += w[df] * ((float)((int)x[base + df] - ({xzp})) * {xs});"
-            acc_decl = f"float acc = B{i}[co];"
-            xtype = self._ctype(src)
-            if st.ln is not None:
-                finish = f"tmp[co * {fout} + fo] = acc;"
-            else:
-                v = "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc"
-                finish = self._store(i, v, f"co * {fout} + fo")
+            xs, xzp = _qparams(src)
+            inner = f"acc += w[df] * ((float)((int)x[base + df] - ({xzp})) * {xs});"
+        acc_decl = f"float acc = B{i}[co];"
+        xtype = self._ctype(src)
+        if st.ln is not None:
+            finish = f"tmp[co * {fout} + fo] = acc;"
+        else:
+            v = "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc"
+            finish = self._store(i, v, f"co * {fout} + fo")
         unrolled = " ".join(inner.replace("[df]", f"[{d}]").replace("+ df]", f"+ {d}]") for d in range(K))
         code = f"""    {decl}
     int co, fo;
@@ -923,14 +1036,14 @@ static void s{i}_flush({P}_state *st)
                 const {xtype} *x = {ring} + ((r0 + dt) % {K}) * {src.row};
                 if (df_lo == 0 && df_hi == {K}) {{ /* interior band: the {K} taps unrolled */
                     for (ci = 0; ci < {cin}; ci++) {{
-                        const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                        const float *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
                         const int base = ci * {fin} + f0;
                         {unrolled}
                     }}
                     continue;
                 }}
                 for (ci = 0; ci < {cin}; ci++) {{
-                    const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                    const float *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
                     const int base = ci * {fin} + f0;
                     for (df = df_lo; df < df_hi; df++)
                         {inner}
@@ -965,16 +1078,13 @@ static void s{i}_flush({P}_state *st)
         K, S, Pd = st.k, st.s, st.p
         fin, fout, c = src.bands, dst.bands, src.channels
         ctype = self._ctype(src)
-        same = src.quant == dst.quant and not last
-        if same:
+        if src.quant == dst.quant:
             store = "dst[c * %d + fo] = m;" % fout
         elif src.quant is None:
             store = self._store(i, "m", f"c * {fout} + fo")
         else:
             s, zp = _qparams(src)
             store = self._store(i, f"((float)((int)m - ({zp})) * {s})", f"c * {fout} + fo")
-            if last and dst.quant == src.quant:
-                store = f"hrow[c * {fout} + fo] = (float)((int)m - ({zp})) * {s};"
         return f"""    {decl}
     int c, fo;
     for (c = 0; c < {c}; c++) {{
@@ -1175,6 +1285,7 @@ static void process_frame({P}_state *st)
             c.append(f"""    {{
         int8_t *dst = st->ring0 + {row};
         for (b = 0; b < {nm}; b++) dst[b] = (int8_t)quant(feat[b], {s}, {zp});
+        TRACE(0, st->n0, dst, {nm});
     }}""")
         c.append("    s0_push(st);\n}")
         fill = self._feed()
@@ -1295,6 +1406,20 @@ int {P}_result({P}_state *st, float out3[3])
 }}
 """
 
+    def _trace(self) -> str:
+        if not any(t.quant is not None for t in self.plan.tensors):
+            return ""
+        return """
+/* -DMICROSER_TRACE: every int8 row is handed to microser_trace() (defined by the caller: tests compare each
+   stage with a reference); tensor 0 is the quantized front-end output, tensor t the output of stage t - 1. */
+#ifdef MICROSER_TRACE
+void microser_trace(int tensor, int32_t row, const int8_t *q, int n);
+#define TRACE(tensor, row, q, n) microser_trace((tensor), (row), (q), (n))
+#else
+#define TRACE(tensor, row, q, n) ((void)0)
+#endif
+"""
+
     def _quant_fn(self) -> str:
         if not any(t.quant is not None for t in self.plan.tensors):
             return ""
@@ -1308,6 +1433,23 @@ static int quant(float x, float scale, int zp)
     return (int)lrintf(v) + zp;
 }
 """
+
+
+def _template(name: str) -> Template:
+    """A C template of microser/cgen_templates/ (``string.Template``: ``${name}`` fields, ``$$`` for a dollar)."""
+    return Template((TEMPLATES / name).read_text())
+
+
+def conv_weight_rows(st: Stage, align: int, *, dual: bool = False) -> np.ndarray:
+    """An int8 conv's weights as (cout, padded_taps(align)) rows, tap order (ci, dt, df), zero taps at the end, and a
+    zero row after an odd cout (the 2x2 kernel takes channels in pairs); with ``dual`` every group of 4 taps is stored
+    (k, k+2, k+1, k+3), the order the SXTB16/SMLAD kernel reads."""
+    w = np.asarray(st.weight).reshape(st.weight.shape[0], -1)
+    rows = np.zeros((w.shape[0] + w.shape[0] % 2, st.padded_taps(align)), dtype=np.int8)
+    rows[:w.shape[0], :w.shape[1]] = w
+    if dual:
+        rows = rows.reshape(rows.shape[0], -1, 4)[:, :, [0, 2, 1, 3]].reshape(rows.shape)
+    return rows
 
 
 def emit(plan: Plan, prefix: str, variant: str) -> tuple[str, str]:
