@@ -186,6 +186,112 @@ def test_int8_reads_the_graph_front_end_arithmetic(ref_int8):
     assert plan.tensors[0].quant is not None and all(st.int8 for st in plan.stages if st.kind == "conv")
 
 
+def conv_accumulators(x_q, x_zp, weight, bias, k, s, p) -> np.ndarray:
+    """int32 accumulators of a QLinearConv in numpy: (T, cin, fin) int8 rows -> (T', cout, fout) int64,
+    bias + sum of w * (x - x_zp), zero ("same") padding in the zero-point-removed domain."""
+    t, cin, fin = x_q.shape
+    xp = np.zeros((t + 2 * p, cin, fin + 2 * p), np.int64)
+    xp[p:p + t, :, p:p + fin] = x_q.astype(np.int64) - x_zp
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(0, 2))[::s, :, ::s]  # (T', cin, F', k, k)
+    return np.einsum("tcfab,ocab->tof", win, weight.astype(np.int64)) + bias.astype(np.int64)[None, :, None]
+
+
+def ort_requantize(acc, scales, zp) -> np.ndarray:
+    """onnxruntime's QLinearConv output: float32(acc) * float32 scale, clamped, rounded half to even, + zp."""
+    v = acc.astype(np.float32) * scales.astype(np.float32)[None, :, None]
+    v = np.clip(v, np.float32(-128 - zp), np.float32(127 - zp))
+    return (np.rint(v).astype(np.int64) + zp).astype(np.int8)
+
+
+def max_pool_reference(x_q) -> np.ndarray:
+    """3x3 / 2 max-pool, padding 1 ignored: (T, C, F) int8 -> (ceil(T/2), C, ceil(F/2))."""
+    t, c, f = x_q.shape
+    xp = np.full((t + 2, c, f + 2), -129, np.int16)
+    xp[1:1 + t, :, 1:1 + f] = x_q
+    win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(0, 2))[::2, :, ::2]
+    return win.max(axis=(-2, -1)).astype(np.int8)
+
+
+@pytest.fixture(scope="module")
+def traced_int8(ref_int8, tmp_path_factory):
+    """The int8 library of ``ref_int8`` built with -DMICROSER_TRACE, run on 1.3 s of speech-like audio."""
+    model, _, _, d = ref_int8
+    plan = cgen.int8_plan(model, SPECS["ref-running"], d / "m.int8.onnx")
+    exe = cgen.compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE",), exe="t_int8_trace")
+    trace = tmp_path_factory.mktemp("trace") / "trace.bin"
+    out = cgen.run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=trace)
+    return plan, cgen.read_trace(trace), out
+
+
+def test_int8_stages_are_bit_exact_with_the_fixed_point_reference(traced_int8):
+    """Every int8 stage of the C library, fed its own traced input rows, equals a numpy reference exactly: integer
+    accumulators, requantization round(acc * scale) of the exact product with ties to even; max-pools."""
+    plan, rows, _ = traced_int8
+    checked = 0
+    for st in plan.stages:
+        src, dst = plan.tensors[st.src], plan.tensors[st.dst]
+        x = rows[st.src].reshape(-1, src.channels, src.bands)
+        got = rows[st.dst].reshape(-1, dst.channels, dst.bands)
+        if st.kind == "pool":
+            np.testing.assert_array_equal(got, max_pool_reference(x))
+            continue
+        assert st.int8
+        acc = conv_accumulators(x, src.quant[1], st.weight, st.bias, st.k, st.s, st.p)
+        assert np.abs(acc).max() < 2**24  # exactly representable as float32, as onnxruntime converts it
+        want = cgen.requantize_reference(acc.transpose(0, 2, 1), cgen.conv_scales(plan, st), dst.quant[1])
+        np.testing.assert_array_equal(got, want.transpose(0, 2, 1))
+        checked += got.size
+    assert checked > 100_000 and len(rows[0]) == 649  # frames of 1.3 s at hop 32 (n_fft 64, no padding)
+
+
+def test_fixed_point_differs_from_onnxruntime_requantization_by_at_most_one_step_rarely(traced_int8):
+    """The documented difference: onnxruntime rounds float32(acc) * scale, a float32 product, before rounding to
+    an integer; the exact product can fall on the other side of a .5 boundary. Bound: 1 step, rare."""
+    plan, rows, _ = traced_int8
+    diffs, total = [], 0
+    for st in plan.stages:
+        if st.kind != "conv":
+            continue
+        src, dst = plan.tensors[st.src], plan.tensors[st.dst]
+        x = rows[st.src].reshape(-1, src.channels, src.bands)
+        acc = conv_accumulators(x, src.quant[1], st.weight, st.bias, st.k, st.s, st.p)
+        ort = ort_requantize(acc, cgen.conv_scales(plan, st), dst.quant[1]).astype(np.int64)
+        got = rows[st.dst].reshape(ort.shape).astype(np.int64)
+        diffs.append(np.abs(got - ort).reshape(-1))
+        total += got.size
+    d = np.concatenate(diffs)
+    assert d.max() <= 1
+    assert np.count_nonzero(d) <= 1e-4 * total  # measured here: 0 of 877,786 outputs
+
+
+def test_dsp_kernels_equal_the_portable_ones(ref_int8, traced_int8, tmp_path):
+    """The SXTB16/SMLAD kernels (weights in dual-MAC order, intrinsics emulated in C) give the very same rows."""
+    _, _, _, d = ref_int8
+    plan, rows, out = traced_int8
+    exe = cgen.compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE", "-DMICROSER_DSP_EMULATE"),
+                              exe="t_int8_dsp")
+    source = (d / "t_int8.c").read_text()
+    assert "#if MICROSER_SIMD" in source and "SMLAD(a01, x, s00)" in source
+    dsp = cgen.run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=tmp_path / "dsp.bin")
+    dsp_rows = cgen.read_trace(tmp_path / "dsp.bin")
+    assert sorted(dsp_rows) == sorted(rows) == list(range(len(plan.tensors)))
+    for t in rows:
+        np.testing.assert_array_equal(dsp_rows[t], rows[t])
+    np.testing.assert_array_equal(dsp, out)
+
+
+def test_fixed_multiplier_is_exact():
+    for scale in np.float32([0.75, 1e-3, 3.0, 2.0**-31, 0.0123456789, 1.0]):
+        mult, shift = cgen.fixed_multiplier(scale)
+        assert mult * 2.0**-shift == float(scale) and (mult == 0 or 2**30 <= mult < 2**31) and 1 <= shift <= 62
+    assert cgen.fixed_multiplier(np.float32(2.0**-33)) == (0, 1)  # every |acc| < 2**31 rounds to 0
+    # ties to even, as onnxruntime rounds: 2.5 -> 2, -2.5 -> -2, 1.5 -> 2; saturation at the int8 range
+    got = cgen.requantize_reference(np.array([[5, -5, 3, 1000, -1000]]).T, np.float32([0.5]), 0).reshape(-1)
+    np.testing.assert_array_equal(got, [2, -2, 2, 127, -128])
+    with pytest.raises(MicroserError, match="scale -1.0 is not a finite non-negative number"):
+        cgen.fixed_multiplier(-1.0)
+
+
 def test_espeak_clips_float_and_int8(espeak_dir, built, ref_int8):
     import soundfile as sf
 
