@@ -145,8 +145,8 @@ class Plan:
     stages: list[Stage]
     pooling: str
     # front-end constants (filled by _frontend_tables for generation; shapes only for streaming_ram)
-    window: np.ndarray | None = None
-    fbank: np.ndarray | None = None
+    window: np.ndarray | None = None  # (n_fft,) zero-padded analysis window (frontend_tables)
+    mel: MelBands | None = None  # the filterbank's band table (frontend_tables)
     pcen_fir: np.ndarray | None = None  # oldest tap first, as the PyTorch conv weight
     window_spectrum: np.ndarray | None = None
     head: dict = field(default_factory=dict)
@@ -344,6 +344,64 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
+@dataclass(frozen=True)
+class MelBands:
+    """A filterbank as the C library stores it: per band the first FFT bin and the length of one contiguous run
+    holding all its non-zero weights, and those runs' weights concatenated (the 257 x 40 HTK mel matrix of
+    stft512 m40: 493 weights and 80 small integers instead of 10,280 dense values)."""
+
+    n_freqs: int
+    start: np.ndarray  # (n_mels,) first bin of each band
+    length: np.ndarray  # (n_mels,) bins in its run
+    weights: np.ndarray  # (sum(length),) the runs, band after band
+
+    @classmethod
+    def from_dense(cls, fbank) -> "MelBands":
+        """The band table of a dense (n_freqs, n_mels) matrix (a band without weights gets an empty run)."""
+        fb = np.asarray(fbank, dtype=np.float64)
+        start, length, weights = [], [], []
+        for b in range(fb.shape[1]):
+            nz = np.nonzero(fb[:, b])[0]
+            lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
+            start.append(lo)
+            length.append(hi - lo)
+            weights.append(fb[lo:hi, b])
+        return cls(fb.shape[0], np.array(start), np.array(length), np.concatenate(weights) if weights else np.zeros(0))
+
+    def dense(self) -> np.ndarray:
+        """The (n_freqs, n_mels) matrix back (float64)."""
+        out = np.zeros((self.n_freqs, len(self.start)))
+        off = 0
+        for b, (lo, n) in enumerate(zip(self.start, self.length)):
+            out[lo:lo + n, b] = self.weights[off:off + n]
+            off += n
+        return out
+
+
+def frontend_tables(spec, model=None) -> tuple[np.ndarray, MelBands]:
+    """The front-end constants the C library stores, computed from the spec's few numbers: the analysis window
+    (periodic Hann of ``win_length``, zero-padded to ``n_fft`` and centred, as microser.frontends.PowerSpectrum
+    applies it) and the mel band table of `microser.frontends.mel_matrix` (the one definition of the filterbank; a
+    ``learnable`` filterbank is read from ``model``, as ``abs`` of the learned matrix). This is the one place the C
+    side gets them from, so it follows that definition when it changes."""
+    import torch
+
+    from microser.frontends import mel_matrix
+
+    fe = spec.frontend
+    window = np.zeros(fe.n_fft)
+    left = (fe.n_fft - fe.window_length) // 2
+    window[left:left + fe.window_length] = torch.hann_window(fe.window_length, periodic=True).double().numpy()
+    if fe.filterbank == "learnable":
+        if model is None:
+            raise MicroserError(f"spec {spec.summary()!r} has a learnable filterbank: its band table needs the "
+                                "trained model; pass the model")
+        fbank = _np(model.frontend.filterbank())
+    else:
+        fbank = mel_matrix(fe).double().numpy()
+    return window, MelBands.from_dense(fbank)
+
+
 def float_plan(model, spec=None) -> Plan:
     """The float32 plan of an eval-mode Wav2Small `Student`: BatchNorm folded into the convs (in float64)."""
     from torch import nn
@@ -354,11 +412,7 @@ def float_plan(model, spec=None) -> Plan:
     plan = shape_plan(spec, int8=False)
     fe = spec.frontend
     power: PowerSpectrum = model.frontend.power
-    win = np.zeros(fe.n_fft)
-    left = (fe.n_fft - power.win) // 2
-    win[left:left + power.win] = _np(power.window)
-    plan.window = win
-    plan.fbank = _np(model.frontend.filterbank())
+    plan.window, plan.mel = frontend_tables(spec, model)
     if fe.compression == "pcen":
         plan.pcen_fir = _np(model.frontend.pcen_fir).reshape(-1)
     if fe.prenorm == "window":
@@ -798,17 +852,9 @@ class _Emitter:
             t.append(_array("float", "RT_IM", -np.sin(2 * np.pi * kk / N)))
         t.append(_array("int", "FFT_FACTORS", _factors(M)))
         t.append(_array("float", "WINDOW", plan.window))
-        fb = np.asarray(plan.fbank)  # (n_freqs, n_mels)
-        starts, lens, weights = [], [], []
-        for b in range(fb.shape[1]):
-            nz = np.nonzero(fb[:, b])[0]
-            lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
-            starts.append(lo)
-            lens.append(hi - lo)
-            weights.extend(fb[lo:hi, b])
-        t.append(_array("int", "MEL_START", starts, 16))
-        t.append(_array("int", "MEL_LEN", lens, 16))
-        t.append(_array("float", "MEL_W", weights))
+        t.append(_array("uint16_t", "MEL_START", plan.mel.start, 16))
+        t.append(_array("uint16_t", "MEL_LEN", plan.mel.length, 16))
+        t.append(_array("float", "MEL_W", plan.mel.weights))
         if fe.prenorm == "window":
             t.append(_array("float", "WSPEC", plan.window_spectrum))
         if fe.compression == "pcen":

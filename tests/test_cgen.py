@@ -380,6 +380,24 @@ edge: { sourcename: "x.c:c" targetname: "expf" }
     assert cgen._worst_stack(ci, ["p_push", "p_result"]) == (148, "p_push > a > b")
 
 
+def test_front_end_tables_come_from_the_spec_and_match_pytorch_exactly():
+    """The window and the mel band table are computed from the spec's numbers (frontend_tables), stored sparse,
+    and equal the tensors the PyTorch front-end multiplies by, bit for bit."""
+    spec = spec_from(frontend__n_fft=512, frontend__hop=160, frontend__n_mels=40, frontend__win_length=400)
+    model = build_model(spec)
+    window, mel = cgen.frontend_tables(spec)
+    padded = np.zeros(512)
+    padded[56:456] = model.frontend.power.window.double().numpy()  # torch.stft centres the 400-sample window
+    np.testing.assert_array_equal(window, padded)
+    dense = model.frontend.fb.double().numpy()
+    np.testing.assert_array_equal(mel.dense(), dense)
+    assert mel.weights.size == np.count_nonzero(dense) == 493  # of 257 x 40 = 10,280: only the non-zeros are stored
+    assert list(mel.start[:3]) == [1, 2, 3] and int(mel.length.max()) == int((dense > 0).sum(0).max())
+    learnable = spec_from(frontend__filterbank="learnable")
+    with pytest.raises(MicroserError, match="learnable filterbank: its band table needs the trained model"):
+        cgen.frontend_tables(learnable)
+
+
 def test_fft_factors_cover_every_length():
     for n in (1, 2, 8, 32, 200, 256, 37, 75, 1024):
         assert int(np.prod(cgen._factors(n))) == n
