@@ -671,6 +671,12 @@ def fixed_multiplier(scale) -> tuple[int, int]:
     return mult, shift
 
 
+def _narrow(plan: Plan, st: Stage) -> bool:
+    """Whether every requantization shift of an int8 conv is in 33..62 (scales below 2**-2): the 32-bit requant()
+    handles it; otherwise the stage uses requant_wide()."""
+    return all(fixed_multiplier(sc)[1] >= 33 for sc in conv_scales(plan, st))
+
+
 def requantize_reference(acc, scales, zero_point: int) -> np.ndarray:
     """What the C requant() returns, in Python integers: ``clamp(round_half_even(acc * scale) + zp, -128, 127)``.
 
@@ -820,7 +826,9 @@ class _Emitter:
                f'#include "{P}.h"', "#include <math.h>", "#include <string.h>", "",
                f"typedef char {P}_layout_check[(sizeof({P}_state) == {P.upper()}_RAM_BYTES) ? 1 : -1];", ""]
         if any(st.kind == "conv" and st.int8 for st in self.plan.stages):
-            out.append(_template("int8_support.c").substitute())
+            wide = any(not _narrow(self.plan, st) for st in self.plan.stages if st.kind == "conv" and st.int8)
+            out.append(_template("int8_support.c").substitute(
+                wide=(TEMPLATES / "requant_wide.c").read_text() if wide else ""))
         out.append(self._tables())
         out.append(self._quant_fn())
         out.append(self._trace())
@@ -872,7 +880,8 @@ class _Emitter:
                 t.append(_array("int32_t", f"B{i}", np.append(st.bias, [0] * (len(st.bias) % 2))))
                 mult, shift = zip(*(fixed_multiplier(sc) for sc in conv_scales(plan, st)))
                 t.append(_array("int32_t", f"M{i}", mult))
-                t.append(_array("uint8_t", f"R{i}", shift, 16))
+                narrow = _narrow(plan, st)  # requant() takes shift - 32, requant_wide() the shift
+                t.append(_array("uint8_t", f"R{i}", [r - 32 if narrow else r for r in shift], 16))
             else:
                 t.append(_array("float", f"W{i}", st.weight))
                 t.append(_array("float", f"B{i}", st.bias))
@@ -998,7 +1007,7 @@ static void fft(float *xr, float *xi, float *yr, float *yi)
         return _template("conv_s8.c").substitute(
             i=i, P=self.P, block=st.block, cin=src.channels, fin=src.bands, cout=dst.channels, fout=dst.bands,
             k=k, s=st.s, p=st.p, kk=st.taps, kk_ci=k * k, row=src.row, xzp=xzp,
-            yzp=dst.quant[1], unrolled=unrolled, dst=decl.split("=", 1)[1].strip().rstrip(";"), deliver=deliver)
+            yzp=dst.quant[1], unrolled=unrolled, requant="requant" if _narrow(plan, st) else "requant_wide", dst=decl.split("=", 1)[1].strip().rstrip(";"), deliver=deliver)
 
     def _stage(self, i: int) -> str:
         plan, P = self.plan, self.P
@@ -1579,6 +1588,11 @@ def run_driver(exe, audio: np.ndarray, chunks=(), *, peek: bool = False, workdir
 # ---- measurements: flash, RAM, stack, instructions ----
 
 
+def measurement_signal(seconds: float = 1.0) -> np.ndarray:
+    """The signal instruction counts are measured on: seeded Gaussian noise, standard deviation 0.1."""
+    return (np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
+
+
 def _worst_stack(ci_text: str, roots: list[str]) -> tuple[int, str]:
     """Deepest stack (bytes) over call paths from ``roots`` in a GCC ``-fcallgraph-info=su`` graph, and that path.
 
@@ -1611,13 +1625,15 @@ def _worst_stack(ci_text: str, roots: list[str]) -> tuple[int, str]:
     return worst[0], " > ".join(worst[1])
 
 
-def _callgrind_ir(exe: Path, audio: np.ndarray, function: str, workdir: Path) -> int:
-    """Instructions executed inside ``function`` (and what it calls) while the driver runs on ``audio``."""
+def _callgrind_ir(exe: Path, audio: np.ndarray, functions, workdir: Path) -> int:
+    """Instructions executed inside ``functions`` (a name or several, and what they call) while the driver runs on
+    ``audio``."""
     path = workdir / "cg-audio.f32"
     np.asarray(audio, np.float32).tofile(path)
     out = workdir / "callgrind.out"
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--toggle-collect={function}",
-           str(exe), str(path), "4096"]
+    functions = [functions] if isinstance(functions, str) else list(functions)
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+           *(f"--toggle-collect={f}" for f in functions), str(exe), str(path), "4096"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise MicroserError(f"valgrind callgrind failed on {exe}: {r.stderr.strip()[-200:]}")
@@ -1632,8 +1648,9 @@ def measure(c_dir, prefix: str, *, seconds: float = 1.0, callgrind: bool = True,
       weights and tables); ``bss_bytes`` must be 0 (no globals);
     * ``ram_bytes`` = ``sizeof(state)`` (state + arena) + ``stack_bytes``, the deepest call path of
       ``-fcallgraph-info=su`` from the API functions (libm leaf calls not included);
-    * ``instructions_per_audio_second``: valgrind callgrind, instructions inside ``<prefix>_push`` per second of
-      a pseudo-random signal of ``seconds`` (host x86-64, a proxy for DSP cycles), and
+    * ``instructions_per_audio_second``: valgrind callgrind, instructions inside ``<prefix>_push`` (and
+      ``_prescan``, the first pass of two-pass libraries) per second of `measurement_signal` (host x86-64, a proxy
+      for DSP cycles), and
       ``result_instructions`` for the end-of-utterance flush and head (on 0.5 s). Needs valgrind; else None.
     """
     c_dir = Path(c_dir)
@@ -1662,15 +1679,158 @@ def measure(c_dir, prefix: str, *, seconds: float = 1.0, callgrind: bool = True,
                "flags": " ".join(GCC_FLAGS)}
         if callgrind and shutil.which("valgrind"):
             exe = compile_driver(tmp, prefix)
-            audio = (np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
-            if (c_dir / f"{prefix}.h").read_text().find(f"{prefix.upper()}_TWO_PASS 1") >= 0:
-                pass  # the driver prescans before pushing; prescan is outside the toggled function
-            push = _callgrind_ir(exe, audio, f"{prefix}_push", tmp)
+            audio = measurement_signal(seconds)
+            two_pass = f"{prefix.upper()}_TWO_PASS 1" in (c_dir / f"{prefix}.h").read_text()
+            push = _callgrind_ir(exe, audio, [f"{prefix}_push"] + ([f"{prefix}_prescan"] if two_pass else []), tmp)
             result = _callgrind_ir(exe, audio[: SAMPLE_RATE // 2], f"{prefix}_result", tmp)
             out["instructions_per_audio_second"] = int(round(push / seconds))
             out["result_instructions"] = result
             out["callgrind"] = f"valgrind --tool=callgrind, {seconds:g} s of audio, host {os.uname().machine}"
     return out
+
+
+# ---- Cortex-M4F: cross-compiled flash and RAM, and a run in QEMU (mps2-an386) ----
+
+ARM_GCC = "arm-none-eabi-gcc"
+ARM_SIZE = "arm-none-eabi-size"
+QEMU_ARM = "qemu-system-arm"
+M4_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard", "-O2")
+M4_CHUNKS = (160, 17, 999, 3, 4096, 1)  # samples per push() in the QEMU driver, cycled
+QEMU_TIMEOUT_S = 120
+M4_TOOLS_HINT = ("install the Debian packages gcc-arm-none-eabi, libnewlib-arm-none-eabi (and qemu-system-arm to "
+                 "run it), as .ci/run does")
+
+
+def m4_tools() -> dict:
+    """Paths of the Cortex-M4 tools found on PATH (``gcc``, ``size``, ``qemu``), None where missing."""
+    return {"gcc": shutil.which(ARM_GCC), "size": shutil.which(ARM_SIZE), "qemu": shutil.which(QEMU_ARM)}
+
+
+def _arm(cmd: list[str], cwd: Path, what: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        first = " | ".join(r.stderr.strip().splitlines()[:3])
+        raise MicroserError(f"{ARM_GCC} failed on {what}: {first}; report the spec as a cgen bug")
+    return r
+
+
+def _arm_size(path: Path) -> tuple[int, int, int]:
+    """text (code + rodata), data, bss of ``arm-none-eabi-size`` (Berkeley format)."""
+    row = subprocess.run([ARM_SIZE, str(path)], capture_output=True, text=True).stdout.splitlines()[1].split()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _map_members(map_text: str) -> set[str]:
+    """Archive members a GNU ld map file says were linked (``libm.a(libm_a-sf_exp.o)`` -> ``libm.a:sf_exp.o``)."""
+    block = map_text.split("Memory Configuration")[0]
+    return {f"{Path(a).name}:{re.sub(r'^lib[a-z]+_a-', '', m)}" for a, m in re.findall(r"^(\S+\.a)\(([^)]+)\)", block, re.M)}
+
+
+def measure_cortex_m4(c_dir, prefix: str, *, run: bool = True, workdir=None, check_audio=None) -> dict:
+    """Flash and RAM of one generated library built for a Cortex-M4F, and (``run``, needs qemu-system-arm) its run
+    in QEMU's mps2-an386 board with semihosting.
+
+    * ``flash_bytes``: text + data (``arm-none-eabi-size``) of a bare-metal image calling every API function, minus
+      the same image with an empty main(): the library's code and const tables (``library_flash_bytes``, from its
+      object) plus the runtime it pulls in (``runtime``: libm, libc, libgcc members, read from the map file);
+    * ``ram_bytes`` = data + bss of the library object (0: no globals) + ``sizeof(state)`` (state + arena) + the
+      stack: measured in QEMU (``stack_source`` "qemu": painted stack, deepest word below main's frame, libm
+      included) or, without QEMU, the deepest path of ``-fcallgraph-info=su`` (libm calls not counted);
+    * with ``run``: ``instructions_per_audio_second`` (push + prescan on `measurement_signal`, 1 s, counted with
+      ``qemu -icount shift=0`` and the board's 25 MHz timer, calibrated on a loop of known length) and, when
+      ``check_audio`` is given, ``outputs``, the library's 3 outputs on it in the emulated Cortex-M4.
+
+    MicroserError with the packages to install when the toolchain is missing.
+    """
+    c_dir = Path(c_dir)
+    tools = m4_tools()
+    if tools["gcc"] is None or tools["size"] is None:
+        raise MicroserError(f"{ARM_GCC} / {ARM_SIZE} not found on PATH: the Cortex-M4 build needs them; "
+                            + M4_TOOLS_HINT)
+    header = (c_dir / f"{prefix}.h").read_text()
+    two_pass = f"{prefix.upper()}_TWO_PASS 1" in header
+    state_arena = int(re.search(rf"#define {prefix.upper()}_RAM_BYTES (\d+)", header).group(1))
+    hop = 160
+    flags = [*GCC_FLAGS[:-1], *M4_FLAGS]  # the library's strict C99 flags, -O2 from M4_FLAGS
+    harness = ["-std=gnu99", *M4_FLAGS, "-ffunction-sections", "-fdata-sections"]
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        for f in (f"{prefix}.c", f"{prefix}.h"):
+            shutil.copy(c_dir / f, tmp / f)
+        for f in ("m4_startup.c", "mps2_an386.ld"):
+            shutil.copy(TEMPLATES / f, tmp / f)
+        _arm([ARM_GCC, *flags, "-ffunction-sections", "-fdata-sections", "-fstack-usage", "-fcallgraph-info=su",
+              "-c", f"{prefix}.c", "-o", "lib.o"], tmp, f"{prefix}.c")
+        text, data, bss = _arm_size(tmp / "lib.o")
+        static_stack, static_path = _worst_stack(next(tmp.glob("*.ci")).read_text(),
+                                                 [f"{prefix}_{f}" for f in ("init", "reset", "push", "result", "prescan")])
+        prescan = (f"    (void){prefix}_prescan(&st, (const float *)samples, {hop});\n" if two_pass else "")
+        (tmp / "footprint.c").write_text(_template("m4_footprint.c").substitute(P=prefix, hop=hop, prescan=prescan))
+        link = [*harness, "--specs=nano.specs", "--specs=nosys.specs", "-nostartfiles", "-T", "mps2_an386.ld",
+                "-Wl,--gc-sections", "m4_startup.c", "footprint.c"]
+        _arm([ARM_GCC, *link, "lib.o", "-lm", "-Wl,-Map=full.map", "-o", "full.elf"], tmp, "the footprint image")
+        _arm([ARM_GCC, *link, "-DMICROSER_EMPTY", "-Wl,-Map=empty.map", "-o", "empty.elf"], tmp, "the empty image")
+        full, empty = _arm_size(tmp / "full.elf"), _arm_size(tmp / "empty.elf")
+        runtime = sorted(_map_members((tmp / "full.map").read_text()) - _map_members((tmp / "empty.map").read_text()))
+        out = {"target": "Cortex-M4F", "compiler": subprocess.run([ARM_GCC, "--version"], capture_output=True,
+                                                                 text=True).stdout.splitlines()[0],
+               "flags": " ".join(flags), "flash_bytes": (full[0] + full[1]) - (empty[0] + empty[1]),
+               "library_flash_bytes": text + data, "text_bytes": text, "data_bytes": data, "bss_bytes": bss,
+               "runtime": runtime, "state_plus_arena_bytes": state_arena, "stack_bytes": static_stack,
+               "stack_path": static_path, "stack_source": "-fcallgraph-info=su (libm calls not counted)",
+               "ram_bytes": data + bss + state_arena + static_stack, "instructions_per_audio_second": None,
+               "qemu": None}
+        if run and tools["qemu"] is not None:
+            prescan = "" if not two_pass else f"""    while ((got = fread(buf, sizeof(float), 4096, f)) > 0) {{
+        t0 = TIMER[1];
+        if ({prefix}_prescan(&st, buf, (int)got) != 0) return 4;
+        prescan_ticks += t0 - TIMER[1];
+    }}
+    rewind(f);
+"""
+            (tmp / "m4_main.c").write_text(_template("m4_main.c").substitute(
+                P=prefix, prescan=prescan, chunks=", ".join(map(str, M4_CHUNKS))))
+            _arm([ARM_GCC, *harness, "--specs=nano.specs", "--specs=rdimon.specs", "-nostartfiles", "-T",
+                  "mps2_an386.ld", "-Wl,--gc-sections", "-DMICROSER_SEMIHOSTING", "m4_startup.c", "m4_main.c",
+                  "lib.o", "-lm", "-o", "qemu.elf"], tmp, "the QEMU driver")
+            timed = _qemu_run(tmp, measurement_signal(1.0))
+            out["instructions_per_audio_second"] = timed["instructions"]
+            out["result_instructions"] = timed["result_instructions"]
+            out["stack_bytes"], out["stack_path"] = timed["stack_bytes"], "measured (painted stack)"
+            out["stack_source"] = "qemu: painted stack, deepest word below the caller's frame (libm included)"
+            out["ram_bytes"] = data + bss + state_arena + timed["stack_bytes"]
+            out["qemu"] = {"machine": "mps2-an386", "version": subprocess.run(
+                [QEMU_ARM, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+                "method": "qemu -icount shift=0 (1 ns per instruction) read through the CMSDK timer at 25 MHz, "
+                          f"calibrated on a 2-instruction loop ({timed['per_tick']:.3f} instructions per tick); "
+                          "instructions, not cycles", "static_stack_bytes": static_stack}
+            if check_audio is not None:
+                out["outputs"] = _qemu_run(tmp, check_audio)["outputs"]
+    return out
+
+
+def _qemu_run(tmp: Path, audio: np.ndarray) -> dict:
+    """Run ``tmp/qemu.elf`` on ``audio`` in qemu-system-arm (mps2-an386, semihosting, -icount shift=0)."""
+    np.asarray(audio, np.float32).tofile(tmp / "m4_input.f32")
+    cmd = [QEMU_ARM, "-M", "mps2-an386", "-nographic", "-monitor", "none", "-serial", "none",
+           "-semihosting-config", "enable=on,target=native", "-icount", "shift=0", "-kernel", "qemu.elf"]
+    try:
+        r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=QEMU_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise MicroserError(f"{QEMU_ARM} did not finish within {QEMU_TIMEOUT_S} s on {len(audio)} samples: "
+                            "the Cortex-M4 driver hangs or faults; report the spec as a cgen bug") from None
+    m = re.search(r"^out (\w+) (\w+) (\w+) (-?\d+)$", r.stdout, re.M)
+    t = re.search(r"^ticks (\d+) (\d+) (\d+) calib (\d+) (\d+) stack (\d+) samples (\d+)$", r.stdout, re.M)
+    if r.returncode != 0 or m is None or t is None:
+        raise MicroserError(f"the Cortex-M4 driver failed in {QEMU_ARM} (exit {r.returncode}): "
+                            f"{(r.stdout + r.stderr).strip()[-200:]!r}; report the spec as a cgen bug")
+    push, prescan, result, loop_insns, loop_ticks, stack, samples = (int(v) for v in t.groups())
+    per_tick = loop_insns / loop_ticks
+    outputs = np.array([np.frombuffer(int(v, 16).to_bytes(4, "little"), np.float32)[0] for v in m.groups()[:3]],
+                       dtype=np.float64)
+    return {"outputs": outputs, "status": int(m.group(4)), "per_tick": per_tick,
+            "instructions": int(round((push + prescan) * per_tick * SAMPLE_RATE / samples)),
+            "result_instructions": int(round(result * per_tick)), "stack_bytes": stack}
 
 
 # ---- the bundle entry point ----
@@ -1711,7 +1871,7 @@ def _readme(prefix: str, spec, libs: dict) -> str:
 
 
 def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str = DEFAULT_PREFIX,
-             check: bool = True, measure_costs: bool = True, callgrind: bool = True) -> dict:
+             check: bool = True, measure_costs: bool = True, callgrind: bool = True, cortex_m4: bool = True) -> dict:
     """Write ``bundle_dir/c/`` (float32 library, int8 library if ``int8_onnx_path``, drivers, README) and return the
     model card's ``c`` section.
 
@@ -1719,7 +1879,10 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
     signal pushed in uneven chunks: the float library against PyTorch (``PARITY_F32``), the int8 one
     against onnxruntime on ``int8_onnx_path`` (``PARITY_INT8``); a worse difference raises MicroserError.
     With ``measure_costs`` the section gets `measure`'s flash, RAM, stack and (``callgrind``, needs valgrind, about
-    10 s per library) instruction figures.
+    10 s per library) instruction figures, and with ``cortex_m4`` (needs arm-none-eabi-gcc) the
+    ``cortex_m4`` entry: `measure_cortex_m4`'s flash and RAM, and where qemu-system-arm runs it, parity on the
+    target ISA (same tolerances, same check signal) and instructions per audio second there. Without the
+    toolchain that entry says what to install.
     """
     import torch
 
@@ -1738,24 +1901,27 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
                        f"{prefix}_<variant>_reset"] + ([f"{prefix}_<variant>_prescan"]
                                                        if spec.frontend.prenorm == "clip" else []),
                "libraries": libs, "parity": {}, "measured": {}}
+    audio = check_signal()
+    refs = {}
+    for v in libs:
+        if v == "float32":
+            with torch.no_grad():
+                refs[v] = (model(torch.from_numpy(audio)[None]).double().numpy()[0], PARITY_F32, "PyTorch")
+        else:
+            from microser.onnxio import ort_session, run_onnx
+
+            refs[v] = (run_onnx(ort_session(str(int8_onnx_path)), audio)[0].astype(np.float64), PARITY_INT8,
+                       "onnxruntime int8 graph")
+    host = {}
     if check:
-        audio = check_signal()
         chunks = [1, 17, 160, 999, 3, 4096]
         with tempfile.TemporaryDirectory() as tmp:
             for v, info in libs.items():
                 for f in (info["source"], info["header"], info["driver"]):
                     shutil.copy(out / f, Path(tmp) / f)
                 exe = compile_driver(tmp, info["prefix"])
-                got = run_driver(exe, audio, chunks)
-                if v == "float32":
-                    with torch.no_grad():
-                        ref = model(torch.from_numpy(audio)[None]).double().numpy()[0]
-                    tol, against = PARITY_F32, "PyTorch"
-                else:
-                    from microser.onnxio import ort_session, run_onnx
-
-                    ref = run_onnx(ort_session(str(int8_onnx_path)), audio)[0].astype(np.float64)
-                    tol, against = PARITY_INT8, "onnxruntime int8 graph"
+                host[v] = got = run_driver(exe, audio, chunks)
+                ref, tol, against = refs[v]
                 diff = float(np.max(np.abs(got - ref)))
                 section["parity"][v] = {"max_abs_diff": diff, "tolerance": tol, "against": against,
                                         "signal": f"check_signal(), {len(audio)} samples, chunks {chunks} cycled"}
@@ -1765,6 +1931,32 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
     if measure_costs:
         for v, info in libs.items():
             section["measured"][v] = measure(out, info["prefix"], callgrind=callgrind)
+    if cortex_m4:
+        section["cortex_m4"] = _cortex_m4_section(out, libs, refs, host, audio, spec)
+    return section
+
+
+def _cortex_m4_section(out: Path, libs: dict, refs: dict, host: dict, audio: np.ndarray, spec) -> dict:
+    """The card's ``cortex_m4`` entry: per variant `measure_cortex_m4`, with parity on the target when QEMU ran."""
+    tools = m4_tools()
+    if tools["gcc"] is None:
+        return {"skipped": f"{ARM_GCC} not found: {M4_TOOLS_HINT}"}
+    section = {} if tools["qemu"] else {"qemu": f"{QEMU_ARM} not found: flash and RAM only (no run, static stack); "
+                                                + M4_TOOLS_HINT}
+    for v, info in libs.items():
+        m = measure_cortex_m4(out, info["prefix"], check_audio=audio)
+        got = m.pop("outputs", None)
+        if got is not None:
+            ref, tol, against = refs[v]
+            diff = float(np.max(np.abs(got - ref)))
+            m["parity"] = {"max_abs_diff": diff, "tolerance": tol, "against": against,
+                           "max_abs_diff_vs_host_c": float(np.max(np.abs(got - host[v]))) if v in host else None,
+                           "signal": f"check_signal(), {len(audio)} samples, chunks {list(M4_CHUNKS)} cycled"}
+            if not diff <= tol:
+                raise MicroserError(f"C {v} library on the Cortex-M4 (QEMU) differs from {against} by {diff:.3g} "
+                                    f"on the check signal: expected <= {tol:g}; report the spec "
+                                    f"({spec.summary()}) as a cgen bug")
+        section[v] = m
     return section
 
 
@@ -1819,6 +2011,32 @@ def card_markdown(section: dict) -> str:
                      f"{m.get('state_plus_arena_bytes', '-')} | {m.get('stack_bytes', '-')} | {m.get('ram_bytes', '-')} | "
                      f"{'-' if ips is None else f'{ips / 1e6:.1f} M'} |")
     lines += ["", "Flash: text + data of `size` on the object (gcc " + " ".join(GCC_FLAGS) + "); RAM: sizeof(state) "
-              "+ deepest stack path (-fcallgraph-info=su); instructions: valgrind callgrind inside push(), host "
-              "x86-64, a proxy for DSP cycles.", ""]
+              "+ deepest stack path (-fcallgraph-info=su); instructions: valgrind callgrind inside push() (and "
+              "prescan()), host x86-64, a proxy for DSP cycles.", ""]
+    m4 = section.get("cortex_m4") or {}
+    if "skipped" in m4:
+        lines += ["### Cortex-M4F", "", f"Not built: {m4['skipped']}.", ""]
+    elif m4:
+        lines += ["### Cortex-M4F", "",
+                  "| variant | flash B (library + runtime) | RAM B (state+arena + stack + data/bss) | instr / s audio "
+                  "(QEMU) | parity on target |", "| --- | --- | --- | --- | --- |"]
+        for v, m in m4.items():
+            if not isinstance(m, dict):
+                continue
+            ips, par = m.get("instructions_per_audio_second"), m.get("parity")
+            parity = "-" if par is None else f"{par['max_abs_diff']:.1e} vs {par['against']}"
+            lines.append(f"| {v} | {m['flash_bytes']} ({m['library_flash_bytes']} + "
+                         f"{m['flash_bytes'] - m['library_flash_bytes']}) | {m['ram_bytes']} "
+                         f"({m['state_plus_arena_bytes']} + {m['stack_bytes']} + {m['data_bytes'] + m['bss_bytes']}) | "
+                         f"{'-' if ips is None else f'{ips / 1e6:.1f} M'} | {parity} |")
+        first = next(m for m in m4.values() if isinstance(m, dict))
+        lines += ["", f"{first['compiler']}, `{first['flags']}`. Flash: arm-none-eabi-size of a bare-metal image "
+                  "calling the API minus an empty one (the library's code and tables plus the libm/libgcc members it "
+                  "pulls in, from the map file). Stack: " + first["stack_source"] + "."]
+        if isinstance(m4.get("qemu"), str):
+            lines.append(m4["qemu"] + ".")
+        elif first.get("qemu"):
+            lines.append(f"Run in {first['qemu']['version']}, machine {first['qemu']['machine']}: "
+                         f"{first['qemu']['method']}.")
+        lines.append("")
     return "\n".join(lines)

@@ -445,6 +445,37 @@ def test_generate_writes_the_bundle_section(ref_int8, tmp_path):
     assert i8["flash_bytes"] > 10_806 and f32["flash_bytes"] > 4 * 10_806  # int8 vs float weights are in flash
     assert i8["state_plus_arena_bytes"] == cgen.streaming_ram(SPECS["ref-running"])["ram_streaming_bytes"]
     assert 0 < i8["stack_bytes"] < 4096 and i8["ram_bytes"] == i8["state_plus_arena_bytes"] + i8["stack_bytes"]
+    if shutil.which("arm-none-eabi-gcc") is None:
+        assert section["cortex_m4"]["skipped"].startswith("arm-none-eabi-gcc not found")
+        return
+    for v in ("float32", "int8"):  # the Cortex-M4F build: flash and RAM from arm-none-eabi-size and the map file
+        m4, host = section["cortex_m4"][v], section["measured"][v]
+        assert m4["bss_bytes"] == 0 and m4["data_bytes"] == 0
+        assert m4["flash_bytes"] > m4["library_flash_bytes"] > 0  # plus the libm/libgcc members it pulls in
+        assert any(r.startswith("libm.a:") for r in m4["runtime"])  # expf of the attention head at least
+        assert m4["state_plus_arena_bytes"] == host["state_plus_arena_bytes"]  # the same struct on both ABIs
+        assert m4["ram_bytes"] == m4["state_plus_arena_bytes"] + m4["stack_bytes"]
+        if shutil.which("qemu-system-arm"):  # run on the target ISA: parity and instructions per audio second
+            assert m4["parity"]["max_abs_diff"] <= m4["parity"]["tolerance"]
+            assert m4["parity"]["max_abs_diff_vs_host_c"] <= 1e-5  # newlib's libm vs glibc's, nothing else
+            assert 0 < m4["stack_bytes"] < 4096 and m4["instructions_per_audio_second"] > 1e6
+    m4 = section["cortex_m4"]
+    assert m4["int8"]["flash_bytes"] < 0.6 * m4["float32"]["flash_bytes"]
+    if shutil.which("qemu-system-arm"):
+        assert m4["int8"]["instructions_per_audio_second"] < 0.6 * m4["float32"]["instructions_per_audio_second"]
+    assert "### Cortex-M4F" in cgen.card_markdown(section)
+
+
+def test_cortex_m4_entry_says_what_to_install_without_the_toolchain(ref_int8, tmp_path, monkeypatch):
+    model, _, _, d = ref_int8
+    monkeypatch.setattr(cgen, "m4_tools", lambda: {"gcc": None, "size": None, "qemu": None})
+    section = cgen.generate(tmp_path, model, SPECS["ref-running"], d / "m.int8.onnx", measure_costs=False)
+    assert section["cortex_m4"] == {"skipped": "arm-none-eabi-gcc not found: install the Debian packages "
+                                               "gcc-arm-none-eabi, libnewlib-arm-none-eabi (and qemu-system-arm to "
+                                               "run it), as .ci/run does"}
+    assert "Not built: arm-none-eabi-gcc not found" in cgen.card_markdown(section)
+    with pytest.raises(MicroserError, match="arm-none-eabi-gcc / arm-none-eabi-size not found on PATH"):
+        cgen.measure_cortex_m4(tmp_path / "c", "ser_int8")
 
 
 def test_export_trial_with_c_puts_the_measured_library_in_the_card(tmp_path):

@@ -49,13 +49,13 @@ static void s${i}_row(${P}_state *st, int32_t j)
             a[0] = a[1] = B${i}[co];
             a[2] = a[3] = B${i}[co + 1];
             MM${i}(W${i} + co * KP${i}, c0, a);
-            dst[co * ${fout} + fo] = requant(a[0], M${i}[co], R${i}[co], ${yzp});
+            dst[co * ${fout} + fo] = ${requant}(a[0], M${i}[co], R${i}[co], ${yzp});
             if (fo + 1 < ${fout})
-                dst[co * ${fout} + fo + 1] = requant(a[1], M${i}[co], R${i}[co], ${yzp});
+                dst[co * ${fout} + fo + 1] = ${requant}(a[1], M${i}[co], R${i}[co], ${yzp});
             if (co + 1 < ${cout}) {
-                dst[(co + 1) * ${fout} + fo] = requant(a[2], M${i}[co + 1], R${i}[co + 1], ${yzp});
+                dst[(co + 1) * ${fout} + fo] = ${requant}(a[2], M${i}[co + 1], R${i}[co + 1], ${yzp});
                 if (fo + 1 < ${fout})
-                    dst[(co + 1) * ${fout} + fo + 1] = requant(a[3], M${i}[co + 1], R${i}[co + 1], ${yzp});
+                    dst[(co + 1) * ${fout} + fo + 1] = ${requant}(a[3], M${i}[co + 1], R${i}[co + 1], ${yzp});
             }
         }
     }

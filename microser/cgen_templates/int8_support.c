@@ -45,18 +45,23 @@ static int32_t smlad_c(int32_t a, int32_t b, int32_t acc)
 #define MICROSER_SIMD 0
 #endif
 
-/* Requantize an int32 accumulator to int8: round(acc * mult / 2^shift) to nearest, ties to even (onnxruntime's
-   rounding), plus the output zero point, clamped to [-128, 127]. ``mult`` and ``shift`` hold the float32 scale
-   x_scale * w_scale / y_scale exactly (its 24-bit mantissa in a 31-bit multiplier), so the only difference from
-   onnxruntime's float32 product float(acc) * scale is that product's own rounding (see microser/cgen.py). No float.
-   1 <= shift <= 62. Assumes arithmetic right shift of negative values (GCC, Clang, Arm Compiler). */
-static int8_t requant(int32_t acc, int32_t mult, int shift, int zp)
+/* Requantize an int32 accumulator to int8: round(acc * mult / 2^(32 + t)) to nearest, ties to even (onnxruntime's
+   rounding), plus the output zero point, clamped to [-128, 127]. ``mult`` (2^30 <= mult < 2^31) and ``t`` hold the
+   float32 scale x_scale * w_scale / y_scale exactly (its 24-bit mantissa in a 31-bit multiplier), so the only
+   difference from onnxruntime's float(acc) * scale is that float32 product's own rounding (see microser/cgen.py).
+   No float; 32-bit operations on the high word of one 32x32->64 multiply (SMULL): the high word plus half a step,
+   shifted by t (1 <= t <= 30, scales below 2^-2), then a tie (remainder exactly half: low word 0, low t bits of
+   the high word 2^(t-1)) is rounded to the even neighbour. Assumes arithmetic right shifts (GCC, Clang, Arm
+   Compiler). */
+static int8_t requant(int32_t acc, int32_t mult, int t, int zp)
 {
     const int64_t p = (int64_t)acc * mult;
-    const int64_t half = (int64_t)1 << (shift - 1);
-    int64_t q = p >> shift; /* floor */
-    const int64_t rem = (int64_t)((uint64_t)p & (((uint64_t)1 << shift) - 1u)); /* p - q * 2^shift, >= 0 */
-    q += (rem > half || (rem == half && (q & 1))) ? 1 : 0;
+    const int32_t hi = (int32_t)(p >> 32);
+    const uint32_t lo = (uint32_t)((uint64_t)p & 0xFFFFFFFFu);
+    const uint32_t half = 1u << (t - 1);
+    int32_t q = (hi + (int32_t)half) >> t;
+    if (lo == 0u && ((uint32_t)hi & (2u * half - 1u)) == half) q &= ~1;
     q += zp;
     return (int8_t)(q < -128 ? -128 : (q > 127 ? 127 : q));
 }
+${wide}
