@@ -204,7 +204,7 @@ def shape_plan(spec, *, int8: bool = True) -> Plan:
 # ---- the state layout (one struct, no pointers) and the RAM figures ----
 
 
-_SIZES = {"double": 8, "float": 4, "int32_t": 4, "int8_t": 1}
+_SIZES = {"double": 8, "float": 4, "int32_t": 4, "uint32_t": 4, "int8_t": 1}
 
 
 def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
@@ -214,9 +214,7 @@ def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
     if fe.prenorm in ("running", "clip"):
         m.append(("double", "pn_sum", 1, "prenorm: sum of samples"))
         m.append(("double", "pn_sumsq", 1, "prenorm: sum of squared samples"))
-        m.append(("double", "pn_count", 1, "prenorm: samples seen"))
     if fe.prenorm == "clip":
-        m.append(("double", "clip_count", 1, "clip: samples pushed in the second pass"))
         m.append(("float", "clip_mean", 1, "clip: whole-utterance mean (prescan)"))
         m.append(("float", "clip_den", 1, "clip: std + eps (prescan)"))
     m.append(("float", "frame", fe.n_fft, "samples of the frame being filled"))
@@ -236,6 +234,10 @@ def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
             m.append(("float", "gram", c * (c + 1) // 2, "Gram matrix, upper triangle, running sum"))
     else:
         m += [("float", "ms_mean", c * f, "Welford mean over time"), ("float", "ms_m2", c * f, "Welford M2")]
+    if fe.prenorm in ("running", "clip"):  # integer counts: no double arithmetic per sample on an FPU-only-float core
+        m.append(("uint32_t", "pn_count", 1, "prenorm: samples seen (up to 2^32, 74 h)"))
+    if fe.prenorm == "clip":
+        m.append(("uint32_t", "clip_count", 1, "clip: samples pushed in the second pass"))
     m.append(("int32_t", "frame_fill", 1, "samples in frame"))
     m.append(("int32_t", "frame_skip", 1, "samples to skip (hop > n_fft)"))
     if fe.compression == "pcen":
@@ -1379,7 +1381,7 @@ static void feed({P}_state *st, float y)
         if fe.prenorm == "running":  # the prior's float terms (microser.frontends), left out when zero
             n0 = f" + {_flit(PRENORM_PRIOR_COUNT)}" if PRENORM_PRIOR_COUNT else ""
             n0v0 = f" + {_flit(PRENORM_PRIOR_COUNT * PRENORM_PRIOR_VAR)}" if PRENORM_PRIOR_COUNT * PRENORM_PRIOR_VAR else ""
-            pre = f"""        st->pn_count += 1.0;
+            pre = f"""        st->pn_count++;
         st->pn_sum += (double)x;
         st->pn_sumsq += (double)(x * x);
         {{ /* torch: cumsum (double accumulation, float result) / count, var clamped at 0 */
@@ -1389,7 +1391,7 @@ static void feed({P}_state *st, float y)
             y = (x - mu) / (sqrtf(var) + {_flit(PRENORM_EPS)});
         }}"""
         elif fe.prenorm == "clip":
-            pre = """        st->clip_count += 1.0;
+            pre = """        st->clip_count++;
         y = (x - st->clip_mean) / st->clip_den;"""
         else:
             pre = "        y = x;"
@@ -1402,15 +1404,15 @@ static void feed({P}_state *st, float y)
 int {P}_prescan({P}_state *st, const float *samples, int n)
 {{
     int i;
-    if (st->finished || st->clip_count > 0.0) return -1;
+    if (st->finished || st->clip_count > 0) return -1;
     for (i = 0; i < n; i++) {{
-        st->pn_count += 1.0;
+        st->pn_count++;
         st->pn_sum += (double)samples[i];
         st->pn_sumsq += (double)samples[i] * (double)samples[i];
     }}
-    if (st->pn_count > 0.0) {{
-        const double mu = st->pn_sum / st->pn_count;
-        double var = st->pn_sumsq / st->pn_count - mu * mu;
+    if (st->pn_count > 0) {{
+        const double cnt = (double)st->pn_count, mu = st->pn_sum / cnt;
+        double var = st->pn_sumsq / cnt - mu * mu;
         if (var < 0.0) var = 0.0;
         st->clip_mean = (float)mu;
         st->clip_den = (float)sqrt(var) + {_flit(PRENORM_EPS)};
@@ -1418,7 +1420,7 @@ int {P}_prescan({P}_state *st, const float *samples, int n)
     return 0;
 }}
 """
-            push_guard += "\n    if (n > 0 && st->pn_count <= 0.0) return -2;"
+            push_guard += "\n    if (n > 0 && st->pn_count == 0) return -2;"
             result_guard = "    if (st->clip_count != st->pn_count) { out3[0] = out3[1] = out3[2] = 0.0f; st->finished = 1; return -3; }\n"
         return f"""
 void {P}_init({P}_state *st)
