@@ -36,7 +36,7 @@ microser.models.wav2small, read there):
   points (iterative Stockham autosort, mixed radix 4/2/3/5/any, twiddles as
   const tables) plus the standard split step; odd ``n_fft`` runs the complex
   FFT on all points. No DFT matrix;
-* mel matrix stored as one contiguous non-zero range per band; log
+* mel filterbank stored as one contiguous non-zero range per band (`MelBands`); log
   (``10 log10 max(e, 1e-10)``) or PCEN with its causal FIR smoother kept as a
   ring of the last ``taps`` mel rows;
 * conv blocks row by row (time is the streaming axis): each stage keeps a
@@ -50,12 +50,24 @@ microser.models.wav2small, read there):
   online (upper triangle), or mean+std with Welford's update; then the Linear.
 
 int8 variant: every tensor the int8 ONNX graph quantizes is stored as int8
-with the graph's scale and zero point; quantized convs accumulate
-``(x - x_zp) * w`` in int32 plus the int32 bias and requantize like
-onnxruntime's QLinearConv (``float(acc) * (x_scale * w_scale / y_scale)``,
-clamped, rounded to nearest even, plus ``y_zp``); QuantizeLinear divides by
-the scale and rounds to nearest even; the front-end and the head run in float
-exactly as in the float variant, on the dequantized tensors.
+with the graph's scale and zero point. An int8 conv (cgen_templates/conv_s8.c)
+builds im2col columns of two output positions (int16, input zero point
+removed), runs a 2x2 int8 x int16 kernel over pairs of output channels with
+int32 accumulators (cgen_templates/mm_s8.c: SXTB16/SMLAD dual 16-bit MACs on a
+core with the DSP extension, a loop the host compiler vectorizes otherwise)
+and requantizes each accumulator by an exact int32 multiplier and shift
+(`fixed_multiplier`, ``requant()`` in cgen_templates/int8_support.c): round to
+nearest, ties to even, as onnxruntime, but of the exact product where
+onnxruntime rounds a float32 product first, so an output can differ from
+onnxruntime's by one step, rarely (bounded in tests). QuantizeLinear of the
+front-end output divides by the scale and rounds to nearest even; the
+front-end and the head run in float exactly as in the float variant, on the
+dequantized last body row.
+
+Front-end tables (`frontend_tables`) come from the spec's numbers: the window
+and the mel band table, never a dense matrix. The Cortex-M4F build
+(`measure_cortex_m4`) and the instruction cost model (`instruction_features`,
+`predict_instructions`) live here too.
 """
 
 from __future__ import annotations
@@ -337,6 +349,128 @@ def streaming_ram(spec, *, int8: bool = True, input_seconds: float | None = None
                 "frontend.prenorm 'running' to drop it")
     return {"state_bytes": sizes["state"], "arena_bytes": sizes["arena"], "replay_bytes": replay,
             "ram_streaming_bytes": sizes["total"] + replay, "two_pass": two_pass, "note": note}
+
+
+# ---- instructions as a cost: a per-operator model of the int8 library, calibrated by bench/instr_model.py ----
+
+INSTR_TARGETS = ("x86-64", "cortex-m4")
+# Instructions per unit of each `instruction_features` count, fitted (non-negative least squares on relative error)
+# to instructions measured on the generated int8 library of random default-space specs: valgrind callgrind on
+# x86-64 (gcc 12.2 -O2) and QEMU mps2-an386 for the Cortex-M4F (arm-none-eabi-gcc 12.2 -O2). Refit with
+# `python bench/instr_model.py --calibrate 40` after changing the generated C; accuracy on 50 other specs:
+# `python bench/instr_model.py`.
+INSTR_COEFFS: dict[str, dict[str, float]] = {
+    "x86-64": {"sample_none": 15.2777, "sample_clip": 31.5406, "sample_running": 48.9845, "sample_window": 19.4385,
+               "frame_shift": 21.9821, "frame_sample_window_prenorm": 13.8665, "fft_radix2": 49.8938,
+               "fft_radix4": 46.6339, "fft_radix_other": 37.3044, "mel_weight": 0.0888, "mel_band": 110.4022,
+               "pcen_band": 315.0023, "pcen_tap": 5.8229, "conv_row": 3853.8118, "mm_call": 27.0831,
+               "mm_tap": 2.6128, "im2col_tap": 6.2416, "requant": 7.7983, "pool_row": 4794.5611,
+               "pool_out": 159.8456, "attention_elem": 61.2393, "attention_mac": 9.7691, "gram_mac": 6.9082},
+    "cortex-m4": {},
+}
+
+
+def instruction_features(spec) -> dict[str, float]:
+    """Counts per second of audio (16,000 samples pushed, no flush) of what the int8 C library executes, from the
+    spec alone (the shape plan; no compile): the units `predict_instructions` prices. All body convs int8, the
+    front-end and head float, as microser.compress quantizes by default."""
+    from microser.frontends import frame_padding
+
+    spec = _resolved(spec)
+    plan = shape_plan(spec, int8=True)
+    fe = spec.frontend
+    n = SAMPLE_RATE
+    left, _ = frame_padding(fe)
+    frames = 1 + (n + left - fe.n_fft) // fe.hop if n + left >= fe.n_fft else 0
+    m = fe.n_fft // 2 if fe.n_fft % 2 == 0 else fe.n_fft
+    nf = fe.n_fft // 2 + 1
+    f = {key: 0.0 for key in _FEATURES}
+    f[f"sample_{fe.prenorm}"] = n
+    f["frame"] = frames
+    f["frame_sample"] = frames * fe.n_fft
+    f["frame_shift"] = frames * max(fe.n_fft - fe.hop, 0)
+    if fe.prenorm == "window":
+        f["frame_sample_window_prenorm"] = frames * fe.n_fft
+    for p in _factors(m):
+        key = {2: "fft_radix2", 4: "fft_radix4"}.get(p)
+        if key:
+            f[key] += frames * m
+        else:
+            f["fft_radix_other"] += frames * m * p
+        f["fft_stage"] += frames
+    f["spectrum_bin"] = frames * nf
+    f["mel_weight"] = frames * (_mel_nonzeros(spec) if fe.filterbank == "mel" else nf * fe.n_mels)
+    f["mel_band"] = frames * fe.n_mels
+    if fe.compression == "log":
+        f["log_band"] = frames * fe.n_mels
+    else:
+        f["pcen_band"] = frames * fe.n_mels
+        f["pcen_tap"] = frames * fe.n_mels * _pcen_taps(fe.hop)
+    rows = frames
+    for st in plan.stages:
+        dst = plan.tensors[st.dst]
+        rows = (rows + st.p - st.k) // st.s + 1 if rows + st.p - st.k >= 0 else 0
+        pairs = -(-dst.bands // 2)
+        if st.kind == "conv":
+            f["conv_row"] += rows
+            f["mm_call"] += rows * pairs * -(-dst.channels // 2)
+            f["mm_tap"] += rows * pairs * -(-dst.channels // 2) * st.padded_taps()
+            f["im2col_call"] += rows * 2 * pairs
+            f["im2col_tap"] += rows * 2 * pairs * st.taps
+            f["requant"] += rows * dst.bands * dst.channels
+        else:
+            f["pool_row"] += rows
+            f["pool_out"] += rows * dst.row
+    c, b = plan.tensors[-1].channels, plan.tensors[-1].bands
+    f["head_row"] = rows
+    f["head_elem"] = rows * c * b
+    if plan.pooling.startswith("attention"):
+        f["attention_elem"] = rows * c * b
+        f["attention_mac"] = rows * c * b * c
+        if plan.pooling == "attention+gram":
+            f["gram_mac"] = rows * c * (c + 1) // 2 * b
+    return f
+
+
+_FEATURES = ("sample_none", "sample_clip", "sample_running", "sample_window", "frame", "frame_sample", "frame_shift",
+             "frame_sample_window_prenorm", "fft_radix2", "fft_radix4", "fft_radix_other", "fft_stage",
+             "spectrum_bin", "mel_weight", "mel_band", "log_band", "pcen_band", "pcen_tap", "conv_row", "mm_call",
+             "mm_tap", "im2col_call", "im2col_tap", "requant", "pool_row", "pool_out", "head_row", "head_elem",
+             "attention_elem", "attention_mac", "gram_mac")
+
+
+def _mel_nonzeros(spec) -> int:
+    return int(frontend_tables(spec)[1].weights.size)
+
+
+def _resolved(spec):
+    from microser.models.spec import resolve_spec
+
+    spec = resolve_spec(spec)
+    reason = int8_c_unavailable(spec)
+    if reason:
+        raise MicroserError(f"spec {spec.summary()!r}: {reason}")
+    return spec
+
+
+def int8_c_unavailable(spec) -> str | None:
+    """Why ``spec`` gets no int8 C library (so no instruction count), or None when it does."""
+    if spec.family != "wav2small":
+        return f"the {spec.family} family has no C export (wav2small only)"
+    if spec.body.norm == "layer":
+        return "the int8 C library does not support body.norm 'layer' (use 'batch' or 'none')"
+    return None
+
+
+def predict_instructions(spec, *, target: str = "x86-64") -> int:
+    """Instructions per second of audio of the spec's generated int8 C library (push, plus prescan for two-pass
+    specs), predicted by the per-operator model: `instruction_features` priced by ``INSTR_COEFFS[target]``.
+    ``x86-64`` is what valgrind callgrind counts on the host (the ``instr`` cost); ``cortex-m4`` what QEMU counts
+    on the target ISA."""
+    if target not in INSTR_COEFFS:
+        raise MicroserError(f"instruction target {target!r} is unknown: expected one of {', '.join(INSTR_COEFFS)}")
+    coeffs = INSTR_COEFFS[target]
+    return int(round(sum(coeffs.get(k, 0.0) * v for k, v in instruction_features(spec).items())))
 
 
 # ---- weights: the float plan from the PyTorch model, the int8 plan from the int8 ONNX graph ----
@@ -1689,6 +1823,26 @@ def measure(c_dir, prefix: str, *, seconds: float = 1.0, callgrind: bool = True,
             out["result_instructions"] = result
             out["callgrind"] = f"valgrind --tool=callgrind, {seconds:g} s of audio, host {os.uname().machine}"
     return out
+
+
+def measure_instructions(c_dir, prefix: str, *, target: str = "x86-64", workdir=None) -> int:
+    """Instructions per second of audio of one generated library: push (and prescan) on 1 s of
+    `measurement_signal`, counted by valgrind callgrind (``x86-64``, the host) or in QEMU (``cortex-m4``)."""
+    c_dir = Path(c_dir)
+    if target == "cortex-m4":
+        return measure_cortex_m4(c_dir, prefix, workdir=workdir)["instructions_per_audio_second"]
+    if target != "x86-64":
+        raise MicroserError(f"instruction target {target!r} is unknown: expected one of {', '.join(INSTR_TARGETS)}")
+    if shutil.which("valgrind") is None:
+        raise MicroserError("valgrind not found on PATH: counting x86-64 instructions needs callgrind; install valgrind")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        for f in (f"{prefix}.c", f"{prefix}.h", f"{prefix}_main.c"):
+            shutil.copy(c_dir / f, tmp / f)
+        exe = compile_driver(tmp, prefix)
+        two_pass = f"{prefix.upper()}_TWO_PASS 1" in (c_dir / f"{prefix}.h").read_text()
+        return _callgrind_ir(exe, measurement_signal(1.0), [f"{prefix}_push"] + ([f"{prefix}_prescan"] if two_pass
+                                                                                 else []), tmp)
 
 
 # ---- Cortex-M4F: cross-compiled flash and RAM, and a run in QEMU (mps2-an386) ----

@@ -25,7 +25,7 @@ from microser.errors import MicroserError
 
 STAGES = ("search", "final")
 COMPRESSED_PREFIX = "compressed:"  # study user attr "compressed:<trial>": where `microser compress` wrote
-COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs")
+COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs", "instr")
 DEFAULT_OBJECTIVES = ("params", "ram_bytes")
 # The plot's three panels: cost key, axis label.
 PANELS = (("params", "parameters (ONNX initializer elements)"),
