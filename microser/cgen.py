@@ -366,7 +366,12 @@ INSTR_COEFFS: dict[str, dict[str, float]] = {
                "pcen_band": 315.0023, "pcen_tap": 5.8229, "conv_row": 3853.8118, "mm_call": 27.0831,
                "mm_tap": 2.6128, "im2col_tap": 6.2416, "requant": 7.7983, "pool_row": 4794.5611,
                "pool_out": 159.8456, "attention_elem": 61.2393, "attention_mac": 9.7691, "gram_mac": 6.9082},
-    "cortex-m4": {},
+    "cortex-m4": {"sample_none": 41.6614, "sample_clip": 238.808, "sample_running": 268.3028,
+                  "sample_window": 37.2171, "frame_shift": 28.7714, "frame_sample_window_prenorm": 165.4167,
+                  "fft_radix2": 68.4302, "fft_radix4": 55.6005, "fft_radix_other": 37.292, "mel_weight": 0.2233,
+                  "pcen_band": 418.2823, "pcen_tap": 5.1368, "mm_tap": 5.2569, "im2col_tap": 6.5758,
+                  "pool_row": 1155.567, "pool_out": 175.9801, "attention_elem": 112.6305, "attention_mac": 10.4441,
+                  "gram_mac": 8.2341},
 }
 
 
@@ -1882,7 +1887,8 @@ def _map_members(map_text: str) -> set[str]:
     return {f"{Path(a).name}:{re.sub(r'^lib[a-z]+_a-', '', m)}" for a, m in re.findall(r"^(\S+\.a)\(([^)]+)\)", block, re.M)}
 
 
-def measure_cortex_m4(c_dir, prefix: str, *, run: bool = True, workdir=None, check_audio=None) -> dict:
+def measure_cortex_m4(c_dir, prefix: str, *, run: bool = True, workdir=None, check_audio=None,
+                      extra_flags=()) -> dict:
     """Flash and RAM of one generated library built for a Cortex-M4F, and (``run``, needs qemu-system-arm) its run
     in QEMU's mps2-an386 board with semihosting.
 
@@ -1896,6 +1902,7 @@ def measure_cortex_m4(c_dir, prefix: str, *, run: bool = True, workdir=None, che
       ``qemu -icount shift=0`` and the board's 25 MHz timer, calibrated on a loop of known length) and, when
       ``check_audio`` is given, ``outputs``, the library's 3 outputs on it in the emulated Cortex-M4.
 
+    ``extra_flags`` go to the library's compile (e.g. ``-DMICROSER_NO_DSP`` for the portable kernels).
     MicroserError with the packages to install when the toolchain is missing.
     """
     c_dir = Path(c_dir)
@@ -1907,7 +1914,7 @@ def measure_cortex_m4(c_dir, prefix: str, *, run: bool = True, workdir=None, che
     two_pass = f"{prefix.upper()}_TWO_PASS 1" in header
     state_arena = int(re.search(rf"#define {prefix.upper()}_RAM_BYTES (\d+)", header).group(1))
     hop = 160
-    flags = [*GCC_FLAGS[:-1], *M4_FLAGS]  # the library's strict C99 flags, -O2 from M4_FLAGS
+    flags = [*GCC_FLAGS[:-1], *M4_FLAGS, *extra_flags]  # the library's strict C99 flags, -O2 from M4_FLAGS
     harness = ["-std=gnu99", *M4_FLAGS, "-ffunction-sections", "-fdata-sections"]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)

@@ -420,6 +420,19 @@ def test_generate_writes_the_bundle_section(ref_int8, tmp_path):
     assert "### Cortex-M4F" in cgen.card_markdown(section)
 
 
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+                    reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (as .ci/run installs)")
+def test_dsp_kernels_on_the_cortex_m4_equal_the_portable_ones_and_are_faster(ref_int8):
+    """On the target ISA (QEMU): the SXTB16/SMLAD build and the -DMICROSER_NO_DSP build give identical outputs."""
+    _, _, _, d = ref_int8
+    audio = signal(1, 1.0, seed=8)
+    dsp = cgen.measure_cortex_m4(d, "t_int8", check_audio=audio)
+    portable = cgen.measure_cortex_m4(d, "t_int8", check_audio=audio, extra_flags=("-DMICROSER_NO_DSP",))
+    np.testing.assert_array_equal(dsp["outputs"], portable["outputs"])
+    assert dsp["instructions_per_audio_second"] < 0.8 * portable["instructions_per_audio_second"]
+    assert dsp["library_flash_bytes"] < portable["library_flash_bytes"]  # taps padded to 4, not 16
+
+
 def test_cortex_m4_entry_says_what_to_install_without_the_toolchain(ref_int8, tmp_path, monkeypatch):
     model, _, _, d = ref_int8
     monkeypatch.setattr(cgen, "m4_tools", lambda: {"gcc": None, "size": None, "qemu": None})

@@ -105,13 +105,13 @@ norm = "batch"
 pool_after = [1]
 pooling = "attention+gram"
 """
-INSTR_BUDGET = "8M-instr"
+INSTR_BUDGET = "12M-instr"
 
 
 @needs_valgrind
 @pytest.mark.slow
 def test_a_search_under_an_instr_budget_returns_only_candidates_whose_int8_c_meets_it(tmp_path):
-    """`microser search --budget 80k-params --budget 8M-instr` on a tiny cache and space: every trained candidate's
+    """`microser search --budget 80k-params --budget 12M-instr` on a tiny cache and space: every trained candidate's
     int8 C library, built from its trained weights, is measured with callgrind within 15% of the budget."""
     import torch
 
