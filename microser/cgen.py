@@ -357,7 +357,7 @@ INSTR_TARGETS = ("x86-64", "cortex-m4")
 # Instructions per unit of each `instruction_features` count, fitted (non-negative least squares on relative error)
 # to instructions measured on the generated int8 library of random default-space specs: valgrind callgrind on
 # x86-64 (gcc 12.2 -O2) and QEMU mps2-an386 for the Cortex-M4F (arm-none-eabi-gcc 12.2 -O2). Refit with
-# `python bench/instr_model.py --calibrate 40` after changing the generated C; accuracy on 50 other specs:
+# `python bench/instr_model.py --calibrate 60` after changing the generated C; accuracy on 50 other specs:
 # `python bench/instr_model.py`.
 INSTR_COEFFS: dict[str, dict[str, float]] = {
     "x86-64": {"sample_none": 15.2777, "sample_clip": 31.5406, "sample_running": 48.9845, "sample_window": 19.4385,
