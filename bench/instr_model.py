@@ -89,7 +89,7 @@ def fit(rows: list[tuple[dict, int]]) -> dict[str, float]:
     """Non-negative coefficients minimising the squared relative error over (features, measured) rows."""
     from scipy.optimize import nnls
 
-    keys = [k for k in cgen._FEATURES if any(f[k] for f, _ in rows)]
+    keys = [k for k in cgen.INSTR_FEATURES if any(f[k] for f, _ in rows)]
     a = np.array([[f[k] / y for k in keys] for f, y in rows])
     coef, _ = nnls(a, np.ones(len(rows)))
     return {k: round(float(c), 4) for k, c in zip(keys, coef) if c > 0}

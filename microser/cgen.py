@@ -272,9 +272,9 @@ class BodyArena:
     """Where the body phase keeps its scratch in the arena (units: floats from the arena start).
 
     ``[0, hrow)``: a float conv's pre-LayerNorm row, or the two int16 im2col columns of an int8 conv
-    (``2 * padded_taps()`` int16 = ``padded_taps()`` floats, the longer, portable padding); ``[hrow, hrow + C*F)``: the last body row in float, as
-    the head reads it; then, when the last body tensor is int8, that row as int8 (``i8_bytes`` from the arena
-    start), before it is dequantized.
+    (``2 * padded_taps()`` int16 = ``padded_taps()`` floats, the longer, portable padding);
+    ``[hrow, hrow + C*F)``: the last body row in float, as the head reads it; then, when the last body tensor is
+    int8, that row as int8 (``i8_bytes`` from the arena start), before it is dequantized.
     """
 
     hrow: int
@@ -389,7 +389,7 @@ def instruction_features(spec) -> dict[str, float]:
     frames = 1 + (n + left - fe.n_fft) // fe.hop if n + left >= fe.n_fft else 0
     m = fe.n_fft // 2 if fe.n_fft % 2 == 0 else fe.n_fft
     nf = fe.n_fft // 2 + 1
-    f = {key: 0.0 for key in _FEATURES}
+    f = {key: 0.0 for key in INSTR_FEATURES}
     f[f"sample_{fe.prenorm}"] = n
     f["frame"] = frames
     f["frame_sample"] = frames * fe.n_fft
@@ -437,11 +437,11 @@ def instruction_features(spec) -> dict[str, float]:
     return f
 
 
-_FEATURES = ("sample_none", "sample_clip", "sample_running", "sample_window", "frame", "frame_sample", "frame_shift",
-             "frame_sample_window_prenorm", "fft_radix2", "fft_radix4", "fft_radix_other", "fft_stage",
-             "spectrum_bin", "mel_weight", "mel_band", "log_band", "pcen_band", "pcen_tap", "conv_row", "mm_call",
-             "mm_tap", "im2col_call", "im2col_tap", "requant", "pool_row", "pool_out", "head_row", "head_elem",
-             "attention_elem", "attention_mac", "gram_mac")
+INSTR_FEATURES = ("sample_none", "sample_clip", "sample_running", "sample_window", "frame", "frame_sample",
+                  "frame_shift", "frame_sample_window_prenorm", "fft_radix2", "fft_radix4", "fft_radix_other",
+                  "fft_stage", "spectrum_bin", "mel_weight", "mel_band", "log_band", "pcen_band", "pcen_tap",
+                  "conv_row", "mm_call", "mm_tap", "im2col_call", "im2col_tap", "requant", "pool_row", "pool_out",
+                  "head_row", "head_elem", "attention_elem", "attention_mac", "gram_mac")
 
 
 def _mel_nonzeros(spec) -> int:
@@ -977,7 +977,8 @@ class _Emitter:
         if int8_convs:
             for cond, align in (("#if MICROSER_SIMD", TAP_ALIGN_DSP), ("#else", TAP_ALIGN_PORTABLE)):
                 out.append(cond)
-                out += [_template("mm_s8.c").substitute(kp=kp) for kp in sorted({st.padded_taps(align) for st in int8_convs})]
+                kps = sorted({st.padded_taps(align) for st in int8_convs})
+                out += [_template("mm_s8.c").substitute(kp=kp) for kp in kps]
             out.append("#endif")
         out.append(self._fft())
         for i in reversed(range(len(self.plan.stages))):
@@ -1013,10 +1014,11 @@ class _Emitter:
                 continue
             if st.int8:
                 dsp, portable = st.padded_taps(TAP_ALIGN_DSP), st.padded_taps(TAP_ALIGN_PORTABLE)
-                t.append(f"#if MICROSER_SIMD /* taps padded to {dsp}; groups of 4 stored (k, k+2, k+1, k+3) for SXTB16 */\n"
+                t.append(f"#if MICROSER_SIMD /* taps padded to {dsp}; groups of 4 as (k, k+2, k+1, k+3) for SXTB16 */\n"
                          f"#define KP{i} {dsp}\n#define MM{i} mm{dsp}\n"
                          + _array("int8_t", f"W{i}", conv_weight_rows(st, TAP_ALIGN_DSP, dual=True), 16)
-                         + f"#else /* taps padded to {portable} */\n#define KP{i} {portable}\n#define MM{i} mm{portable}\n"
+                         + f"#else /* taps padded to {portable} */\n"
+                         f"#define KP{i} {portable}\n#define MM{i} mm{portable}\n"
                          + _array("int8_t", f"W{i}", conv_weight_rows(st, TAP_ALIGN_PORTABLE), 16) + "#endif\n")
                 t.append(_array("int32_t", f"B{i}", np.append(st.bias, [0] * (len(st.bias) % 2))))
                 mult, shift = zip(*(fixed_multiplier(sc) for sc in conv_scales(plan, st)))
@@ -1148,7 +1150,8 @@ static void fft(float *xr, float *xi, float *yr, float *yi)
         return _template("conv_s8.c").substitute(
             i=i, P=self.P, block=st.block, cin=src.channels, fin=src.bands, cout=dst.channels, fout=dst.bands,
             k=k, s=st.s, p=st.p, kk=st.taps, kk_ci=k * k, row=src.row, xzp=xzp,
-            yzp=dst.quant[1], unrolled=unrolled, requant="requant" if _narrow(plan, st) else "requant_wide", dst=decl.split("=", 1)[1].strip().rstrip(";"), deliver=deliver)
+            yzp=dst.quant[1], unrolled=unrolled, requant="requant" if _narrow(plan, st) else "requant_wide",
+            dst=decl.split("=", 1)[1].strip().rstrip(";"), deliver=deliver)
 
     def _stage(self, i: int) -> str:
         plan, P = self.plan, self.P
@@ -1839,7 +1842,8 @@ def measure_instructions(c_dir, prefix: str, *, target: str = "x86-64", workdir=
     if target != "x86-64":
         raise MicroserError(f"instruction target {target!r} is unknown: expected one of {', '.join(INSTR_TARGETS)}")
     if shutil.which("valgrind") is None:
-        raise MicroserError("valgrind not found on PATH: counting x86-64 instructions needs callgrind; install valgrind")
+        raise MicroserError("valgrind not found on PATH: counting x86-64 instructions needs callgrind; "
+                            "install valgrind")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         for f in (f"{prefix}.c", f"{prefix}.h", f"{prefix}_main.c"):
@@ -1884,7 +1888,8 @@ def _arm_size(path: Path) -> tuple[int, int, int]:
 def _map_members(map_text: str) -> set[str]:
     """Archive members a GNU ld map file says were linked (``libm.a(libm_a-sf_exp.o)`` -> ``libm.a:sf_exp.o``)."""
     block = map_text.split("Memory Configuration")[0]
-    return {f"{Path(a).name}:{re.sub(r'^lib[a-z]+_a-', '', m)}" for a, m in re.findall(r"^(\S+\.a)\(([^)]+)\)", block, re.M)}
+    members = re.findall(r"^(\S+\.a)\(([^)]+)\)", block, re.M)
+    return {f"{Path(a).name}:{re.sub(r'^lib[a-z]+_a-', '', m)}" for a, m in members}
 
 
 def measure_cortex_m4(c_dir, prefix: str, *, run: bool = True, workdir=None, check_audio=None,
@@ -1925,8 +1930,8 @@ def measure_cortex_m4(c_dir, prefix: str, *, run: bool = True, workdir=None, che
         _arm([ARM_GCC, *flags, "-ffunction-sections", "-fdata-sections", "-fstack-usage", "-fcallgraph-info=su",
               "-c", f"{prefix}.c", "-o", "lib.o"], tmp, f"{prefix}.c")
         text, data, bss = _arm_size(tmp / "lib.o")
-        static_stack, static_path = _worst_stack(next(tmp.glob("*.ci")).read_text(),
-                                                 [f"{prefix}_{f}" for f in ("init", "reset", "push", "result", "prescan")])
+        roots = [f"{prefix}_{f}" for f in ("init", "reset", "push", "result", "prescan")]
+        static_stack, static_path = _worst_stack(next(tmp.glob("*.ci")).read_text(), roots)
         prescan = (f"    (void){prefix}_prescan(&st, (const float *)samples, {hop});\n" if two_pass else "")
         (tmp / "footprint.c").write_text(_template("m4_footprint.c").substitute(P=prefix, hop=hop, prescan=prescan))
         link = [*harness, "--specs=nano.specs", "--specs=nosys.specs", "-nostartfiles", "-T", "mps2_an386.ld",
