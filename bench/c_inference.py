@@ -1,15 +1,20 @@
 """The generated C99 library, measured: flash, RAM, stack, instructions per second of audio, parity.
 
-    python bench/c_inference.py                      # wav2small-ref (+ running prenorm) and a ~80k-params spec
+    python bench/c_inference.py                      # the main job's winner, wav2small-ref (+ running prenorm) and
+                                                     # a ~80k-params spec; x86-64 and, with the Arm toolchain and
+                                                     # QEMU, Cortex-M4F
     python bench/c_inference.py --sample 100         # + 100 random default-space wav2small specs: C vs PyTorch
     python bench/c_inference.py --trained /tmp/cgen-bench --cache /tmp/espeak-cache
                                                      # + test-split CCC: C int8 vs the int8 ONNX graph
 
 Flash = text + data of ``size`` on the object compiled with ``gcc -std=c99 -pedantic -Wall -Wextra -Werror -O2``;
 RAM = sizeof(state) (persistent state + scratch arena) + the deepest stack path of ``-fcallgraph-info=su``;
-instructions = valgrind callgrind inside ``push`` per second of audio (host x86-64: a proxy for DSP cycles, not a
-DSP measurement). Weights are random where no trained model is given: sizes and instruction counts do not depend
-on their values.
+instructions = valgrind callgrind inside ``push`` (and ``prescan``) per second of audio (host x86-64: a proxy for
+DSP cycles, not a DSP measurement). Cortex-M4F (microser.cgen.measure_cortex_m4): arm-none-eabi-gcc with the same
+strict flags and -mcpu=cortex-m4 -mfpu=fpv4-sp-d16 -mfloat-abi=hard -O2; flash = the library's code and tables plus
+the runtime it links (libm, libgcc), RAM = state + arena + the stack painted in QEMU (mps2-an386), instructions
+counted in QEMU (-icount), parity on the target ISA. Weights are random where no trained model is given: sizes and
+instruction counts do not depend on their values.
 """
 
 from __future__ import annotations
@@ -61,6 +66,13 @@ def calibrated(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def main_job_winner() -> ArchSpec:
+    """The main job's best feasible model (README): 16x7 3x3 convs, BN, pool after block 2, attention+Gram, on a
+    512/160 STFT with 40 mels, log, per-clip prenorm (27,151 params)."""
+    return variant(REFERENCES["wav2small-ref"], frontend__n_fft=512, frontend__hop=160, frontend__n_mels=40,
+                   body__channels=[16] * 7)
+
+
 def spec_near_80k(tmp: Path, seed: int = 0) -> ArchSpec:
     """The first default-space wav2small spec (seeded draw order) with 70k..80k params (ONNX constants)."""
     from microser.compress import params_of
@@ -83,7 +95,8 @@ def measure_spec(name: str, spec: ArchSpec, tmp: Path, model=None, crops=None) -
     rows = []
     for v, m in section["measured"].items():
         rows.append({"name": name, "variant": v, "params": count_params(tmp / f"{name}.onnx"), **m,
-                     "parity": section["parity"][v]["max_abs_diff"], "summary": spec.summary()})
+                     "parity": section["parity"][v]["max_abs_diff"], "summary": spec.summary(),
+                     "m4": section.get("cortex_m4", {}).get(v)})
     return rows
 
 
@@ -100,7 +113,31 @@ def print_table(rows: list[dict]) -> None:
     for name, summary in dict((r["name"], r["summary"]) for r in rows).items():
         print(f"  {name}: {summary}")
     print("parity: max abs difference on cgen.check_signal() in uneven chunks, float32 vs PyTorch, int8 vs the "
-          "onnxruntime int8 graph; instructions: callgrind inside push() on 1 s of noise (host x86-64)")
+          "onnxruntime int8 graph; instructions: callgrind inside push() (+ prescan()) on 1 s of noise (host x86-64)")
+    ratios = [(name, i8["instructions_per_audio_second"] / f32["instructions_per_audio_second"])
+              for name in dict.fromkeys(r["name"] for r in rows)
+              for f32, i8 in [[next(r for r in rows if r["name"] == name and r["variant"] == v)
+                               for v in ("float32", "int8")]]
+              if f32["instructions_per_audio_second"] and i8["instructions_per_audio_second"]]
+    print("int8 / float32 instructions (x86-64): " + ", ".join(f"{n} {q:.2f}" for n, q in ratios))
+    m4 = [r for r in rows if r["m4"] and "flash_bytes" in r["m4"]]
+    if not m4:
+        print("Cortex-M4F: not measured (install gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu-system-arm)")
+        return
+    print(f"\nCortex-M4F: {m4[0]['m4']['compiler']}, {m4[0]['m4']['flags']}")
+    print(f"{'model':22} {'var':7} {'flash B':>8} {'lib B':>7} {'runtime B':>9} {'state+arena':>11} {'stack B':>7} "
+          f"{'RAM B':>7} {'Minstr/s (QEMU)':>15} {'parity':>8} {'vs host C':>9}")
+    for r in m4:
+        m = r["m4"]
+        ips = m["instructions_per_audio_second"]
+        par = m.get("parity") or {}
+        print(f"{r['name']:22} {r['variant']:7} {m['flash_bytes']:>8,} {m['library_flash_bytes']:>7,} "
+              f"{m['flash_bytes'] - m['library_flash_bytes']:>9,} {m['state_plus_arena_bytes']:>11,} "
+              f"{m['stack_bytes']:>7,} {m['ram_bytes']:>7,} {'-' if ips is None else f'{ips / 1e6:.1f}':>15} "
+              f"{par.get('max_abs_diff', float('nan')):>8.1e} {par.get('max_abs_diff_vs_host_c', float('nan')):>9.1e}")
+    q = m4[0]["m4"].get("qemu")
+    if q:
+        print(f"QEMU: {q['version']}, {q['machine']}; {q['method']}; stack: {m4[0]['m4']['stack_source']}")
 
 
 def sample_specs(n: int, tmp: Path, seed: int = 1) -> None:
@@ -178,7 +215,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cgen-bench-") as tmp:
         tmp = Path(tmp)
         ref = REFERENCES["wav2small-ref"]
-        rows = measure_spec("wav2small-ref", ref, tmp)
+        rows = measure_spec("main-job winner", main_job_winner(), tmp)
+        rows += measure_spec("wav2small-ref", ref, tmp)
         rows += measure_spec("wav2small-ref running", variant(ref, frontend__prenorm="running"), tmp)
         if not args.no_80k:
             rows += measure_spec("~80k default-space", spec_near_80k(tmp), tmp)

@@ -11,15 +11,19 @@ onnx      ``onnx_bytes``  fp32 ONNX file bytes; KB/MB = x1000/x1000^2 (decimal),
                           KiB/MiB = x1024/x1024^2 (binary)
 ram       ``ram_bytes``   peak activation bytes of the int8 plan at
                           --input-seconds; KB/MB/KiB/MiB as for onnx
+instr     ``instr``       int8 C library instructions per second of audio
+                          (predicted, x86-64 callgrind scale); k, M, G
 ========  ==============  =====================================================
 
 Plain numbers (``80000-params``, ``65536-ram``) are accepted for every metric.
 A budget is satisfied when ``cost <= limit``; as an Optuna constraint its value
-is ``cost - limit`` (``<= 0`` is feasible).
+is ``cost - limit`` (``<= 0`` is feasible). A candidate without an int8 C library
+has ``instr`` = inf: an ``instr`` budget rejects it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,24 +31,26 @@ from dataclasses import dataclass
 from microser.errors import MicroserError
 
 # metric name in a budget string -> key in microser.costs.Costs.to_dict()
-METRICS: dict[str, str] = {"params": "params", "macs": "macs", "onnx": "onnx_bytes", "ram": "ram_bytes"}
+METRICS: dict[str, str] = {"params": "params", "macs": "macs", "onnx": "onnx_bytes", "ram": "ram_bytes",
+                          "instr": "instr"}
 _COUNT_SUFFIXES = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3}
 _BYTE_SUFFIXES = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "KiB": 1024, "MiB": 1024**2}
-_COUNT_METRICS = ("params", "macs")
+_COUNT_METRICS = ("params", "macs", "instr")
 _PATTERN = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<suffix>[A-Za-z]*)\s*-\s*(?P<metric>[a-z]+)\s*$")
 
-EXAMPLES = "'80k-params', '64KB-onnx', '256KiB-ram', '20M-macs'"
+EXAMPLES = "'80k-params', '64KB-onnx', '256KiB-ram', '20M-macs', '30M-instr'"
 BUDGET_HELP = (
     "Budget NUMBER[SUFFIX]-METRIC, repeatable; a candidate over any budget is measured and rejected before "
-    "training. params = ONNX initializer elements and macs = multiply-accumulates (k = 1000, M = 10^6, "
-    "G = 10^9); onnx = fp32 ONNX file bytes and ram = peak activation bytes of the int8 plan at "
-    "--input-seconds (KB/MB = 1000/10^6 bytes, KiB/MiB = 1024/1024^2 bytes). Examples: " + EXAMPLES + "."
+    "training. params = ONNX initializer elements, macs = multiply-accumulates and instr = instructions per "
+    "second of audio of the int8 C library (k = 1000, M = 10^6, G = 10^9); onnx = fp32 ONNX file bytes and "
+    "ram = peak activation bytes of the int8 plan at --input-seconds (KB/MB = 1000/10^6 bytes, KiB/MiB = "
+    "1024/1024^2 bytes). Examples: " + EXAMPLES + "."
 )
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One cost limit: ``metric`` is a cost key (``params``, ``onnx_bytes``, ``ram_bytes``, ``macs``)."""
+    """One cost limit: ``metric`` is a cost key (``params``, ``onnx_bytes``, ``ram_bytes``, ``macs``, ``instr``)."""
 
     metric: str
     limit: int | float
@@ -89,7 +95,8 @@ def parse_budget(text: str) -> Budget:
     else:
         scales, kind = _BYTE_SUFFIXES, "bytes (suffix KB, MB, KiB or MiB)"
     if suffix not in scales:
-        example = "'80k-params'" if metric in _COUNT_METRICS else "'64KB-onnx' or '256KiB-ram'"
+        example = {"params": "'80k-params'", "macs": "'20M-macs'", "instr": "'30M-instr'"}.get(
+            metric, "'64KB-onnx' or '256KiB-ram'")
         raise MicroserError(f"budget {text!r}: suffix {suffix!r} does not fit {metric}, which is {kind}; "
                             f"write e.g. {example}")
     value = float(number) * scales[suffix]
@@ -155,4 +162,6 @@ def describe_violations(budgets: Iterable[Budget], costs: Mapping[str, float]) -
 
 def _fmt(x: float) -> str:
     x = float(x)
+    if math.isinf(x):
+        return "inf (no int8 C library)" if x > 0 else "-inf"
     return str(int(x)) if x == int(x) else f"{x:g}"

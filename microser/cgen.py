@@ -36,7 +36,7 @@ microser.models.wav2small, read there):
   points (iterative Stockham autosort, mixed radix 4/2/3/5/any, twiddles as
   const tables) plus the standard split step; odd ``n_fft`` runs the complex
   FFT on all points. No DFT matrix;
-* mel matrix stored as one contiguous non-zero range per band; log
+* mel filterbank stored as one contiguous non-zero range per band (`MelBands`); log
   (``10 log10 max(e, 1e-10)``) or PCEN with its causal FIR smoother kept as a
   ring of the last ``taps`` mel rows;
 * conv blocks row by row (time is the streaming axis): each stage keeps a
@@ -50,12 +50,24 @@ microser.models.wav2small, read there):
   online (upper triangle), or mean+std with Welford's update; then the Linear.
 
 int8 variant: every tensor the int8 ONNX graph quantizes is stored as int8
-with the graph's scale and zero point; quantized convs accumulate
-``(x - x_zp) * w`` in int32 plus the int32 bias and requantize like
-onnxruntime's QLinearConv (``float(acc) * (x_scale * w_scale / y_scale)``,
-clamped, rounded to nearest even, plus ``y_zp``); QuantizeLinear divides by
-the scale and rounds to nearest even; the front-end and the head run in float
-exactly as in the float variant, on the dequantized tensors.
+with the graph's scale and zero point. An int8 conv (cgen_templates/conv_s8.c)
+builds im2col columns of two output positions (int16, input zero point
+removed), runs a 2x2 int8 x int16 kernel over pairs of output channels with
+int32 accumulators (cgen_templates/mm_s8.c: SXTB16/SMLAD dual 16-bit MACs on a
+core with the DSP extension, a loop the host compiler vectorizes otherwise)
+and requantizes each accumulator by an exact int32 multiplier and shift
+(`fixed_multiplier`, ``requant()`` in cgen_templates/int8_support.c): round to
+nearest, ties to even, as onnxruntime, but of the exact product where
+onnxruntime rounds a float32 product first, so an output can differ from
+onnxruntime's by one step, rarely (bounded in tests). QuantizeLinear of the
+front-end output divides by the scale and rounds to nearest even; the
+front-end and the head run in float exactly as in the float variant, on the
+dequantized last body row.
+
+Front-end tables (`frontend_tables`) come from the spec's numbers: the window
+and the mel band table, never a dense matrix. The Cortex-M4F build
+(`measure_cortex_m4`) and the instruction cost model (`instruction_features`,
+`predict_instructions`) live here too.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import Template
 
 import numpy as np
 
@@ -75,6 +88,13 @@ from microser import SAMPLE_RATE, TARGETS
 from microser.errors import MicroserError
 
 DEFAULT_PREFIX = "ser"
+TEMPLATES = Path(__file__).resolve().parent / "cgen_templates"
+# int8 conv columns are padded with zero taps (zero weights) to the kernel's step: 4 taps for the dual-MAC kernel
+# (two SMLAD words per step), 16 for the portable loop, whose int8 weight loads a host compiler auto-vectorizes 16
+# lanes at a time (GCC -O2 does so only when the constant trip count is a multiple of that; measured with
+# callgrind: 128 padded taps cost 390 x86 instructions per 2x2 block, 120 unpadded ones 1947).
+TAP_ALIGN_DSP = 4
+TAP_ALIGN_PORTABLE = 16
 GCC_FLAGS = ("-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O2")
 CLIP_NOTE = ("prenorm 'clip' divides by whole-utterance statistics, which no stream knows in advance: the C "
              "library runs it in two passes (P_prescan over the whole utterance, then P_push of the same samples), "
@@ -116,6 +136,16 @@ class Stage:
     bias: np.ndarray | None = None  # (cout,) float, or int32 when int8
     w_scale: np.ndarray | None = None  # (cout,) float32 per-channel weight scales (int8)
     ln: tuple[np.ndarray, np.ndarray, float] | None = None  # LayerNorm gamma, beta (C, F), eps
+    cin: int = 0  # conv only: input channels (set by shape_plan)
+
+    @property
+    def taps(self) -> int:
+        """Multiply-accumulates per output element of a conv: ``cin * k * k``."""
+        return self.cin * self.k * self.k
+
+    def padded_taps(self, align: int = TAP_ALIGN_PORTABLE) -> int:
+        """`taps` rounded up to a multiple of ``align``: an int8 kernel's column length (zero weights past taps)."""
+        return -(-self.taps // align) * align
 
 
 @dataclass
@@ -127,8 +157,8 @@ class Plan:
     stages: list[Stage]
     pooling: str
     # front-end constants (filled by _frontend_tables for generation; shapes only for streaming_ram)
-    window: np.ndarray | None = None
-    fbank: np.ndarray | None = None
+    window: np.ndarray | None = None  # (n_fft,) zero-padded analysis window (frontend_tables)
+    mel: MelBands | None = None  # the filterbank's band table (frontend_tables)
     pcen_fir: np.ndarray | None = None  # oldest tap first, as the PyTorch conv weight
     window_spectrum: np.ndarray | None = None
     head: dict = field(default_factory=dict)
@@ -174,7 +204,7 @@ def shape_plan(spec, *, int8: bool = True) -> Plan:
         assert f_out == bands[i]
         tensors.append(Tensor(c, f_out, q))
         stages.append(Stage("conv", i, len(tensors) - 2, len(tensors) - 1, body.kernel, s, body.kernel // 2,
-                            norm=body.norm, int8=int8))
+                            norm=body.norm, int8=int8, cin=tensors[-2].channels))
         f = f_out
         if i in body.pool_after:
             f = halve(f)
@@ -186,7 +216,7 @@ def shape_plan(spec, *, int8: bool = True) -> Plan:
 # ---- the state layout (one struct, no pointers) and the RAM figures ----
 
 
-_SIZES = {"double": 8, "float": 4, "int32_t": 4, "int8_t": 1}
+_SIZES = {"double": 8, "float": 4, "int32_t": 4, "uint32_t": 4, "int8_t": 1}
 
 
 def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
@@ -196,9 +226,7 @@ def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
     if fe.prenorm in ("running", "clip"):
         m.append(("double", "pn_sum", 1, "prenorm: sum of samples"))
         m.append(("double", "pn_sumsq", 1, "prenorm: sum of squared samples"))
-        m.append(("double", "pn_count", 1, "prenorm: samples seen"))
     if fe.prenorm == "clip":
-        m.append(("double", "clip_count", 1, "clip: samples pushed in the second pass"))
         m.append(("float", "clip_mean", 1, "clip: whole-utterance mean (prescan)"))
         m.append(("float", "clip_den", 1, "clip: std + eps (prescan)"))
     m.append(("float", "frame", fe.n_fft, "samples of the frame being filled"))
@@ -218,6 +246,10 @@ def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
             m.append(("float", "gram", c * (c + 1) // 2, "Gram matrix, upper triangle, running sum"))
     else:
         m += [("float", "ms_mean", c * f, "Welford mean over time"), ("float", "ms_m2", c * f, "Welford M2")]
+    if fe.prenorm in ("running", "clip"):  # integer counts: no double arithmetic per sample on an FPU-only-float core
+        m.append(("uint32_t", "pn_count", 1, "prenorm: samples seen (up to 2^32, 74 h)"))
+    if fe.prenorm == "clip":
+        m.append(("uint32_t", "clip_count", 1, "clip: samples pushed in the second pass"))
     m.append(("int32_t", "frame_fill", 1, "samples in frame"))
     m.append(("int32_t", "frame_skip", 1, "samples to skip (hop > n_fft)"))
     if fe.compression == "pcen":
@@ -235,13 +267,35 @@ def _members(plan: Plan) -> list[tuple[str, str, int, str]]:
     return m
 
 
+@dataclass(frozen=True)
+class BodyArena:
+    """Where the body phase keeps its scratch in the arena (units: floats from the arena start).
+
+    ``[0, hrow)``: a float conv's pre-LayerNorm row, or the two int16 im2col columns of an int8 conv
+    (``2 * padded_taps()`` int16 = ``padded_taps()`` floats, the longer, portable padding);
+    ``[hrow, hrow + C*F)``: the last body row in float, as the head reads it; then, when the last body tensor is
+    int8, that row as int8 (``i8_bytes`` from the arena start), before it is dequantized.
+    """
+
+    hrow: int
+    i8_bytes: int
+    floats: int
+
+
+def body_arena(plan: Plan) -> BodyArena:
+    temp = max([plan.tensors[st.dst].row for st in plan.stages if st.kind == "conv"]
+               + [st.padded_taps() for st in plan.stages if st.kind == "conv" and st.int8], default=0)
+    last = plan.tensors[-1]
+    floats = temp + last.row + (-(-last.row // 4) if last.quant is not None else 0)
+    return BodyArena(hrow=temp, i8_bytes=4 * (temp + last.row), floats=floats)
+
+
 def _arena_floats(plan: Plan) -> int:
     """Scratch floats: max over the phases (front-end frame, body row, head features) that never overlap in time."""
     fe = plan.fe
     m = fe.n_fft // 2 if fe.n_fft % 2 == 0 else fe.n_fft
     front = 4 * m + fe.n_fft // 2 + 1 + 2 * fe.n_mels
-    temp = max((plan.tensors[st.dst].row for st in plan.stages if st.kind == "conv"), default=0)
-    body = temp + plan.tensors[-1].row
+    body = body_arena(plan).floats
     c, f = plan.tensors[-1].channels, plan.tensors[-1].bands
     feats = {"attention+gram": c * f + c * c, "attention": c * f, "meanstd": 2 * c * f}[plan.pooling]
     n = max(front, body, feats)
@@ -297,11 +351,196 @@ def streaming_ram(spec, *, int8: bool = True, input_seconds: float | None = None
             "ram_streaming_bytes": sizes["total"] + replay, "two_pass": two_pass, "note": note}
 
 
+# ---- instructions as a cost: a per-operator model of the int8 library, calibrated by bench/instr_model.py ----
+
+INSTR_TARGETS = ("x86-64", "cortex-m4")
+# Instructions per unit of each `instruction_features` count, fitted (non-negative least squares on relative error)
+# to instructions measured on the generated int8 library of random default-space specs: valgrind callgrind on
+# x86-64 (gcc 12.2 -O2) and QEMU mps2-an386 for the Cortex-M4F (arm-none-eabi-gcc 12.2 -O2). Refit with
+# `python bench/instr_model.py --calibrate 60` after changing the generated C; accuracy on 50 other specs:
+# `python bench/instr_model.py`.
+INSTR_COEFFS: dict[str, dict[str, float]] = {
+    "x86-64": {"sample_none": 15.2777, "sample_clip": 31.5406, "sample_running": 48.9845, "sample_window": 19.4385,
+               "frame_shift": 21.9821, "frame_sample_window_prenorm": 13.8665, "fft_radix2": 49.8938,
+               "fft_radix4": 46.6339, "fft_radix_other": 37.3044, "mel_weight": 0.0888, "mel_band": 110.4022,
+               "pcen_band": 315.0023, "pcen_tap": 5.8229, "conv_row": 3853.8118, "mm_call": 27.0831,
+               "mm_tap": 2.6128, "im2col_tap": 6.2416, "requant": 7.7983, "pool_row": 4794.5611,
+               "pool_out": 159.8456, "attention_elem": 61.2393, "attention_mac": 9.7691, "gram_mac": 6.9082},
+    "cortex-m4": {"sample_none": 41.6614, "sample_clip": 238.808, "sample_running": 268.3028,
+                  "sample_window": 37.2171, "frame_shift": 28.7714, "frame_sample_window_prenorm": 165.4167,
+                  "fft_radix2": 68.4302, "fft_radix4": 55.6005, "fft_radix_other": 37.292, "mel_weight": 0.2233,
+                  "pcen_band": 418.2823, "pcen_tap": 5.1368, "mm_tap": 5.2569, "im2col_tap": 6.5758,
+                  "pool_row": 1155.567, "pool_out": 175.9801, "attention_elem": 112.6305, "attention_mac": 10.4441,
+                  "gram_mac": 8.2341},
+}
+
+
+def instruction_features(spec) -> dict[str, float]:
+    """Counts per second of audio (16,000 samples pushed, no flush) of what the int8 C library executes, from the
+    spec alone (the shape plan; no compile): the units `predict_instructions` prices. All body convs int8, the
+    front-end and head float, as microser.compress quantizes by default."""
+    from microser.frontends import frame_padding
+
+    spec = _resolved(spec)
+    plan = shape_plan(spec, int8=True)
+    fe = spec.frontend
+    n = SAMPLE_RATE
+    left, _ = frame_padding(fe)
+    frames = 1 + (n + left - fe.n_fft) // fe.hop if n + left >= fe.n_fft else 0
+    m = fe.n_fft // 2 if fe.n_fft % 2 == 0 else fe.n_fft
+    nf = fe.n_fft // 2 + 1
+    f = {key: 0.0 for key in INSTR_FEATURES}
+    f[f"sample_{fe.prenorm}"] = n
+    f["frame"] = frames
+    f["frame_sample"] = frames * fe.n_fft
+    f["frame_shift"] = frames * max(fe.n_fft - fe.hop, 0)
+    if fe.prenorm == "window":
+        f["frame_sample_window_prenorm"] = frames * fe.n_fft
+    for p in _factors(m):
+        key = {2: "fft_radix2", 4: "fft_radix4"}.get(p)
+        if key:
+            f[key] += frames * m
+        else:
+            f["fft_radix_other"] += frames * m * p
+        f["fft_stage"] += frames
+    f["spectrum_bin"] = frames * nf
+    f["mel_weight"] = frames * (_mel_nonzeros(spec) if fe.filterbank == "mel" else nf * fe.n_mels)
+    f["mel_band"] = frames * fe.n_mels
+    if fe.compression == "log":
+        f["log_band"] = frames * fe.n_mels
+    else:
+        f["pcen_band"] = frames * fe.n_mels
+        f["pcen_tap"] = frames * fe.n_mels * _pcen_taps(fe.hop)
+    rows = frames
+    for st in plan.stages:
+        dst = plan.tensors[st.dst]
+        rows = (rows + st.p - st.k) // st.s + 1 if rows + st.p - st.k >= 0 else 0
+        pairs = -(-dst.bands // 2)
+        if st.kind == "conv":
+            f["conv_row"] += rows
+            f["mm_call"] += rows * pairs * -(-dst.channels // 2)
+            f["mm_tap"] += rows * pairs * -(-dst.channels // 2) * st.padded_taps()
+            f["im2col_call"] += rows * 2 * pairs
+            f["im2col_tap"] += rows * 2 * pairs * st.taps
+            f["requant"] += rows * dst.bands * dst.channels
+        else:
+            f["pool_row"] += rows
+            f["pool_out"] += rows * dst.row
+    c, b = plan.tensors[-1].channels, plan.tensors[-1].bands
+    f["head_row"] = rows
+    f["head_elem"] = rows * c * b
+    if plan.pooling.startswith("attention"):
+        f["attention_elem"] = rows * c * b
+        f["attention_mac"] = rows * c * b * c
+        if plan.pooling == "attention+gram":
+            f["gram_mac"] = rows * c * (c + 1) // 2 * b
+    return f
+
+
+INSTR_FEATURES = ("sample_none", "sample_clip", "sample_running", "sample_window", "frame", "frame_sample",
+                  "frame_shift", "frame_sample_window_prenorm", "fft_radix2", "fft_radix4", "fft_radix_other",
+                  "fft_stage", "spectrum_bin", "mel_weight", "mel_band", "log_band", "pcen_band", "pcen_tap",
+                  "conv_row", "mm_call", "mm_tap", "im2col_call", "im2col_tap", "requant", "pool_row", "pool_out",
+                  "head_row", "head_elem", "attention_elem", "attention_mac", "gram_mac")
+
+
+def _mel_nonzeros(spec) -> int:
+    return int(frontend_tables(spec)[1].weights.size)
+
+
+def _resolved(spec):
+    from microser.models.spec import resolve_spec
+
+    spec = resolve_spec(spec)
+    reason = int8_c_unavailable(spec)
+    if reason:
+        raise MicroserError(f"spec {spec.summary()!r}: {reason}")
+    return spec
+
+
+def int8_c_unavailable(spec) -> str | None:
+    """Why ``spec`` gets no int8 C library (so no instruction count), or None when it does."""
+    if spec.family != "wav2small":
+        return f"the {spec.family} family has no C export (wav2small only)"
+    if spec.body.norm == "layer":
+        return "the int8 C library does not support body.norm 'layer' (use 'batch' or 'none')"
+    return None
+
+
+def predict_instructions(spec, *, target: str = "x86-64") -> int:
+    """Instructions per second of audio of the spec's generated int8 C library (push, plus prescan for two-pass
+    specs), predicted by the per-operator model: `instruction_features` priced by ``INSTR_COEFFS[target]``.
+    ``x86-64`` is what valgrind callgrind counts on the host (the ``instr`` cost); ``cortex-m4`` what QEMU counts
+    on the target ISA."""
+    if target not in INSTR_COEFFS:
+        raise MicroserError(f"instruction target {target!r} is unknown: expected one of {', '.join(INSTR_COEFFS)}")
+    coeffs = INSTR_COEFFS[target]
+    return int(round(sum(coeffs.get(k, 0.0) * v for k, v in instruction_features(spec).items())))
+
+
 # ---- weights: the float plan from the PyTorch model, the int8 plan from the int8 ONNX graph ----
 
 
 def _np(t) -> np.ndarray:
     return t.detach().cpu().double().numpy()
+
+
+@dataclass(frozen=True)
+class MelBands:
+    """A filterbank as the C library stores it: per band the first FFT bin and the length of one contiguous run
+    holding all its non-zero weights, and those runs' weights concatenated (the 257 x 40 HTK mel matrix of
+    stft512 m40: 493 weights and 80 small integers instead of 10,280 dense values)."""
+
+    n_freqs: int
+    start: np.ndarray  # (n_mels,) first bin of each band
+    length: np.ndarray  # (n_mels,) bins in its run
+    weights: np.ndarray  # (sum(length),) the runs, band after band
+
+    @classmethod
+    def from_dense(cls, fbank) -> "MelBands":
+        """The band table of a dense (n_freqs, n_mels) matrix (a band without weights gets an empty run)."""
+        fb = np.asarray(fbank, dtype=np.float64)
+        start, length, weights = [], [], []
+        for b in range(fb.shape[1]):
+            nz = np.nonzero(fb[:, b])[0]
+            lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
+            start.append(lo)
+            length.append(hi - lo)
+            weights.append(fb[lo:hi, b])
+        return cls(fb.shape[0], np.array(start), np.array(length), np.concatenate(weights) if weights else np.zeros(0))
+
+    def dense(self) -> np.ndarray:
+        """The (n_freqs, n_mels) matrix back (float64)."""
+        out = np.zeros((self.n_freqs, len(self.start)))
+        off = 0
+        for b, (lo, n) in enumerate(zip(self.start, self.length)):
+            out[lo:lo + n, b] = self.weights[off:off + n]
+            off += n
+        return out
+
+
+def frontend_tables(spec, model=None) -> tuple[np.ndarray, MelBands]:
+    """The front-end constants the C library stores, computed from the spec's few numbers: the analysis window
+    (periodic Hann of ``win_length``, zero-padded to ``n_fft`` and centred, as microser.frontends.PowerSpectrum
+    applies it) and the mel band table of `microser.frontends.mel_matrix` (the one definition of the filterbank; a
+    ``learnable`` filterbank is read from ``model``, as ``abs`` of the learned matrix). This is the one place the C
+    side gets them from, so it follows that definition when it changes."""
+    import torch
+
+    from microser.frontends import mel_matrix
+
+    fe = spec.frontend
+    window = np.zeros(fe.n_fft)
+    left = (fe.n_fft - fe.window_length) // 2
+    window[left:left + fe.window_length] = torch.hann_window(fe.window_length, periodic=True).double().numpy()
+    if fe.filterbank == "learnable":
+        if model is None:
+            raise MicroserError(f"spec {spec.summary()!r} has a learnable filterbank: its band table needs the "
+                                "trained model; pass the model")
+        fbank = _np(model.frontend.filterbank())
+    else:
+        fbank = mel_matrix(fe).double().numpy()
+    return window, MelBands.from_dense(fbank)
 
 
 def float_plan(model, spec=None) -> Plan:
@@ -314,11 +553,7 @@ def float_plan(model, spec=None) -> Plan:
     plan = shape_plan(spec, int8=False)
     fe = spec.frontend
     power: PowerSpectrum = model.frontend.power
-    win = np.zeros(fe.n_fft)
-    left = (fe.n_fft - power.win) // 2
-    win[left:left + power.win] = _np(power.window)
-    plan.window = win
-    plan.fbank = _np(model.frontend.filterbank())
+    plan.window, plan.mel = frontend_tables(spec, model)
     if fe.compression == "pcen":
         plan.pcen_fir = _np(model.frontend.pcen_fir).reshape(-1)
     if fe.prenorm == "window":
@@ -539,6 +774,67 @@ def _first_head_mean(g: _Graph, means) -> str:
     return body_out[0]
 
 
+# ---- fixed-point requantization (the int8 conv contract; C side in cgen_templates/int8_support.c) ----
+
+
+def conv_scales(plan: Plan, st: Stage) -> np.ndarray:
+    """Per-output-channel float32 requantization scales of an int8 conv, in onnxruntime's order and precision:
+    ``(x_scale * w_scale[c]) / y_scale``, each step rounded to float32 (as QLinearConv computes them)."""
+    xs = np.float32(plan.tensors[st.src].quant[0])
+    ys = np.float32(plan.tensors[st.dst].quant[0])
+    return ((xs * st.w_scale.astype(np.float32)).astype(np.float32) / ys).astype(np.float32)
+
+
+def fixed_multiplier(scale) -> tuple[int, int]:
+    """``(mult, shift)`` with ``mult * 2**-shift == scale`` exactly, ``2**30 <= mult < 2**31``, ``1 <= shift <= 62``.
+
+    A float32 scale has a 24-bit mantissa, so a 31-bit multiplier holds it without rounding: the C requant()
+    computes ``round(acc * scale)`` of the exact real product (ties to even). Scales below ``2**-32`` map to
+    ``(0, 1)`` (every int32 accumulator then rounds to 0, exactly as the real product does).
+
+    >>> fixed_multiplier(0.75)
+    (1610612736, 31)
+    """
+    value = float(np.float32(scale))
+    if not math.isfinite(value) or value < 0:
+        raise MicroserError(f"requantization scale {value!r} is not a finite non-negative number: expected the "
+                            "scales of a calibrated int8 graph; re-run microser compress")
+    if value == 0.0:
+        return 0, 1
+    m, e = math.frexp(value)  # value = m * 2**e, 0.5 <= m < 1
+    mult, shift = int(m * 2**31), 31 - e
+    if shift > 62:
+        return 0, 1
+    if shift < 1:
+        raise MicroserError(f"requantization scale {value:g} is >= 2**30: the int8 conv's output scale is far "
+                            "smaller than its input's, expected a calibrated int8 graph; re-run microser compress")
+    assert mult * 2.0**-shift == value
+    return mult, shift
+
+
+def _narrow(plan: Plan, st: Stage) -> bool:
+    """Whether every requantization shift of an int8 conv is in 33..62 (scales below 2**-2): the 32-bit requant()
+    handles it; otherwise the stage uses requant_wide()."""
+    return all(fixed_multiplier(sc)[1] >= 33 for sc in conv_scales(plan, st))
+
+
+def requantize_reference(acc, scales, zero_point: int) -> np.ndarray:
+    """What the C requant() returns, in Python integers: ``clamp(round_half_even(acc * scale) + zp, -128, 127)``.
+
+    ``acc`` (..., C) int32 values, ``scales`` (C,) float32 (the last axis is the channel). Exact: ``acc * mult``
+    fits int64, then it is shifted with ties to even.
+    """
+    acc = np.asarray(acc, dtype=np.int64)
+    pairs = np.array([fixed_multiplier(sc) for sc in np.asarray(scales, np.float32).reshape(-1)], dtype=np.int64)
+    p = acc * pairs[:, 0]  # |acc| < 2**31 and mult < 2**31: exact in int64
+    shift = pairs[:, 1]
+    q = p >> shift  # floor
+    rem = p - (q << shift)
+    half = np.left_shift(1, shift - 1)
+    out = q + ((rem > half) | ((rem == half) & (q % 2 == 1)))
+    return np.clip(out + int(zero_point), -128, 127).astype(np.int8)
+
+
 # ---- C emission ----
 
 
@@ -626,7 +922,8 @@ class _Emitter:
             lines.append(f"    {ctype} {name}{dim}; /* {comment} */")
         if self.pad:
             lines.append(f"    int8_t pad_[{self.pad}]; /* keeps the arena 8-byte aligned on every ABI */")
-        lines.append(f"    union {{ float f[{self.arena}]; int32_t i[{self.arena}]; }} arena; /* scratch, meaningless between calls */")
+        lines.append(f"    union {{ float f[{self.arena}]; int32_t i[{self.arena}]; int16_t h[{2 * self.arena}]; "
+                     f"int8_t b[{4 * self.arena}]; }} arena; /* scratch, meaningless between calls */")
         lines += [f"}} {P}_state;", "",
                   f"/* Start an utterance (zeroes the state). */",
                   f"void {P}_init({P}_state *st);",
@@ -669,8 +966,20 @@ class _Emitter:
                "/* Exact streaming computation of the offline model; see microser/cgen.py for the scheme. */",
                f'#include "{P}.h"', "#include <math.h>", "#include <string.h>", "",
                f"typedef char {P}_layout_check[(sizeof({P}_state) == {P.upper()}_RAM_BYTES) ? 1 : -1];", ""]
+        if any(st.kind == "conv" and st.int8 for st in self.plan.stages):
+            wide = any(not _narrow(self.plan, st) for st in self.plan.stages if st.kind == "conv" and st.int8)
+            out.append(_template("int8_support.c").substitute(
+                wide=(TEMPLATES / "requant_wide.c").read_text() if wide else ""))
         out.append(self._tables())
         out.append(self._quant_fn())
+        out.append(self._trace())
+        int8_convs = [st for st in self.plan.stages if st.kind == "conv" and st.int8]
+        if int8_convs:
+            for cond, align in (("#if MICROSER_SIMD", TAP_ALIGN_DSP), ("#else", TAP_ALIGN_PORTABLE)):
+                out.append(cond)
+                kps = sorted({st.padded_taps(align) for st in int8_convs})
+                out += [_template("mm_s8.c").substitute(kp=kp) for kp in kps]
+            out.append("#endif")
         out.append(self._fft())
         for i in reversed(range(len(self.plan.stages))):
             out.append(self._stage_decl(i))
@@ -693,17 +1002,9 @@ class _Emitter:
             t.append(_array("float", "RT_IM", -np.sin(2 * np.pi * kk / N)))
         t.append(_array("int", "FFT_FACTORS", _factors(M)))
         t.append(_array("float", "WINDOW", plan.window))
-        fb = np.asarray(plan.fbank)  # (n_freqs, n_mels)
-        starts, lens, weights = [], [], []
-        for b in range(fb.shape[1]):
-            nz = np.nonzero(fb[:, b])[0]
-            lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
-            starts.append(lo)
-            lens.append(hi - lo)
-            weights.extend(fb[lo:hi, b])
-        t.append(_array("int", "MEL_START", starts, 16))
-        t.append(_array("int", "MEL_LEN", lens, 16))
-        t.append(_array("float", "MEL_W", weights))
+        t.append(_array("uint16_t", "MEL_START", plan.mel.start, 16))
+        t.append(_array("uint16_t", "MEL_LEN", plan.mel.length, 16))
+        t.append(_array("float", "MEL_W", plan.mel.weights))
         if fe.prenorm == "window":
             t.append(_array("float", "WSPEC", plan.window_spectrum))
         if fe.compression == "pcen":
@@ -712,12 +1013,18 @@ class _Emitter:
             if st.kind != "conv":
                 continue
             if st.int8:
-                t.append(_array("int8_t", f"W{i}", st.weight, 16))
-                t.append(_array("int32_t", f"B{i}", st.bias))
-                xs = np.float32(plan.tensors[st.src].quant[0])
-                ys = np.float32(plan.tensors[st.dst].quant[0])
-                scale = (xs * st.w_scale.astype(np.float32)).astype(np.float32) / ys  # onnxruntime's order, float32
-                t.append(_array("float", f"SC{i}", scale.astype(np.float32)))
+                dsp, portable = st.padded_taps(TAP_ALIGN_DSP), st.padded_taps(TAP_ALIGN_PORTABLE)
+                t.append(f"#if MICROSER_SIMD /* taps padded to {dsp}; groups of 4 as (k, k+2, k+1, k+3) for SXTB16 */\n"
+                         f"#define KP{i} {dsp}\n#define MM{i} mm{dsp}\n"
+                         + _array("int8_t", f"W{i}", conv_weight_rows(st, TAP_ALIGN_DSP, dual=True), 16)
+                         + f"#else /* taps padded to {portable} */\n"
+                         f"#define KP{i} {portable}\n#define MM{i} mm{portable}\n"
+                         + _array("int8_t", f"W{i}", conv_weight_rows(st, TAP_ALIGN_PORTABLE), 16) + "#endif\n")
+                t.append(_array("int32_t", f"B{i}", np.append(st.bias, [0] * (len(st.bias) % 2))))
+                mult, shift = zip(*(fixed_multiplier(sc) for sc in conv_scales(plan, st)))
+                t.append(_array("int32_t", f"M{i}", mult))
+                narrow = _narrow(plan, st)  # requant() takes shift - 32, requant_wide() the shift
+                t.append(_array("uint8_t", f"R{i}", [r - 32 if narrow else r for r in shift], 16))
             else:
                 t.append(_array("float", f"W{i}", st.weight))
                 t.append(_array("float", f"B{i}", st.bias))
@@ -803,33 +1110,48 @@ static void fft(float *xr, float *xi, float *yr, float *yi)
         return f"static void s{i}_push({self.P}_state *st);"
 
     def _dest(self, i: int) -> tuple[str, str]:
-        """(C code declaring `dst` for the output row of stage i, C code delivering it)."""
+        """(C declaring ``dst``, the output row of stage i; C statements delivering it: the trace hook for int8
+        rows, then the next stage, or the head, which reads the last row in float: dequantized when int8)."""
         plan = self.plan
         d = plan.stages[i].dst
-        if i + 1 < len(plan.stages):
-            nt = plan.tensors[d]
-            nst = plan.stages[i + 1]
-            decl = f"{self._ctype(nt)} *dst = st->ring{i + 1} + (st->n{i + 1} % {nst.k}) * {nt.row};"
-            return decl, f"s{i + 1}_push(st);"
-        off = max((t_.row for t_ in (plan.tensors[s_.dst] for s_ in plan.stages if s_.kind == "conv")), default=0)
         t = plan.tensors[d]
+        trace = f"    TRACE({d}, j, dst, {t.row});\n" if t.quant is not None else ""
+        if i + 1 < len(plan.stages):
+            nst = plan.stages[i + 1]
+            decl = f"{self._ctype(t)} *dst = st->ring{i + 1} + (st->n{i + 1} % {nst.k}) * {t.row};"
+            return decl, f"{trace}    s{i + 1}_push(st);"
+        arena = body_arena(plan)
         if t.quant is None:
-            return f"float *dst = st->arena.f + {off};", f"head_push(st, st->arena.f + {off});"
-        return f"float *hrow = st->arena.f + {off};", "head_push(st, hrow);"
+            return f"float *dst = st->arena.f + {arena.hrow};", "    head_push(st, dst);"
+        s, zp = _qparams(t)
+        return (f"int8_t *dst = st->arena.b + {arena.i8_bytes};",
+                f"""{trace}    {{ /* DequantizeLinear: the head reads floats */
+        float *hrow = st->arena.f + {arena.hrow};
+        int e;
+        for (e = 0; e < {t.row}; e++) hrow[e] = (float)((int)dst[e] - ({zp})) * {s};
+        head_push(st, hrow);
+    }}""")
 
     def _store(self, i: int, value: str, index: str) -> str:
-        """C statement storing float `value` at `index` of the stage's output (quantizing / dequantizing as needed)."""
-        plan = self.plan
-        d = plan.stages[i].dst
-        t = plan.tensors[d]
-        last = i + 1 == len(plan.stages)
+        """C statement storing float `value` at `index` of the stage's output (quantizing when it is int8)."""
+        t = self.plan.tensors[self.plan.stages[i].dst]
         if t.quant is None:
             return f"dst[{index}] = {value};"
         s, zp = _qparams(t)
-        q = f"quant({value}, {s}, {zp})"
-        if last:  # the head reads the dequantized int8 value
-            return f"hrow[{index}] = (float)({q} - ({zp})) * {s};"
-        return f"dst[{index}] = (int8_t){q};"
+        return f"dst[{index}] = (int8_t)quant({value}, {s}, {zp});"
+
+    def _conv_s8(self, i: int) -> str:
+        """An int8 conv stage from cgen_templates/conv_s8.c: im2col pairs, the 2x2 dual-MAC kernel, requant()."""
+        plan, st = self.plan, self.plan.stages[i]
+        src, dst = plan.tensors[st.src], plan.tensors[st.dst]
+        k, xzp = st.k, src.quant[1]
+        decl, deliver = self._dest(i)
+        unrolled = "\n".join(f"                    c[{d}] = (int16_t)(x[base + {d}] - ({xzp}));" for d in range(k))
+        return _template("conv_s8.c").substitute(
+            i=i, P=self.P, block=st.block, cin=src.channels, fin=src.bands, cout=dst.channels, fout=dst.bands,
+            k=k, s=st.s, p=st.p, kk=st.taps, kk_ci=k * k, row=src.row, xzp=xzp,
+            yzp=dst.quant[1], unrolled=unrolled, requant="requant" if _narrow(plan, st) else "requant_wide",
+            dst=decl.split("=", 1)[1].strip().rstrip(";"), deliver=deliver)
 
     def _stage(self, i: int) -> str:
         plan, P = self.plan, self.P
@@ -837,6 +1159,8 @@ static void fft(float *xr, float *xi, float *yr, float *yi)
         src, dst = plan.tensors[st.src], plan.tensors[st.dst]
         K, S, Pd = st.k, st.s, st.p
         fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
+        if st.kind == "conv" and st.int8:
+            return self._conv_s8(i) + self._stage_push(i)
         decl, deliver = self._dest(i)
         last = i + 1 == len(plan.stages)
         body = []
@@ -852,9 +1176,14 @@ static void s{i}_row({P}_state *st, int32_t j)
     const int dt_lo = r0 < 0 ? (int)-r0 : 0;
     const int dt_hi = r0 + {K} > n ? (int)(n - r0) : {K};
 {body[0]}
-    {deliver}
+{deliver}
 }}
+""" + self._stage_push(i)
 
+    def _stage_push(self, i: int) -> str:
+        st, P = self.plan.stages[i], self.P
+        K, S, Pd = st.k, st.s, st.p
+        return f"""
 static void s{i}_push({P}_state *st)
 {{
     const int32_t r = st->n{i}++, t = r + {Pd} - {K} + 1;
@@ -876,40 +1205,23 @@ static void s{i}_flush({P}_state *st)
 """
 
     def _conv_body(self, i, st, src, dst, decl, last) -> str:
-        """One register accumulator per output element (float, or int32 for int8 convs); the interior band's taps
-        unrolled. (A variant accumulating whole int32 rows over contiguous bands was measured: 6% fewer
-        instructions for the int8 ref, 8% more for a 5x5, 52-channel spec; not worth two code paths.)"""
+        """A float conv (float32 library, or a conv the int8 graph keeps float): one register accumulator per
+        output element; the interior band's taps unrolled."""
         K, S, Pd = st.k, st.s, st.p
         fin, fout, cin, cout = src.bands, dst.bands, src.channels, dst.channels
         ring = f"st->ring{i}"
-        if st.int8:
-            xs, xzp = _qparams(src)
-            ys, yzp = _qparams(dst)
-            inner = f"acc += (int32_t)w[df] * ((int32_t)x[base + df] - ({xzp}));"
-            acc_decl = f"int32_t acc = B{i}[co];"
-            ys_f, yzp_i = dst.quant
-            finish = (f"float v = (float)acc * SC{i}[co];\n"
-                      f"            v = v < {_flit(-128 - yzp_i)} ? {_flit(-128 - yzp_i)} : "
-                      f"(v > {_flit(127 - yzp_i)} ? {_flit(127 - yzp_i)} : v);\n"
-                      f"            {{\n                const int q = (int)lrintf(v) + ({yzp});\n")
-            if last:
-                finish += f"                hrow[co * {fout} + fo] = (float)(q - ({yzp})) * {ys};\n            }}"
-            else:
-                finish += f"                dst[co * {fout} + fo] = (int8_t)q;\n            }}"
-            xtype = "int8_t"
+        if src.quant is None:
+            inner = "acc += w[df] * x[base + df];"
         else:
-            if src.quant is None:
-                inner = "acc += w[df] * x[base + df];"
-            else:
-                xs, xzp = _qparams(src)
-                inner = f"acc += w[df] * ((float)((int)x[base + df] - ({xzp})) * {xs});"
-            acc_decl = f"float acc = B{i}[co];"
-            xtype = self._ctype(src)
-            if st.ln is not None:
-                finish = f"tmp[co * {fout} + fo] = acc;"
-            else:
-                v = "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc"
-                finish = self._store(i, v, f"co * {fout} + fo")
+            xs, xzp = _qparams(src)
+            inner = f"acc += w[df] * ((float)((int)x[base + df] - ({xzp})) * {xs});"
+        acc_decl = f"float acc = B{i}[co];"
+        xtype = self._ctype(src)
+        if st.ln is not None:
+            finish = f"tmp[co * {fout} + fo] = acc;"
+        else:
+            v = "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc"
+            finish = self._store(i, v, f"co * {fout} + fo")
         unrolled = " ".join(inner.replace("[df]", f"[{d}]").replace("+ df]", f"+ {d}]") for d in range(K))
         code = f"""    {decl}
     int co, fo;
@@ -923,14 +1235,14 @@ static void s{i}_flush({P}_state *st)
                 const {xtype} *x = {ring} + ((r0 + dt) % {K}) * {src.row};
                 if (df_lo == 0 && df_hi == {K}) {{ /* interior band: the {K} taps unrolled */
                     for (ci = 0; ci < {cin}; ci++) {{
-                        const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                        const float *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
                         const int base = ci * {fin} + f0;
                         {unrolled}
                     }}
                     continue;
                 }}
                 for (ci = 0; ci < {cin}; ci++) {{
-                    const {'int8_t' if st.int8 else 'float'} *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
+                    const float *w = W{i} + ((co * {cin} + ci) * {K} + dt) * {K};
                     const int base = ci * {fin} + f0;
                     for (df = df_lo; df < df_hi; df++)
                         {inner}
@@ -965,16 +1277,13 @@ static void s{i}_flush({P}_state *st)
         K, S, Pd = st.k, st.s, st.p
         fin, fout, c = src.bands, dst.bands, src.channels
         ctype = self._ctype(src)
-        same = src.quant == dst.quant and not last
-        if same:
+        if src.quant == dst.quant:
             store = "dst[c * %d + fo] = m;" % fout
         elif src.quant is None:
             store = self._store(i, "m", f"c * {fout} + fo")
         else:
             s, zp = _qparams(src)
             store = self._store(i, f"((float)((int)m - ({zp})) * {s})", f"c * {fout} + fo")
-            if last and dst.quant == src.quant:
-                store = f"hrow[c * {fout} + fo] = (float)((int)m - ({zp})) * {s};"
         return f"""    {decl}
     int c, fo;
     for (c = 0; c < {c}; c++) {{
@@ -1175,6 +1484,7 @@ static void process_frame({P}_state *st)
             c.append(f"""    {{
         int8_t *dst = st->ring0 + {row};
         for (b = 0; b < {nm}; b++) dst[b] = (int8_t)quant(feat[b], {s}, {zp});
+        TRACE(0, st->n0, dst, {nm});
     }}""")
         c.append("    s0_push(st);\n}")
         fill = self._feed()
@@ -1213,7 +1523,7 @@ static void feed({P}_state *st, float y)
         if fe.prenorm == "running":  # the prior's float terms (microser.frontends), left out when zero
             n0 = f" + {_flit(PRENORM_PRIOR_COUNT)}" if PRENORM_PRIOR_COUNT else ""
             n0v0 = f" + {_flit(PRENORM_PRIOR_COUNT * PRENORM_PRIOR_VAR)}" if PRENORM_PRIOR_COUNT * PRENORM_PRIOR_VAR else ""
-            pre = f"""        st->pn_count += 1.0;
+            pre = f"""        st->pn_count++;
         st->pn_sum += (double)x;
         st->pn_sumsq += (double)(x * x);
         {{ /* torch: cumsum (double accumulation, float result) / count, var clamped at 0 */
@@ -1223,7 +1533,7 @@ static void feed({P}_state *st, float y)
             y = (x - mu) / (sqrtf(var) + {_flit(PRENORM_EPS)});
         }}"""
         elif fe.prenorm == "clip":
-            pre = """        st->clip_count += 1.0;
+            pre = """        st->clip_count++;
         y = (x - st->clip_mean) / st->clip_den;"""
         else:
             pre = "        y = x;"
@@ -1236,15 +1546,15 @@ static void feed({P}_state *st, float y)
 int {P}_prescan({P}_state *st, const float *samples, int n)
 {{
     int i;
-    if (st->finished || st->clip_count > 0.0) return -1;
+    if (st->finished || st->clip_count > 0) return -1;
     for (i = 0; i < n; i++) {{
-        st->pn_count += 1.0;
+        st->pn_count++;
         st->pn_sum += (double)samples[i];
         st->pn_sumsq += (double)samples[i] * (double)samples[i];
     }}
-    if (st->pn_count > 0.0) {{
-        const double mu = st->pn_sum / st->pn_count;
-        double var = st->pn_sumsq / st->pn_count - mu * mu;
+    if (st->pn_count > 0) {{
+        const double cnt = (double)st->pn_count, mu = st->pn_sum / cnt;
+        double var = st->pn_sumsq / cnt - mu * mu;
         if (var < 0.0) var = 0.0;
         st->clip_mean = (float)mu;
         st->clip_den = (float)sqrt(var) + {_flit(PRENORM_EPS)};
@@ -1252,7 +1562,7 @@ int {P}_prescan({P}_state *st, const float *samples, int n)
     return 0;
 }}
 """
-            push_guard += "\n    if (n > 0 && st->pn_count <= 0.0) return -2;"
+            push_guard += "\n    if (n > 0 && st->pn_count == 0) return -2;"
             result_guard = "    if (st->clip_count != st->pn_count) { out3[0] = out3[1] = out3[2] = 0.0f; st->finished = 1; return -3; }\n"
         return f"""
 void {P}_init({P}_state *st)
@@ -1295,6 +1605,20 @@ int {P}_result({P}_state *st, float out3[3])
 }}
 """
 
+    def _trace(self) -> str:
+        if not any(t.quant is not None for t in self.plan.tensors):
+            return ""
+        return """
+/* -DMICROSER_TRACE: every int8 row is handed to microser_trace() (defined by the caller: tests compare each
+   stage with a reference); tensor 0 is the quantized front-end output, tensor t the output of stage t - 1. */
+#ifdef MICROSER_TRACE
+void microser_trace(int tensor, int32_t row, const int8_t *q, int n);
+#define TRACE(tensor, row, q, n) microser_trace((tensor), (row), (q), (n))
+#else
+#define TRACE(tensor, row, q, n) ((void)0)
+#endif
+"""
+
     def _quant_fn(self) -> str:
         if not any(t.quant is not None for t in self.plan.tensors):
             return ""
@@ -1310,6 +1634,23 @@ static int quant(float x, float scale, int zp)
 """
 
 
+def _template(name: str) -> Template:
+    """A C template of microser/cgen_templates/ (``string.Template``: ``${name}`` fields, ``$$`` for a dollar)."""
+    return Template((TEMPLATES / name).read_text())
+
+
+def conv_weight_rows(st: Stage, align: int, *, dual: bool = False) -> np.ndarray:
+    """An int8 conv's weights as (cout, padded_taps(align)) rows, tap order (ci, dt, df), zero taps at the end, and a
+    zero row after an odd cout (the 2x2 kernel takes channels in pairs); with ``dual`` every group of 4 taps is stored
+    (k, k+2, k+1, k+3), the order the SXTB16/SMLAD kernel reads."""
+    w = np.asarray(st.weight).reshape(st.weight.shape[0], -1)
+    rows = np.zeros((w.shape[0] + w.shape[0] % 2, st.padded_taps(align)), dtype=np.int8)
+    rows[:w.shape[0], :w.shape[1]] = w
+    if dual:
+        rows = rows.reshape(rows.shape[0], -1, 4)[:, :, [0, 2, 1, 3]].reshape(rows.shape)
+    return rows
+
+
 def emit(plan: Plan, prefix: str, variant: str) -> tuple[str, str]:
     """(header, source) of the C library for ``plan``."""
     e = _Emitter(plan, prefix, variant)
@@ -1318,49 +1659,30 @@ def emit(plan: Plan, prefix: str, variant: str) -> tuple[str, str]:
 
 
 def emit_driver(prefix: str, two_pass: bool) -> str:
-    """A test/bench driver: ``prog AUDIO.f32 [CHUNK ...]`` pushes raw float32 audio in chunks (sizes cycled) and
-    prints the 3 outputs; ``-peek`` as the first chunk argument also takes a running result on a copy of the
-    state after every chunk (which must not change the final result)."""
-    P = prefix
-    prescan = f"    if ({P}_prescan(&st, x, (int)n) != 0) return 4;\n" if two_pass else ""
-    return f"""/* {P}_main.c: generated by microser.cgen. Usage: {P}_main AUDIO.f32 [-peek] [CHUNK ...] */
-#include <stdio.h>
-#include <stdlib.h>
-#include "{P}.h"
+    """A test/bench driver (cgen_templates/driver.c): ``prog AUDIO.f32 [-peek] [CHUNK ...]`` pushes raw float32
+    audio in chunks (sizes cycled) and prints the 3 outputs; ``-peek`` also takes a running result on a copy of the
+    state after every chunk; built with ``-DMICROSER_TRACE`` it writes every int8 row to ``$MICROSER_TRACE_FILE``
+    (`read_trace`)."""
+    prescan = f"    if ({prefix}_prescan(&st, x, (int)n) != 0) return 4;\n" if two_pass else ""
+    return _template("driver.c").substitute(P=prefix, prescan=prescan)
 
-int main(int argc, char **argv)
-{{
-    static {P}_state st, copy;
-    float out[3], tmp[3];
-    float *x;
-    long n, pos = 0;
-    int a = 2, peek = 0, nchunks, c = 0, rc;
-    FILE *f;
-    if (argc < 2) {{ fprintf(stderr, "usage: %s AUDIO.f32 [-peek] [CHUNK ...]\\n", argv[0]); return 2; }}
-    f = fopen(argv[1], "rb");
-    if (!f) {{ perror(argv[1]); return 2; }}
-    fseek(f, 0, SEEK_END);
-    n = ftell(f) / (long)sizeof(float);
-    fseek(f, 0, SEEK_SET);
-    x = (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
-    if (!x || fread(x, sizeof(float), (size_t)n, f) != (size_t)n) {{ fclose(f); return 3; }}
-    fclose(f);
-    if (argc > 2 && argv[2][0] == '-') {{ peek = 1; a = 3; }}
-    nchunks = argc - a;
-    {P}_init(&st);
-{prescan}    while (pos < n) {{
-        long k = nchunks > 0 ? atol(argv[a + (c++ % nchunks)]) : n;
-        if (k > n - pos) k = n - pos;
-        if ({P}_push(&st, x + pos, (int)k) != 0) return 5;
-        pos += k;
-        if (peek) {{ copy = st; (void){P}_result(&copy, tmp); }}
-    }}
-    rc = {P}_result(&st, out);
-    printf("%.9g %.9g %.9g\\n", out[0], out[1], out[2]);
-    free(x);
-    return rc == 0 ? 0 : 10 - rc;
-}}
-"""
+
+def read_trace(path) -> dict[int, np.ndarray]:
+    """The rows a ``-DMICROSER_TRACE`` driver wrote: ``{tensor: (rows, n) int8}``, rows in the order made."""
+    data = Path(path).read_bytes()
+    rows: dict[int, list] = {}
+    pos = 0
+    while pos < len(data):
+        tensor, row, n = np.frombuffer(data, np.int32, 3, pos)
+        pos += 12
+        rows.setdefault(int(tensor), []).append((int(row), np.frombuffer(data, np.int8, int(n), pos)))
+        pos += int(n)
+    out = {}
+    for t, items in rows.items():
+        if [r for r, _ in items] != list(range(len(items))):
+            raise MicroserError(f"{path}: tensor {t} rows arrive out of order: expected 0, 1, 2, ... (a cgen bug)")
+        out[t] = np.stack([v for _, v in items])
+    return out
 
 
 def write_library(plan: Plan, out_dir, prefix: str, variant: str) -> dict:
@@ -1392,19 +1714,27 @@ def compile_driver(out_dir, prefix: str, *, extra_flags=(), exe: str | None = No
     return exe
 
 
-def run_driver(exe, audio: np.ndarray, chunks=(), *, peek: bool = False, workdir=None, wrapper=()) -> np.ndarray:
-    """Run a compiled driver on float32 audio pushed in ``chunks`` (cycled); returns the 3 outputs."""
+def run_driver(exe, audio: np.ndarray, chunks=(), *, peek: bool = False, workdir=None, wrapper=(),
+               trace=None) -> np.ndarray:
+    """Run a compiled driver on float32 audio pushed in ``chunks`` (cycled); returns the 3 outputs. ``trace``: the
+    file a ``-DMICROSER_TRACE`` driver writes its int8 rows to (`read_trace`)."""
+    env = dict(os.environ, MICROSER_TRACE_FILE=str(trace)) if trace is not None else None
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = Path(tmp) / "audio.f32"
         np.asarray(audio, dtype=np.float32).tofile(path)
         args = [*wrapper, str(exe), str(path)] + (["-peek"] if peek else []) + [str(int(c)) for c in chunks]
-        r = subprocess.run(args, capture_output=True, text=True)
+        r = subprocess.run(args, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise MicroserError(f"{exe} exited with {r.returncode} on {len(audio)} samples: {r.stderr.strip()[:200]}")
     return np.array([float(v) for v in r.stdout.split()], dtype=np.float64)
 
 
 # ---- measurements: flash, RAM, stack, instructions ----
+
+
+def measurement_signal(seconds: float = 1.0) -> np.ndarray:
+    """The signal instruction counts are measured on: seeded Gaussian noise, standard deviation 0.1."""
+    return (np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
 
 
 def _worst_stack(ci_text: str, roots: list[str]) -> tuple[int, str]:
@@ -1439,13 +1769,15 @@ def _worst_stack(ci_text: str, roots: list[str]) -> tuple[int, str]:
     return worst[0], " > ".join(worst[1])
 
 
-def _callgrind_ir(exe: Path, audio: np.ndarray, function: str, workdir: Path) -> int:
-    """Instructions executed inside ``function`` (and what it calls) while the driver runs on ``audio``."""
+def _callgrind_ir(exe: Path, audio: np.ndarray, functions, workdir: Path) -> int:
+    """Instructions executed inside ``functions`` (a name or several, and what they call) while the driver runs on
+    ``audio``."""
     path = workdir / "cg-audio.f32"
     np.asarray(audio, np.float32).tofile(path)
     out = workdir / "callgrind.out"
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--toggle-collect={function}",
-           str(exe), str(path), "4096"]
+    functions = [functions] if isinstance(functions, str) else list(functions)
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+           *(f"--toggle-collect={f}" for f in functions), str(exe), str(path), "4096"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise MicroserError(f"valgrind callgrind failed on {exe}: {r.stderr.strip()[-200:]}")
@@ -1460,8 +1792,9 @@ def measure(c_dir, prefix: str, *, seconds: float = 1.0, callgrind: bool = True,
       weights and tables); ``bss_bytes`` must be 0 (no globals);
     * ``ram_bytes`` = ``sizeof(state)`` (state + arena) + ``stack_bytes``, the deepest call path of
       ``-fcallgraph-info=su`` from the API functions (libm leaf calls not included);
-    * ``instructions_per_audio_second``: valgrind callgrind, instructions inside ``<prefix>_push`` per second of
-      a pseudo-random signal of ``seconds`` (host x86-64, a proxy for DSP cycles), and
+    * ``instructions_per_audio_second``: valgrind callgrind, instructions inside ``<prefix>_push`` (and
+      ``_prescan``, the first pass of two-pass libraries) per second of `measurement_signal` (host x86-64, a proxy
+      for DSP cycles), and
       ``result_instructions`` for the end-of-utterance flush and head (on 0.5 s). Needs valgrind; else None.
     """
     c_dir = Path(c_dir)
@@ -1490,15 +1823,182 @@ def measure(c_dir, prefix: str, *, seconds: float = 1.0, callgrind: bool = True,
                "flags": " ".join(GCC_FLAGS)}
         if callgrind and shutil.which("valgrind"):
             exe = compile_driver(tmp, prefix)
-            audio = (np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
-            if (c_dir / f"{prefix}.h").read_text().find(f"{prefix.upper()}_TWO_PASS 1") >= 0:
-                pass  # the driver prescans before pushing; prescan is outside the toggled function
-            push = _callgrind_ir(exe, audio, f"{prefix}_push", tmp)
+            audio = measurement_signal(seconds)
+            two_pass = f"{prefix.upper()}_TWO_PASS 1" in (c_dir / f"{prefix}.h").read_text()
+            push = _callgrind_ir(exe, audio, [f"{prefix}_push"] + ([f"{prefix}_prescan"] if two_pass else []), tmp)
             result = _callgrind_ir(exe, audio[: SAMPLE_RATE // 2], f"{prefix}_result", tmp)
             out["instructions_per_audio_second"] = int(round(push / seconds))
             out["result_instructions"] = result
             out["callgrind"] = f"valgrind --tool=callgrind, {seconds:g} s of audio, host {os.uname().machine}"
     return out
+
+
+def measure_instructions(c_dir, prefix: str, *, target: str = "x86-64", workdir=None) -> int:
+    """Instructions per second of audio of one generated library: push (and prescan) on 1 s of
+    `measurement_signal`, counted by valgrind callgrind (``x86-64``, the host) or in QEMU (``cortex-m4``)."""
+    c_dir = Path(c_dir)
+    if target == "cortex-m4":
+        return measure_cortex_m4(c_dir, prefix, workdir=workdir)["instructions_per_audio_second"]
+    if target != "x86-64":
+        raise MicroserError(f"instruction target {target!r} is unknown: expected one of {', '.join(INSTR_TARGETS)}")
+    if shutil.which("valgrind") is None:
+        raise MicroserError("valgrind not found on PATH: counting x86-64 instructions needs callgrind; "
+                            "install valgrind")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        for f in (f"{prefix}.c", f"{prefix}.h", f"{prefix}_main.c"):
+            shutil.copy(c_dir / f, tmp / f)
+        exe = compile_driver(tmp, prefix)
+        two_pass = f"{prefix.upper()}_TWO_PASS 1" in (c_dir / f"{prefix}.h").read_text()
+        return _callgrind_ir(exe, measurement_signal(1.0), [f"{prefix}_push"] + ([f"{prefix}_prescan"] if two_pass
+                                                                                 else []), tmp)
+
+
+# ---- Cortex-M4F: cross-compiled flash and RAM, and a run in QEMU (mps2-an386) ----
+
+ARM_GCC = "arm-none-eabi-gcc"
+ARM_SIZE = "arm-none-eabi-size"
+QEMU_ARM = "qemu-system-arm"
+M4_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard", "-O2")
+M4_CHUNKS = (160, 17, 999, 3, 4096, 1)  # samples per push() in the QEMU driver, cycled
+QEMU_TIMEOUT_S = 120
+M4_TOOLS_HINT = ("install the Debian packages gcc-arm-none-eabi, libnewlib-arm-none-eabi (and qemu-system-arm to "
+                 "run it), as .ci/run does")
+
+
+def m4_tools() -> dict:
+    """Paths of the Cortex-M4 tools found on PATH (``gcc``, ``size``, ``qemu``), None where missing."""
+    return {"gcc": shutil.which(ARM_GCC), "size": shutil.which(ARM_SIZE), "qemu": shutil.which(QEMU_ARM)}
+
+
+def _arm(cmd: list[str], cwd: Path, what: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        first = " | ".join(r.stderr.strip().splitlines()[:3])
+        raise MicroserError(f"{ARM_GCC} failed on {what}: {first}; report the spec as a cgen bug")
+    return r
+
+
+def _arm_size(path: Path) -> tuple[int, int, int]:
+    """text (code + rodata), data, bss of ``arm-none-eabi-size`` (Berkeley format)."""
+    row = subprocess.run([ARM_SIZE, str(path)], capture_output=True, text=True).stdout.splitlines()[1].split()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _map_members(map_text: str) -> set[str]:
+    """Archive members a GNU ld map file says were linked (``libm.a(libm_a-sf_exp.o)`` -> ``libm.a:sf_exp.o``)."""
+    block = map_text.split("Memory Configuration")[0]
+    members = re.findall(r"^(\S+\.a)\(([^)]+)\)", block, re.M)
+    return {f"{Path(a).name}:{re.sub(r'^lib[a-z]+_a-', '', m)}" for a, m in members}
+
+
+def measure_cortex_m4(c_dir, prefix: str, *, run: bool = True, workdir=None, check_audio=None,
+                      extra_flags=()) -> dict:
+    """Flash and RAM of one generated library built for a Cortex-M4F, and (``run``, needs qemu-system-arm) its run
+    in QEMU's mps2-an386 board with semihosting.
+
+    * ``flash_bytes``: text + data (``arm-none-eabi-size``) of a bare-metal image calling every API function, minus
+      the same image with an empty main(): the library's code and const tables (``library_flash_bytes``, from its
+      object) plus the runtime it pulls in (``runtime``: libm, libc, libgcc members, read from the map file);
+    * ``ram_bytes`` = data + bss of the library object (0: no globals) + ``sizeof(state)`` (state + arena) + the
+      stack: measured in QEMU (``stack_source`` "qemu": painted stack, deepest word below main's frame, libm
+      included) or, without QEMU, the deepest path of ``-fcallgraph-info=su`` (libm calls not counted);
+    * with ``run``: ``instructions_per_audio_second`` (push + prescan on `measurement_signal`, 1 s, counted with
+      ``qemu -icount shift=0`` and the board's 25 MHz timer, calibrated on a loop of known length) and, when
+      ``check_audio`` is given, ``outputs``, the library's 3 outputs on it in the emulated Cortex-M4.
+
+    ``extra_flags`` go to the library's compile (e.g. ``-DMICROSER_NO_DSP`` for the portable kernels).
+    MicroserError with the packages to install when the toolchain is missing.
+    """
+    c_dir = Path(c_dir)
+    tools = m4_tools()
+    if tools["gcc"] is None or tools["size"] is None:
+        raise MicroserError(f"{ARM_GCC} / {ARM_SIZE} not found on PATH: the Cortex-M4 build needs them; "
+                            + M4_TOOLS_HINT)
+    header = (c_dir / f"{prefix}.h").read_text()
+    two_pass = f"{prefix.upper()}_TWO_PASS 1" in header
+    state_arena = int(re.search(rf"#define {prefix.upper()}_RAM_BYTES (\d+)", header).group(1))
+    hop = 160
+    flags = [*GCC_FLAGS[:-1], *M4_FLAGS, *extra_flags]  # the library's strict C99 flags, -O2 from M4_FLAGS
+    harness = ["-std=gnu99", *M4_FLAGS, "-ffunction-sections", "-fdata-sections"]
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        for f in (f"{prefix}.c", f"{prefix}.h"):
+            shutil.copy(c_dir / f, tmp / f)
+        for f in ("m4_startup.c", "mps2_an386.ld"):
+            shutil.copy(TEMPLATES / f, tmp / f)
+        _arm([ARM_GCC, *flags, "-ffunction-sections", "-fdata-sections", "-fstack-usage", "-fcallgraph-info=su",
+              "-c", f"{prefix}.c", "-o", "lib.o"], tmp, f"{prefix}.c")
+        text, data, bss = _arm_size(tmp / "lib.o")
+        roots = [f"{prefix}_{f}" for f in ("init", "reset", "push", "result", "prescan")]
+        static_stack, static_path = _worst_stack(next(tmp.glob("*.ci")).read_text(), roots)
+        prescan = (f"    (void){prefix}_prescan(&st, (const float *)samples, {hop});\n" if two_pass else "")
+        (tmp / "footprint.c").write_text(_template("m4_footprint.c").substitute(P=prefix, hop=hop, prescan=prescan))
+        link = [*harness, "--specs=nano.specs", "--specs=nosys.specs", "-nostartfiles", "-T", "mps2_an386.ld",
+                "-Wl,--gc-sections", "m4_startup.c", "footprint.c"]
+        _arm([ARM_GCC, *link, "lib.o", "-lm", "-Wl,-Map=full.map", "-o", "full.elf"], tmp, "the footprint image")
+        _arm([ARM_GCC, *link, "-DMICROSER_EMPTY", "-Wl,-Map=empty.map", "-o", "empty.elf"], tmp, "the empty image")
+        full, empty = _arm_size(tmp / "full.elf"), _arm_size(tmp / "empty.elf")
+        runtime = sorted(_map_members((tmp / "full.map").read_text()) - _map_members((tmp / "empty.map").read_text()))
+        out = {"target": "Cortex-M4F", "compiler": subprocess.run([ARM_GCC, "--version"], capture_output=True,
+                                                                 text=True).stdout.splitlines()[0],
+               "flags": " ".join(flags), "flash_bytes": (full[0] + full[1]) - (empty[0] + empty[1]),
+               "library_flash_bytes": text + data, "text_bytes": text, "data_bytes": data, "bss_bytes": bss,
+               "runtime": runtime, "state_plus_arena_bytes": state_arena, "stack_bytes": static_stack,
+               "stack_path": static_path, "stack_source": "-fcallgraph-info=su (libm calls not counted)",
+               "ram_bytes": data + bss + state_arena + static_stack, "instructions_per_audio_second": None,
+               "qemu": None}
+        if run and tools["qemu"] is not None:
+            prescan = "" if not two_pass else f"""    while ((got = fread(buf, sizeof(float), 4096, f)) > 0) {{
+        t0 = TIMER[1];
+        if ({prefix}_prescan(&st, buf, (int)got) != 0) return 4;
+        prescan_ticks += t0 - TIMER[1];
+    }}
+    rewind(f);
+"""
+            (tmp / "m4_main.c").write_text(_template("m4_main.c").substitute(
+                P=prefix, prescan=prescan, chunks=", ".join(map(str, M4_CHUNKS))))
+            _arm([ARM_GCC, *harness, "--specs=nano.specs", "--specs=rdimon.specs", "-nostartfiles", "-T",
+                  "mps2_an386.ld", "-Wl,--gc-sections", "-DMICROSER_SEMIHOSTING", "m4_startup.c", "m4_main.c",
+                  "lib.o", "-lm", "-o", "qemu.elf"], tmp, "the QEMU driver")
+            timed = _qemu_run(tmp, measurement_signal(1.0))
+            out["instructions_per_audio_second"] = timed["instructions"]
+            out["result_instructions"] = timed["result_instructions"]
+            out["stack_bytes"], out["stack_path"] = timed["stack_bytes"], "measured (painted stack)"
+            out["stack_source"] = "qemu: painted stack, deepest word below the caller's frame (libm included)"
+            out["ram_bytes"] = data + bss + state_arena + timed["stack_bytes"]
+            out["qemu"] = {"machine": "mps2-an386", "version": subprocess.run(
+                [QEMU_ARM, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+                "method": "qemu -icount shift=0 (1 ns per instruction) read through the CMSDK timer at 25 MHz, "
+                          f"calibrated on a 2-instruction loop ({timed['per_tick']:.3f} instructions per tick); "
+                          "instructions, not cycles", "static_stack_bytes": static_stack}
+            if check_audio is not None:
+                out["outputs"] = _qemu_run(tmp, check_audio)["outputs"]
+    return out
+
+
+def _qemu_run(tmp: Path, audio: np.ndarray) -> dict:
+    """Run ``tmp/qemu.elf`` on ``audio`` in qemu-system-arm (mps2-an386, semihosting, -icount shift=0)."""
+    np.asarray(audio, np.float32).tofile(tmp / "m4_input.f32")
+    cmd = [QEMU_ARM, "-M", "mps2-an386", "-nographic", "-monitor", "none", "-serial", "none",
+           "-semihosting-config", "enable=on,target=native", "-icount", "shift=0", "-kernel", "qemu.elf"]
+    try:
+        r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=QEMU_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise MicroserError(f"{QEMU_ARM} did not finish within {QEMU_TIMEOUT_S} s on {len(audio)} samples: "
+                            "the Cortex-M4 driver hangs or faults; report the spec as a cgen bug") from None
+    m = re.search(r"^out (\w+) (\w+) (\w+) (-?\d+)$", r.stdout, re.M)
+    t = re.search(r"^ticks (\d+) (\d+) (\d+) calib (\d+) (\d+) stack (\d+) samples (\d+)$", r.stdout, re.M)
+    if r.returncode != 0 or m is None or t is None:
+        raise MicroserError(f"the Cortex-M4 driver failed in {QEMU_ARM} (exit {r.returncode}): "
+                            f"{(r.stdout + r.stderr).strip()[-200:]!r}; report the spec as a cgen bug")
+    push, prescan, result, loop_insns, loop_ticks, stack, samples = (int(v) for v in t.groups())
+    per_tick = loop_insns / loop_ticks
+    outputs = np.array([np.frombuffer(int(v, 16).to_bytes(4, "little"), np.float32)[0] for v in m.groups()[:3]],
+                       dtype=np.float64)
+    return {"outputs": outputs, "status": int(m.group(4)), "per_tick": per_tick,
+            "instructions": int(round((push + prescan) * per_tick * SAMPLE_RATE / samples)),
+            "result_instructions": int(round(result * per_tick)), "stack_bytes": stack}
 
 
 # ---- the bundle entry point ----
@@ -1539,7 +2039,7 @@ def _readme(prefix: str, spec, libs: dict) -> str:
 
 
 def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str = DEFAULT_PREFIX,
-             check: bool = True, measure_costs: bool = True, callgrind: bool = True) -> dict:
+             check: bool = True, measure_costs: bool = True, callgrind: bool = True, cortex_m4: bool = True) -> dict:
     """Write ``bundle_dir/c/`` (float32 library, int8 library if ``int8_onnx_path``, drivers, README) and return the
     model card's ``c`` section.
 
@@ -1547,7 +2047,10 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
     signal pushed in uneven chunks: the float library against PyTorch (``PARITY_F32``), the int8 one
     against onnxruntime on ``int8_onnx_path`` (``PARITY_INT8``); a worse difference raises MicroserError.
     With ``measure_costs`` the section gets `measure`'s flash, RAM, stack and (``callgrind``, needs valgrind, about
-    10 s per library) instruction figures.
+    10 s per library) instruction figures, and with ``cortex_m4`` (needs arm-none-eabi-gcc) the
+    ``cortex_m4`` entry: `measure_cortex_m4`'s flash and RAM, and where qemu-system-arm runs it, parity on the
+    target ISA (same tolerances, same check signal) and instructions per audio second there. Without the
+    toolchain that entry says what to install.
     """
     import torch
 
@@ -1566,24 +2069,27 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
                        f"{prefix}_<variant>_reset"] + ([f"{prefix}_<variant>_prescan"]
                                                        if spec.frontend.prenorm == "clip" else []),
                "libraries": libs, "parity": {}, "measured": {}}
+    audio = check_signal()
+    refs = {}
+    for v in libs:
+        if v == "float32":
+            with torch.no_grad():
+                refs[v] = (model(torch.from_numpy(audio)[None]).double().numpy()[0], PARITY_F32, "PyTorch")
+        else:
+            from microser.onnxio import ort_session, run_onnx
+
+            refs[v] = (run_onnx(ort_session(str(int8_onnx_path)), audio)[0].astype(np.float64), PARITY_INT8,
+                       "onnxruntime int8 graph")
+    host = {}
     if check:
-        audio = check_signal()
         chunks = [1, 17, 160, 999, 3, 4096]
         with tempfile.TemporaryDirectory() as tmp:
             for v, info in libs.items():
                 for f in (info["source"], info["header"], info["driver"]):
                     shutil.copy(out / f, Path(tmp) / f)
                 exe = compile_driver(tmp, info["prefix"])
-                got = run_driver(exe, audio, chunks)
-                if v == "float32":
-                    with torch.no_grad():
-                        ref = model(torch.from_numpy(audio)[None]).double().numpy()[0]
-                    tol, against = PARITY_F32, "PyTorch"
-                else:
-                    from microser.onnxio import ort_session, run_onnx
-
-                    ref = run_onnx(ort_session(str(int8_onnx_path)), audio)[0].astype(np.float64)
-                    tol, against = PARITY_INT8, "onnxruntime int8 graph"
+                host[v] = got = run_driver(exe, audio, chunks)
+                ref, tol, against = refs[v]
                 diff = float(np.max(np.abs(got - ref)))
                 section["parity"][v] = {"max_abs_diff": diff, "tolerance": tol, "against": against,
                                         "signal": f"check_signal(), {len(audio)} samples, chunks {chunks} cycled"}
@@ -1593,6 +2099,32 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
     if measure_costs:
         for v, info in libs.items():
             section["measured"][v] = measure(out, info["prefix"], callgrind=callgrind)
+    if cortex_m4:
+        section["cortex_m4"] = _cortex_m4_section(out, libs, refs, host, audio, spec)
+    return section
+
+
+def _cortex_m4_section(out: Path, libs: dict, refs: dict, host: dict, audio: np.ndarray, spec) -> dict:
+    """The card's ``cortex_m4`` entry: per variant `measure_cortex_m4`, with parity on the target when QEMU ran."""
+    tools = m4_tools()
+    if tools["gcc"] is None:
+        return {"skipped": f"{ARM_GCC} not found: {M4_TOOLS_HINT}"}
+    section = {} if tools["qemu"] else {"qemu": f"{QEMU_ARM} not found: flash and RAM only (no run, static stack); "
+                                                + M4_TOOLS_HINT}
+    for v, info in libs.items():
+        m = measure_cortex_m4(out, info["prefix"], check_audio=audio)
+        got = m.pop("outputs", None)
+        if got is not None:
+            ref, tol, against = refs[v]
+            diff = float(np.max(np.abs(got - ref)))
+            m["parity"] = {"max_abs_diff": diff, "tolerance": tol, "against": against,
+                           "max_abs_diff_vs_host_c": float(np.max(np.abs(got - host[v]))) if v in host else None,
+                           "signal": f"check_signal(), {len(audio)} samples, chunks {list(M4_CHUNKS)} cycled"}
+            if not diff <= tol:
+                raise MicroserError(f"C {v} library on the Cortex-M4 (QEMU) differs from {against} by {diff:.3g} "
+                                    f"on the check signal: expected <= {tol:g}; report the spec "
+                                    f"({spec.summary()}) as a cgen bug")
+        section[v] = m
     return section
 
 
@@ -1647,6 +2179,32 @@ def card_markdown(section: dict) -> str:
                      f"{m.get('state_plus_arena_bytes', '-')} | {m.get('stack_bytes', '-')} | {m.get('ram_bytes', '-')} | "
                      f"{'-' if ips is None else f'{ips / 1e6:.1f} M'} |")
     lines += ["", "Flash: text + data of `size` on the object (gcc " + " ".join(GCC_FLAGS) + "); RAM: sizeof(state) "
-              "+ deepest stack path (-fcallgraph-info=su); instructions: valgrind callgrind inside push(), host "
-              "x86-64, a proxy for DSP cycles.", ""]
+              "+ deepest stack path (-fcallgraph-info=su); instructions: valgrind callgrind inside push() (and "
+              "prescan()), host x86-64, a proxy for DSP cycles.", ""]
+    m4 = section.get("cortex_m4") or {}
+    if "skipped" in m4:
+        lines += ["### Cortex-M4F", "", f"Not built: {m4['skipped']}.", ""]
+    elif m4:
+        lines += ["### Cortex-M4F", "",
+                  "| variant | flash B (library + runtime) | RAM B (state+arena + stack + data/bss) | instr / s audio "
+                  "(QEMU) | parity on target |", "| --- | --- | --- | --- | --- |"]
+        for v, m in m4.items():
+            if not isinstance(m, dict):
+                continue
+            ips, par = m.get("instructions_per_audio_second"), m.get("parity")
+            parity = "-" if par is None else f"{par['max_abs_diff']:.1e} vs {par['against']}"
+            lines.append(f"| {v} | {m['flash_bytes']} ({m['library_flash_bytes']} + "
+                         f"{m['flash_bytes'] - m['library_flash_bytes']}) | {m['ram_bytes']} "
+                         f"({m['state_plus_arena_bytes']} + {m['stack_bytes']} + {m['data_bytes'] + m['bss_bytes']}) | "
+                         f"{'-' if ips is None else f'{ips / 1e6:.1f} M'} | {parity} |")
+        first = next(m for m in m4.values() if isinstance(m, dict))
+        lines += ["", f"{first['compiler']}, `{first['flags']}`. Flash: arm-none-eabi-size of a bare-metal image "
+                  "calling the API minus an empty one (the library's code and tables plus the libm/libgcc members it "
+                  "pulls in, from the map file). Stack: " + first["stack_source"] + "."]
+        if isinstance(m4.get("qemu"), str):
+            lines.append(m4["qemu"] + ".")
+        elif first.get("qemu"):
+            lines.append(f"Run in {first['qemu']['version']}, machine {first['qemu']['machine']}: "
+                         f"{first['qemu']['method']}.")
+        lines.append("")
     return "\n".join(lines)

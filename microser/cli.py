@@ -191,7 +191,8 @@ def search(
     seed: Annotated[Optional[int], typer.Option("--seed", help=f"Sampler and training seed. Default {_SC.seed}.")] = None,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="tpe | nsga2 | random. Default tpe.")] = None,
     objectives: Annotated[Optional[str], typer.Option("--objectives", help="Costs minimised beside mean CCC, "
-                          "comma-separated from params, ram_bytes, onnx_bytes, macs. Default params,ram_bytes: fp32 "
+                          "comma-separated from params, ram_bytes, onnx_bytes, macs, instr (int8 C instructions per "
+                          "second of audio). Default params,ram_bytes: fp32 "
                           "ONNX bytes track params closely and a 4-D front keeps almost every trial; every cost "
                           "is recorded anyway.")] = None,
     rungs: Annotated[Optional[str], typer.Option("--rungs", help="Optimizer steps of each rung, comma-separated "

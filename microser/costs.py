@@ -15,7 +15,12 @@ onnxsim-simplified, parity-checked) and
 - ``ram_bytes`` / ``ram_bytes_fp32`` (:func:`ram_plan`) are the peak bytes of
   simultaneously live activations in the ONNX graph's execution order for one
   clip of ``input_seconds``, for the int8 deployment plan and for fp32.
-  Budgets on RAM limit the int8 figure.
+  Budgets on RAM limit the int8 figure;
+- ``instr`` is the instructions per second of audio of the generated int8 C
+  library (x86-64, as valgrind callgrind counts them), predicted from the spec by
+  :func:`microser.cgen.predict_instructions`, a per-operator model calibrated
+  against callgrind (no compile); ``inf`` for a model without an int8 C library
+  (MobileNet, LayerNorm bodies), so an ``instr`` budget rejects it.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Costs:
     ram_bytes: int  # peak live activation bytes, int8 deployment plan (what RAM budgets limit)
     ram_bytes_fp32: int  # the same plan with every activation in float32
     input_seconds: float  # duration at which macs and RAM were measured
+    instr: float = math.inf  # int8 C instructions per audio second (cgen.predict_instructions); inf: no int8 C
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,8 +118,19 @@ def _measure(model, name, input_seconds, samples, workdir: Path) -> CostReport:
         ram_bytes=plan8.peak_bytes,
         ram_bytes_fp32=plan32.peak_bytes,
         input_seconds=float(input_seconds),
+        instr=instructions(model),
     )
     return CostReport(name=name, costs=costs, plan=plan8, plan_fp32=plan32)
+
+
+def instructions(model) -> float:
+    """``instr``: predicted int8 C instructions per second of audio of ``model``'s spec, ``inf`` without one."""
+    from microser import cgen
+
+    spec = getattr(model, "spec", None)
+    if spec is None or not hasattr(spec, "family") or cgen.int8_c_unavailable(spec) is not None:
+        return math.inf
+    return float(cgen.predict_instructions(spec))
 
 
 def _as_model(spec_or_model) -> tuple[torch.nn.Module, str]:

@@ -29,7 +29,7 @@ from microser.errors import MicroserError
 from microser.rungs import FINAL, Evaluations
 
 COMPRESSED_PREFIX = "compressed:"  # study user attr "compressed:<trial>": where `microser compress` wrote
-COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs")
+COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs", "instr")
 DEFAULT_OBJECTIVES = ("params", "ram_bytes")
 MIN_FRONT_TRIALS = 3   # "auto" shows the highest level at least this many feasible trials reached
 # The plot's three panels: cost key, axis label.

@@ -212,7 +212,7 @@ def search_summary(summary, as_json: bool = False) -> None:
         name = f"{r['reference']}: {r['summary']}" if r["reference"] else (r["summary"] or "-")
         rungs = r.get("rungs") or {}
         cells = [f"{rungs[k]['mean']:.3f}" if rungs.get(k) else "-" for k in range(len(rung_names))]
-        table.add_row(str(r["number"]), name, *(f"{int(r['costs'][o]):,}" for o in objectives), *cells,
+        table.add_row(str(r["number"]), name, *(_int(r["costs"][o]) for o in objectives), *cells,
                       _mean_std(r["final_ccc"], r["final_ccc_std"]), _mean_std(r["test_ccc"], r["test_ccc_std"]), tag)
     console.print(table)
     budgets = ", ".join(b["text"] for b in summary.settings["budgets"]) or "none"
@@ -256,6 +256,8 @@ def cost_report(report, as_json: bool = False, streaming: dict | None = None) ->
     table.add_row("ONNX", f"{c.onnx_bytes / 1000:,.1f} KB", "fp32 file")
     table.add_row("peak RAM int8", f"{c.ram_bytes / 1000:,.1f} KB", f"at {plan.peak_step} (budgets use this)")
     table.add_row("peak RAM fp32", f"{c.ram_bytes_fp32 / 1000:,.1f} KB", f"at {plan32.peak_step}")
+    table.add_row("int8 C instructions", "-" if c.instr == float("inf") else f"{c.instr / 1e6:,.1f} M / s audio",
+                  "no int8 C library" if c.instr == float("inf") else "predicted, x86-64 callgrind scale")
     console.print(table)
     live = ", ".join(f"{t.name} {'x'.join(map(str, t.shape))} {'int8' if t.bytes_per_element == 1 else 'float'}"
                      for t in plan.live[:4])
@@ -285,7 +287,7 @@ def _kb(x) -> str:
 
 
 def _int(x) -> str:
-    return "-" if x is None else f"{int(x):,}"
+    return "-" if x is None or x == float("inf") else f"{int(x):,}"
 
 
 def _ccc_cells(ccc: dict | None) -> list[str]:

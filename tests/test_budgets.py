@@ -21,6 +21,8 @@ from microser.errors import MicroserError
     ("65536-ram", "ram_bytes", 65_536),
     ("20M-macs", "macs", 20_000_000),
     ("0.5G-macs", "macs", 500_000_000),
+    ("30M-instr", "instr", 30_000_000),
+    ("2.5G-instr", "instr", 2_500_000_000),
 ])
 def test_good_budgets_have_exact_limits(text, metric, limit):
     b = parse_budget(text)
@@ -33,6 +35,7 @@ def test_good_budgets_have_exact_limits(text, metric, limit):
     ("64KB-params", "suffix 'KB' does not fit params"),   # bytes suffix on a count
     ("80k-ram", "suffix 'k' does not fit ram"),           # count suffix on bytes
     ("80k-flops", "unknown metric 'flops'"),
+    ("30MB-instr", "suffix 'MB' does not fit instr, which is a count .* e.g. '30M-instr'"),
     ("params-80k", "not understood"),
     ("80k", "not understood"),
     ("", "not understood"),
@@ -57,3 +60,12 @@ def test_constraint_values_are_cost_minus_limit():
     assert violations(budgets, costs) == {"params": -1000.0, "ram_bytes": 156_000.0}
     assert describe_violations(budgets, costs) == "ram_bytes 412000 > 256000"
     assert Budget.from_dict(budgets[1].to_dict()) == budgets[1]
+
+
+def test_a_model_without_an_int8_c_library_breaks_an_instr_budget():
+    """costs.instr is inf for a MobileNet or a LayerNorm body (no int8 C): the budget rejects it, and says why."""
+    budgets = parse_budgets(["80k-params", "30M-instr"])
+    costs = {"params": 50_000, "instr": float("inf")}
+    assert violations(budgets, costs) == {"params": -30_000.0, "instr": float("inf")}
+    assert describe_violations(budgets, costs) == "instr inf (no int8 C library) > 30000000"
+    assert describe_violations(budgets, {"params": 50_000, "instr": 29_999_999.0}) == ""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cgen_helpers import sensitive_model, signal, spec_from
 from microser import cgen
 from microser.errors import MicroserError
 from microser.models.spec import REFERENCES, ArchSpec, build_model
@@ -17,14 +18,6 @@ from microser.models.spec import REFERENCES, ArchSpec, build_model
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not found: the C export tests compile C")
 
 RNG = np.random.default_rng(7)
-
-
-def spec_from(base: str = "wav2small-ref", **changes) -> ArchSpec:
-    d = REFERENCES[base].to_dict()
-    for key, value in changes.items():
-        part, name = key.split("__")
-        d[part][name] = value
-    return ArchSpec.from_dict(d)
 
 
 # Specs covering every front-end and body option the generator handles differently.
@@ -52,45 +45,6 @@ SPECS = {
     "clip-bn": spec_from(frontend__prenorm="clip", frontend__n_fft=128, frontend__hop=64, frontend__n_mels=16,
                          body__channels=[8, 8, 8], body__pool_after=[0, 1]),
 }
-
-
-def sensitive_model(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:
-    """A random model whose outputs depend clearly on the input: BatchNorm statistics taken from audio (as
-    training would set them), LayerNorm/conv weights random, head scaled so outputs spread by ~0.1."""
-    torch.manual_seed(seed)
-    model = build_model(spec)
-    if isinstance(model.frontend.fb, torch.nn.Parameter):
-        with torch.no_grad():
-            model.frontend.fb.mul_(torch.empty_like(model.frontend.fb).uniform_(0.5, 1.5))
-    audio = torch.from_numpy(np.stack([signal(k, 0.6) for k in range(6)]))
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the batch below
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(audio)
-    model.eval()
-    with torch.no_grad():
-        out = model(audio)
-        spread = out.std(0).clamp(min=1e-6)
-        model.head.fc.weight.mul_((0.1 / spread)[:, None])
-        model.head.fc.bias.sub_(model(audio).mean(0) - 0.5)
-    return model
-
-
-def signal(kind: int, seconds: float, seed: int = 0) -> np.ndarray:
-    """Generated test audio: noise at several levels, a chirp, a tone burst with silence."""
-    rng = np.random.default_rng(seed + 100 * kind)
-    n = int(seconds * 16000)
-    t = np.arange(n) / 16000
-    if kind % 3 == 0:
-        x = rng.standard_normal(n) * (0.02 + 0.1 * kind)
-    elif kind % 3 == 1:
-        x = cgen.check_signal(seconds, seed=kind)[:n]
-    else:
-        x = 0.4 * np.sin(2 * np.pi * (200 + 40 * kind) * t) * (t > 0.2 * seconds) + 0.003 * rng.standard_normal(n)
-    return x.astype(np.float32)
 
 
 def random_chunks(n_chunks: int = 6) -> list[int]:
@@ -186,6 +140,112 @@ def test_int8_reads_the_graph_front_end_arithmetic(ref_int8):
     assert plan.tensors[0].quant is not None and all(st.int8 for st in plan.stages if st.kind == "conv")
 
 
+def conv_accumulators(x_q, x_zp, weight, bias, k, s, p) -> np.ndarray:
+    """int32 accumulators of a QLinearConv in numpy: (T, cin, fin) int8 rows -> (T', cout, fout) int64,
+    bias + sum of w * (x - x_zp), zero ("same") padding in the zero-point-removed domain."""
+    t, cin, fin = x_q.shape
+    xp = np.zeros((t + 2 * p, cin, fin + 2 * p), np.int64)
+    xp[p:p + t, :, p:p + fin] = x_q.astype(np.int64) - x_zp
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(0, 2))[::s, :, ::s]  # (T', cin, F', k, k)
+    return np.einsum("tcfab,ocab->tof", win, weight.astype(np.int64)) + bias.astype(np.int64)[None, :, None]
+
+
+def ort_requantize(acc, scales, zp) -> np.ndarray:
+    """onnxruntime's QLinearConv output: float32(acc) * float32 scale, clamped, rounded half to even, + zp."""
+    v = acc.astype(np.float32) * scales.astype(np.float32)[None, :, None]
+    v = np.clip(v, np.float32(-128 - zp), np.float32(127 - zp))
+    return (np.rint(v).astype(np.int64) + zp).astype(np.int8)
+
+
+def max_pool_reference(x_q) -> np.ndarray:
+    """3x3 / 2 max-pool, padding 1 ignored: (T, C, F) int8 -> (ceil(T/2), C, ceil(F/2))."""
+    t, c, f = x_q.shape
+    xp = np.full((t + 2, c, f + 2), -129, np.int16)
+    xp[1:1 + t, :, 1:1 + f] = x_q
+    win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(0, 2))[::2, :, ::2]
+    return win.max(axis=(-2, -1)).astype(np.int8)
+
+
+@pytest.fixture(scope="module")
+def traced_int8(ref_int8, tmp_path_factory):
+    """The int8 library of ``ref_int8`` built with -DMICROSER_TRACE, run on 1.3 s of speech-like audio."""
+    model, _, _, d = ref_int8
+    plan = cgen.int8_plan(model, SPECS["ref-running"], d / "m.int8.onnx")
+    exe = cgen.compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE",), exe="t_int8_trace")
+    trace = tmp_path_factory.mktemp("trace") / "trace.bin"
+    out = cgen.run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=trace)
+    return plan, cgen.read_trace(trace), out
+
+
+def test_int8_stages_are_bit_exact_with_the_fixed_point_reference(traced_int8):
+    """Every int8 stage of the C library, fed its own traced input rows, equals a numpy reference exactly: integer
+    accumulators, requantization round(acc * scale) of the exact product with ties to even; max-pools."""
+    plan, rows, _ = traced_int8
+    checked = 0
+    for st in plan.stages:
+        src, dst = plan.tensors[st.src], plan.tensors[st.dst]
+        x = rows[st.src].reshape(-1, src.channels, src.bands)
+        got = rows[st.dst].reshape(-1, dst.channels, dst.bands)
+        if st.kind == "pool":
+            np.testing.assert_array_equal(got, max_pool_reference(x))
+            continue
+        assert st.int8
+        acc = conv_accumulators(x, src.quant[1], st.weight, st.bias, st.k, st.s, st.p)
+        assert np.abs(acc).max() < 2**24  # exactly representable as float32, as onnxruntime converts it
+        want = cgen.requantize_reference(acc.transpose(0, 2, 1), cgen.conv_scales(plan, st), dst.quant[1])
+        np.testing.assert_array_equal(got, want.transpose(0, 2, 1))
+        checked += got.size
+    assert checked > 100_000 and len(rows[0]) == 649  # frames of 1.3 s at hop 32 (n_fft 64, no padding)
+
+
+def test_fixed_point_differs_from_onnxruntime_requantization_by_at_most_one_step_rarely(traced_int8):
+    """The documented difference: onnxruntime rounds float32(acc) * scale, a float32 product, before rounding to
+    an integer; the exact product can fall on the other side of a .5 boundary. Bound: 1 step, rare."""
+    plan, rows, _ = traced_int8
+    diffs, total = [], 0
+    for st in plan.stages:
+        if st.kind != "conv":
+            continue
+        src, dst = plan.tensors[st.src], plan.tensors[st.dst]
+        x = rows[st.src].reshape(-1, src.channels, src.bands)
+        acc = conv_accumulators(x, src.quant[1], st.weight, st.bias, st.k, st.s, st.p)
+        ort = ort_requantize(acc, cgen.conv_scales(plan, st), dst.quant[1]).astype(np.int64)
+        got = rows[st.dst].reshape(ort.shape).astype(np.int64)
+        diffs.append(np.abs(got - ort).reshape(-1))
+        total += got.size
+    d = np.concatenate(diffs)
+    assert d.max() <= 1
+    assert np.count_nonzero(d) <= 1e-4 * total  # measured here: 0 of 877,786 outputs
+
+
+def test_dsp_kernels_equal_the_portable_ones(ref_int8, traced_int8, tmp_path):
+    """The SXTB16/SMLAD kernels (weights in dual-MAC order, intrinsics emulated in C) give the very same rows."""
+    _, _, _, d = ref_int8
+    plan, rows, out = traced_int8
+    exe = cgen.compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE", "-DMICROSER_DSP_EMULATE"),
+                              exe="t_int8_dsp")
+    source = (d / "t_int8.c").read_text()
+    assert "#if MICROSER_SIMD" in source and "SMLAD(a01, x, s00)" in source
+    dsp = cgen.run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=tmp_path / "dsp.bin")
+    dsp_rows = cgen.read_trace(tmp_path / "dsp.bin")
+    assert sorted(dsp_rows) == sorted(rows) == list(range(len(plan.tensors)))
+    for t in rows:
+        np.testing.assert_array_equal(dsp_rows[t], rows[t])
+    np.testing.assert_array_equal(dsp, out)
+
+
+def test_fixed_multiplier_is_exact():
+    for scale in np.float32([0.75, 1e-3, 3.0, 2.0**-31, 0.0123456789, 1.0]):
+        mult, shift = cgen.fixed_multiplier(scale)
+        assert mult * 2.0**-shift == float(scale) and (mult == 0 or 2**30 <= mult < 2**31) and 1 <= shift <= 62
+    assert cgen.fixed_multiplier(np.float32(2.0**-33)) == (0, 1)  # every |acc| < 2**31 rounds to 0
+    # ties to even, as onnxruntime rounds: 2.5 -> 2, -2.5 -> -2, 1.5 -> 2; saturation at the int8 range
+    got = cgen.requantize_reference(np.array([[5, -5, 3, 1000, -1000]]).T, np.float32([0.5]), 0).reshape(-1)
+    np.testing.assert_array_equal(got, [2, -2, 2, 127, -128])
+    with pytest.raises(MicroserError, match="scale -1.0 is not a finite non-negative number"):
+        cgen.fixed_multiplier(-1.0)
+
+
 def test_espeak_clips_float_and_int8(espeak_dir, built, ref_int8):
     import soundfile as sf
 
@@ -238,7 +298,7 @@ def test_streaming_ram_is_independent_of_length_and_matches_the_struct(built):
     # hand count, float32 ref (n_fft 64, 26 mels, 7 x 13 channels, pool after block 2, 13 bands after it):
     rings = 3 * (1 * 26 + 3 * 13 * 26 + 4 * 13 * 13) * 4  # 3 rows each: conv0; conv1, conv2, pool; conv3..6
     head = (3 * 13 * 13 + 13 * 14 // 2) * 4
-    scalars = 3 * 8 + 64 * 4 + (2 + 2 * 8 + 3) * 4  # prenorm doubles, frame, counters (2 per stage)
+    scalars = 2 * 8 + 64 * 4 + (1 + 2 + 2 * 8 + 3) * 4  # prenorm double sums, frame, counters (2 per stage)
     assert a["state_bytes"] == -(-(rings + head + scalars) // 8) * 8
     int8 = cgen.streaming_ram(SPECS["ref-running"], int8=True)
     assert int8["ram_streaming_bytes"] < a["ram_streaming_bytes"]
@@ -272,6 +332,24 @@ edge: { sourcename: "p_push" targetname: "x.c:c" }
 edge: { sourcename: "x.c:c" targetname: "expf" }
 }"""
     assert cgen._worst_stack(ci, ["p_push", "p_result"]) == (148, "p_push > a > b")
+
+
+def test_front_end_tables_come_from_the_spec_and_match_pytorch_exactly():
+    """The window and the mel band table are computed from the spec's numbers (frontend_tables), stored sparse,
+    and equal the tensors the PyTorch front-end multiplies by, bit for bit."""
+    spec = spec_from(frontend__n_fft=512, frontend__hop=160, frontend__n_mels=40, frontend__win_length=400)
+    model = build_model(spec)
+    window, mel = cgen.frontend_tables(spec)
+    padded = np.zeros(512)
+    padded[56:456] = model.frontend.power.window.double().numpy()  # torch.stft centres the 400-sample window
+    np.testing.assert_array_equal(window, padded)
+    dense = model.frontend.fb.double().numpy()
+    np.testing.assert_array_equal(mel.dense(), dense)
+    assert mel.weights.size == np.count_nonzero(dense) == 493  # of 257 x 40 = 10,280: only the non-zeros are stored
+    assert list(mel.start[:3]) == [1, 2, 3] and int(mel.length.max()) == int((dense > 0).sum(0).max())
+    learnable = spec_from(frontend__filterbank="learnable")
+    with pytest.raises(MicroserError, match="learnable filterbank: its band table needs the trained model"):
+        cgen.frontend_tables(learnable)
 
 
 def test_fft_factors_cover_every_length():
@@ -321,6 +399,50 @@ def test_generate_writes_the_bundle_section(ref_int8, tmp_path):
     assert i8["flash_bytes"] > 10_806 and f32["flash_bytes"] > 4 * 10_806  # int8 vs float weights are in flash
     assert i8["state_plus_arena_bytes"] == cgen.streaming_ram(SPECS["ref-running"])["ram_streaming_bytes"]
     assert 0 < i8["stack_bytes"] < 4096 and i8["ram_bytes"] == i8["state_plus_arena_bytes"] + i8["stack_bytes"]
+    if shutil.which("arm-none-eabi-gcc") is None:
+        assert section["cortex_m4"]["skipped"].startswith("arm-none-eabi-gcc not found")
+        return
+    for v in ("float32", "int8"):  # the Cortex-M4F build: flash and RAM from arm-none-eabi-size and the map file
+        m4, host = section["cortex_m4"][v], section["measured"][v]
+        assert m4["bss_bytes"] == 0 and m4["data_bytes"] == 0
+        assert m4["flash_bytes"] > m4["library_flash_bytes"] > 0  # plus the libm/libgcc members it pulls in
+        assert any(r.startswith("libm.a:") for r in m4["runtime"])  # expf of the attention head at least
+        assert m4["state_plus_arena_bytes"] == host["state_plus_arena_bytes"]  # the same struct on both ABIs
+        assert m4["ram_bytes"] == m4["state_plus_arena_bytes"] + m4["stack_bytes"]
+        if shutil.which("qemu-system-arm"):  # run on the target ISA: parity and instructions per audio second
+            assert m4["parity"]["max_abs_diff"] <= m4["parity"]["tolerance"]
+            assert m4["parity"]["max_abs_diff_vs_host_c"] <= 1e-5  # newlib's libm vs glibc's, nothing else
+            assert 0 < m4["stack_bytes"] < 4096 and m4["instructions_per_audio_second"] > 1e6
+    m4 = section["cortex_m4"]
+    assert m4["int8"]["flash_bytes"] < 0.6 * m4["float32"]["flash_bytes"]
+    if shutil.which("qemu-system-arm"):
+        assert m4["int8"]["instructions_per_audio_second"] < 0.6 * m4["float32"]["instructions_per_audio_second"]
+    assert "### Cortex-M4F" in cgen.card_markdown(section)
+
+
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+                    reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (as .ci/run installs)")
+def test_dsp_kernels_on_the_cortex_m4_equal_the_portable_ones_and_are_faster(ref_int8):
+    """On the target ISA (QEMU): the SXTB16/SMLAD build and the -DMICROSER_NO_DSP build give identical outputs."""
+    _, _, _, d = ref_int8
+    audio = signal(1, 1.0, seed=8)
+    dsp = cgen.measure_cortex_m4(d, "t_int8", check_audio=audio)
+    portable = cgen.measure_cortex_m4(d, "t_int8", check_audio=audio, extra_flags=("-DMICROSER_NO_DSP",))
+    np.testing.assert_array_equal(dsp["outputs"], portable["outputs"])
+    assert dsp["instructions_per_audio_second"] < 0.8 * portable["instructions_per_audio_second"]
+    assert dsp["library_flash_bytes"] < portable["library_flash_bytes"]  # taps padded to 4, not 16
+
+
+def test_cortex_m4_entry_says_what_to_install_without_the_toolchain(ref_int8, tmp_path, monkeypatch):
+    model, _, _, d = ref_int8
+    monkeypatch.setattr(cgen, "m4_tools", lambda: {"gcc": None, "size": None, "qemu": None})
+    section = cgen.generate(tmp_path, model, SPECS["ref-running"], d / "m.int8.onnx", measure_costs=False)
+    assert section["cortex_m4"] == {"skipped": "arm-none-eabi-gcc not found: install the Debian packages "
+                                               "gcc-arm-none-eabi, libnewlib-arm-none-eabi (and qemu-system-arm to "
+                                               "run it), as .ci/run does"}
+    assert "Not built: arm-none-eabi-gcc not found" in cgen.card_markdown(section)
+    with pytest.raises(MicroserError, match="arm-none-eabi-gcc / arm-none-eabi-size not found on PATH"):
+        cgen.measure_cortex_m4(tmp_path / "c", "ser_int8")
 
 
 def test_export_trial_with_c_puts_the_measured_library_in_the_card(tmp_path):
