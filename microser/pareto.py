@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from microser.errors import MicroserError
 from microser.rungs import FINAL, Evaluations
+from microser.storage import worker_gone
 
 COMPRESSED_PREFIX = "compressed:"  # study user attr "compressed:<trial>": where `microser compress` wrote
 COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs", "instr")
@@ -169,7 +170,10 @@ def trial_row(trial: FrozenTrial, level: str, results: dict[str, dict[int, dict]
     here = results.get(level, {}).get(trial.number)
     costs = {k: v for k, v in (attrs.get("costs") or {}).items() if isinstance(v, (int, float))}
     violations = {k: float(v) for k, v in (trial.constraints or {}).items() if v > 0}
-    return TrialRow(number=trial.number, state=trial.state.name, family=family, summary=summary,
+    state = trial.state.name
+    if worker_gone(trial):   # killed: the next `microser search` fails it and queues it again
+        state = "RUNNING (worker gone)"
+    return TrialRow(number=trial.number, state=state, family=family, summary=summary,
                     ccc=here["ccc"] if here else None, level=level,
                     levels={lv: r[trial.number]["ccc"]["mean"] for lv, r in results.items() if trial.number in r},
                     costs=costs, train_seconds=attrs.get("train_seconds"), reference=attrs.get("reference"),
@@ -291,7 +295,7 @@ def front_report(study: optuna.Study, *, level: str = "auto") -> FrontReport:
                           for r in rows),
         "rejected": sum(bool(r.rejected) for r in rows),
         "failed": sum(r.state == "FAIL" for r in rows),
-        "running": sum(r.state == "RUNNING" for r in rows),
+        "running": sum(r.state.startswith("RUNNING") for r in rows),
         "pruned": sum(r.state == "PRUNED" for r in rows),
         "references": len(references),
     }

@@ -348,10 +348,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, int(seed)
+        self.explore = False   # set by the search after a duplicate draw: the next trial draws at random
         self._inner = self._fresh(0)
 
     def _fresh(self, number: int) -> optuna.samplers.BaseSampler:
         seed = int(np.random.SeedSequence([self._seed, int(number)]).generate_state(1)[0])
+        if self.explore:   # a model-based sampler that proposed a trained candidate again would again
+            return optuna.samplers.RandomSampler(seed=seed)
         with warnings.catch_warnings():   # multivariate TPE is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return self._make(seed)
@@ -601,10 +604,15 @@ class _Searcher:
         """
         same = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
                 if t.number < trial.number and t.user_attrs.get("spec") == spec_json]
+        sampler = self.study.sampler
         if not same:
             self.duplicates_in_a_row = 0
+            if isinstance(sampler, TrialSeededSampler):
+                sampler.explore = False
             return
         self.duplicates_in_a_row += 1
+        if isinstance(sampler, TrialSeededSampler):
+            sampler.explore = True
         trial.set_user_attr("duplicate_of", same[0])
         raise optuna.TrialPruned(f"same candidate as trial {same[0]}")
 

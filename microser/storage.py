@@ -45,7 +45,7 @@ from typing import Any
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from microser import checks
 from microser.errors import MicroserError, one_line
@@ -306,6 +306,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def worker_gone(trial: FrozenTrial) -> bool:
+    """True when a RUNNING trial's worker ran on this host and its process no longer exists."""
+    worker = trial.user_attrs.get("worker") or {}
+    return (trial.state == TrialState.RUNNING and worker.get("host") == socket.gethostname()
+            and worker.get("pid") != os.getpid() and not _pid_alive(int(worker.get("pid", 0))))
+
+
 def fail_dead_trials(study: optuna.Study, *, untagged_after_s: float = 600.0) -> list[int]:
     """Fail RUNNING trials whose worker process on this host is gone; re-queue their parameters.
 
@@ -316,14 +323,13 @@ def fail_dead_trials(study: optuna.Study, *, untagged_after_s: float = 600.0) ->
     Returns:
         Numbers of the trials failed.
     """
-    here = socket.gethostname()
     now = datetime.datetime.now()
     failed = []
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
         if worker:
-            if worker.get("host") != here or worker.get("pid") == os.getpid() or _pid_alive(int(worker["pid"])):
+            if not worker_gone(t):
                 continue
             reason = (f"worker {worker['host']}:{worker['pid']} stopped while the trial was running; "
                       f"failed by pid {os.getpid()} at {now.isoformat(timespec='seconds')}")

@@ -14,6 +14,7 @@ import torch
 from optuna.trial import TrialState
 
 from microser.errors import MicroserError
+from microser.pareto import trial_row
 from microser.rungs import FINAL, Job, RungQueue, final_record, load_trial_weights
 from microser.storage import (
     SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, load_study, open_storage, save_weights,
@@ -127,10 +128,13 @@ def test_trial_of_a_killed_process_is_failed_with_a_reason_and_requeued(url):
         assert proc.stdout.readline().strip() == "running"
         study = load_study("k", url)
         assert fail_dead_trials(study) == []            # alive: left alone
+        assert trial_row(study.get_trials()[0], "search", {}).state == "RUNNING"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     study = load_study("k", url)
+    # `microser trials` / `pareto` (which never write) tell a trial whose worker is gone from a live one
+    assert trial_row(study.get_trials()[0], "search", {}).state == "RUNNING (worker gone)"
     assert fail_dead_trials(study) == [0]
     first, retry = study.get_trials()
     assert first.state == TrialState.FAIL
