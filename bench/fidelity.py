@@ -1,20 +1,19 @@
-"""Bench: does search-fidelity CCC rank architectures like final-fidelity CCC does? (Spearman + bootstrap interval)
+"""Bench: does brief training rank architectures like longer training does? (Spearman per rung, bootstrap interval)
 
-Samples architectures from the default search space (``SearchSpace.sample``),
-keeps those within the budget (measured with ``microser.costs``), and trains
-each with two seeds at the search fidelity and at the final fidelity that
-``microser search`` uses (``SearchConfig`` defaults unless overridden), on the
-espeak-emo corpus: a teacher cache is built once from
-``../shared/data/espeak-emo/labels.csv`` with the csv teacher (its labels) in
-``--cache`` (default ``/tmp/microser-espeak-cache``). Prints one row per
-architecture and the Spearman correlation between the seed-mean search CCC
-and the seed-mean final CCC over architectures, with a 95 % bootstrap interval
-(architectures resampled). Goal: >= 0.8. Results are appended as JSON lines to
-``--out`` as they come, so a long run can be read while it goes.
+Draws architectures within the budget from a search space (``SearchSpace.sample``),
+adds wav2small-ref and the space's warm starts, and trains each at every step
+count of ``--steps`` (the search's rungs and its final stage), for every seed,
+with the search's recipe (``microser.search.distill_spec``: 1 s crops, batches of
+16, validation on the bounded validation subset, test on the test split). Prints
+one row per architecture and, for every step count, the Spearman correlation of
+the seed-mean validation CCC with the seed-mean validation and test CCC at the
+largest step count, with a 95 % bootstrap interval (architectures resampled).
+Results are appended as JSON lines to ``--out`` as they come (a rerun skips what
+is there), so a long run can be read while it goes.
 
 Usage::
 
-    python bench/fidelity.py [--n 12] [--seeds 0,1] [--budget 80k-params] [--set epochs=1 --set final_epochs=8]
+    python bench/fidelity.py --cache CACHE [--n 10] [--steps 60,200,600,2000] [--seeds 0,1] [--budget 80k-params]
 """
 
 from __future__ import annotations
@@ -29,12 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def spearman(a, b) -> float:
     """Spearman rank correlation (average ranks for ties)."""
-    from scipy.stats import rankdata  # scipy ships with optuna's dependencies
+    from scipy.stats import rankdata
 
     ra, rb = rankdata(a), rankdata(b)
     if ra.std() == 0 or rb.std() == 0:
@@ -54,86 +51,113 @@ def bootstrap(a, b, n: int = 2000, seed: int = 0) -> tuple[float, float]:
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
-def espeak_cache(espeak: Path, out: Path) -> Path:
-    from microser.cache import build_cache
+def architectures(space, n: int, budget: str, seed: int) -> list[tuple[str, object]]:
+    """wav2small-ref, the space's warm starts, then ``n`` random specs within ``budget``."""
+    import optuna
 
-    if not (out / "meta.json").exists():
-        build_cache(espeak / "labels.csv", [f"csv:{espeak / 'labels.csv'}"], out)
-    return out
+    from microser.budgets import describe_violations, parse_budgets
+    from microser.models.spec import REFERENCES
+    from microser.search import measure_spec
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    specs = [("wav2small-ref", REFERENCES["wav2small-ref"])]
+    study = optuna.create_study()
+    for k, params in enumerate(space.warm_starts):
+        study.enqueue_trial(params)
+        trial = study.ask()
+        specs.append((f"warm{k}", space.suggest(trial)))
+        study.tell(trial, 0.0)
+    budgets, draw = parse_budgets((budget,)), 0
+    while len(specs) < n + 1 + len(space.warm_starts):
+        for spec in space.sample(4 * n, seed=seed + draw):
+            if len(specs) == n + 1 + len(space.warm_starts):
+                break
+            if not describe_violations(budgets, measure_spec(spec, 1.0)) and spec.to_json() not in {
+                    s.to_json() for _, s in specs}:
+                specs.append((f"r{len(specs) - 1 - len(space.warm_starts)}", spec))
+        draw += 1
+    return specs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--espeak", default=str(REPO.parent / "shared" / "data" / "espeak-emo"))
-    ap.add_argument("--cache", default="/tmp/microser-espeak-cache")
-    ap.add_argument("--space", default=None, help="search space TOML (default search_spaces/default.toml)")
-    ap.add_argument("--n", type=int, default=12, help="architectures within budget")
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--space", default="default", help="search space (a packaged name or a TOML file)")
+    ap.add_argument("--n", type=int, default=10, help="random architectures within budget")
+    ap.add_argument("--steps", default="60,200,600,2000")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--budget", default="80k-params")
-    ap.add_argument("--sample-seed", type=int, default=0)
+    ap.add_argument("--sample-seed", type=int, default=123)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="SearchConfig override")
-    ap.add_argument("--out", default="bench/fidelity.jsonl")
+    ap.add_argument("--out", default="fidelity.jsonl")
     args = ap.parse_args()
 
-    from microser.budgets import describe_violations, parse_budgets
     from microser.cache import Cache
-    from microser.search import SearchConfig, _train_config, default_space_path, distill_spec, measure_spec
+    from microser.distill import TrainConfig
+    from microser.search import SearchConfig, distill_spec
     from microser.space import SearchSpace
+    from microser.splits import Split, bounded
 
     torch.set_num_threads(args.threads)
-    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    config = SearchConfig(budgets=(args.budget,), threads=args.threads, **overrides)
-    budgets = parse_budgets(config.budgets)
-    data = Cache.open(espeak_cache(Path(args.espeak), Path(args.cache)))
-    space = SearchSpace.load(args.space or default_space_path())
+    data = Cache.open(args.cache)
+    space = SearchSpace.load(args.space)
+    steps = [int(s) for s in args.steps.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-
-    specs, draw = [], 0
-    while len(specs) < args.n:
-        batch = space.sample(4 * args.n, seed=args.sample_seed + draw)
-        draw += 1
-        for spec in batch:
-            costs = measure_spec(spec, config.input_seconds)
-            if not describe_violations(budgets, costs) and spec.to_json() not in {s.to_json() for s, _ in specs}:
-                specs.append((spec, costs))
-            if len(specs) == args.n:
-                break
-
+    recipe = SearchConfig()
+    split = Split(train=data.split_indices("train"), valid=bounded(data, data.split_indices("valid"),
+                                                                   recipe.valid_seconds),
+                  test=bounded(data, data.split_indices("test"), recipe.valid_seconds))
+    specs = architectures(space, args.n, args.budget, args.sample_seed)
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, {args.threads} threads")
     print(f"data: {args.cache} ({len(data)} segments; train/valid/test "
-          f"{'/'.join(str(len(data.split_indices(s))) for s in ('train', 'valid', 'test'))}), space "
-          f"{args.space or default_space_path()}, budget {args.budget}")
-    print(f"search fidelity: epochs {config.epochs} steps {config.steps} crop {config.crop_seconds} s x "
-          f"{config.crops_per_segment} per segment, batch {config.batch_size}; final fidelity: "
-          f"{config.final_epochs} epochs; seeds {seeds}; validation CCC (mean of A/D/V)")
-    rows = []
+          f"{'/'.join(str(len(data.split_indices(s))) for s in ('train', 'valid', 'test'))}), space {space.path}, "
+          f"budget {args.budget}; steps {steps} of {recipe.batch_size} x {recipe.crop_seconds:g} s crops; seeds {seeds}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for i, (spec, costs) in enumerate(specs):
-        row = {"spec": spec.to_json(), "summary": spec.summary(), "params": costs["params"], "search": [], "final": []}
-        t0 = time.perf_counter()
-        for seed in seeds:
-            for stage, final in (("search", False), ("final", True)):
-                outcome = distill_spec(spec, data, _train_config(config, seed=seed, threads=args.threads, final=final))
-                row[stage].append(outcome.ccc["mean"])
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{i:2d} {spec.summary()[:64]:64s} {int(costs['params']):6d} params  search "
-              f"{np.mean(row['search']):.3f} ({', '.join(f'{v:.3f}' for v in row['search'])})  final "
-              f"{np.mean(row['final']):.3f} ({', '.join(f'{v:.3f}' for v in row['final'])})  {row['seconds']:.0f} s",
-              flush=True)
-    search = [np.mean(r["search"]) for r in rows]
-    final = [np.mean(r["final"]) for r in rows]
-    lo, hi = bootstrap(search, final)
-    seed_agree = [spearman([r["search"][k] for r in rows], [r["final"][k] for r in rows]) for k in range(len(seeds))]
-    print(f"Spearman(search CCC, final CCC) over {len(rows)} architectures, seed means: {spearman(search, final):.3f} "
-          f"(95 % bootstrap interval {lo:.3f} .. {hi:.3f}); per seed: {', '.join(f'{r:.3f}' for r in seed_agree)}")
-    if len(seeds) > 1:
-        print(f"seed-to-seed Spearman at search fidelity: {spearman(*[[r['search'][k] for r in rows] for k in (0, 1)]):.3f}, "
-              f"at final fidelity: {spearman(*[[r['final'][k] for r in rows] for k in (0, 1)]):.3f}")
+    done = {}
+    if out.is_file():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["name"], r["steps"], r["seed"])] = r
+    for seed in seeds:
+        for n_steps in steps:
+            for name, spec in specs:
+                if (name, n_steps, seed) in done:
+                    continue
+                t0 = time.perf_counter()
+                config = TrainConfig(steps=n_steps, crop_seconds=recipe.crop_seconds,
+                                     crops_per_segment=recipe.crops_per_segment, batch_size=recipe.batch_size,
+                                     seed=seed, threads=args.threads)
+                outcome = distill_spec(spec, data, config, split=split)
+                row = {"name": name, "summary": spec.summary(), "steps": n_steps, "seed": seed,
+                       "valid": outcome.ccc["mean"], "test": outcome.test_ccc["mean"],
+                       "seconds": time.perf_counter() - t0}
+                done[(name, n_steps, seed)] = row
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{name:14s} {n_steps:5d} steps seed {seed}: valid {row['valid']:.3f} test {row['test']:.3f} "
+                      f"({row['seconds']:.0f} s)  {spec.summary()}", flush=True)
+
+    def mean(name, n_steps, key):
+        return float(np.mean([done[(name, n_steps, s)][key] for s in seeds]))
+
+    names = [name for name, _ in specs]
+    top = steps[-1]
+    print(f"\n| steps | Spearman with valid CCC at {top} (95 % CI) | Spearman with test CCC at {top} (95 % CI) |")
+    print("| --- | --- | --- |")
+    for n_steps in steps:
+        a = [mean(n, n_steps, "valid") for n in names]
+        for key in ("valid", "test"):
+            b = [mean(n, top, key) for n in names]
+            lo, hi = bootstrap(a, b)
+            cell = f"{spearman(a, b):.2f} ({lo:.2f}..{hi:.2f})"
+            if key == "valid":
+                line = f"| {n_steps} | {cell} "
+            else:
+                print(line + f"| {cell} |")
+    print(f"\n{len(names)} architectures, seed means over {seeds}:")
+    for name in sorted(names, key=lambda n: -mean(n, top, "valid")):
+        print(f"  {name:14s} " + " ".join(f"{s}:{mean(name, s, 'valid'):.3f}/{mean(name, s, 'test'):.3f}"
+                                          for s in steps) + f"  {dict(specs)[name].summary()}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ time it, on a fresh study in a temporary folder, and prints:
 
 Usage::
 
-    python bench/search_throughput.py [--cache DIR] [--trials 8] [--budget 80k-params] [--set epochs=1 ...]
+    python bench/search_throughput.py [--cache DIR] [--trials 8] [--budget 80k-params] [--set rungs=[60] ...]
 
 Without ``--cache`` the embedded demo cache is used (built on first use).
 """
