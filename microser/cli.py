@@ -189,7 +189,8 @@ def search(
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads per worker. Default: "
                                                    "cores / workers.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help=f"Sampler and training seed. Default {_SC.seed}.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="tpe | nsga2 | random. Default tpe.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="tpe (multivariate TPE) | tpe-group | nsga2 | gp "
+                       "| random. Default tpe (bench/samplers.py).")] = None,
     objectives: Annotated[Optional[str], typer.Option("--objectives", help="Costs minimised beside mean CCC, "
                           "comma-separated from params, ram_bytes, onnx_bytes, macs, instr (int8 C instructions per "
                           "second of audio). Default params,ram_bytes: fp32 "

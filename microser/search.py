@@ -62,7 +62,7 @@ from microser.storage import (
 )
 
 REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "tpe-group", "nsga2", "gp", "random")
 MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this space
 MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted
 PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
@@ -327,10 +327,13 @@ def _sampler(config: SearchConfig, worker: int) -> optuna.samplers.BaseSampler:
     """The study's sampler, seeded per trial number (see `TrialSeededSampler`); the same for every worker."""
 
     def make(seed: int) -> optuna.samplers.BaseSampler:
-        if config.sampler == "tpe":
-            return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
+        if config.sampler in ("tpe", "tpe-group"):
+            return optuna.samplers.TPESampler(multivariate=True, group=config.sampler == "tpe-group", seed=seed,
+                                              n_startup_trials=10, warn_independent_sampling=False)
         if config.sampler == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+        if config.sampler == "gp":   # conditional parameters (per-block widths, family bodies) are drawn at random
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10, warn_independent_sampling=False)
         return optuna.samplers.RandomSampler(seed=seed)
 
     return TrialSeededSampler(make, config.seed)
