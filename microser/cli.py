@@ -209,9 +209,10 @@ def search(
                                  f"and epoch (with --epochs). Default {_SC.crops_per_segment}.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Training crops per batch. "
                                                      f"Default {_SC.batch_size}.")] = None,
-    valid_seconds: Annotated[Optional[float], typer.Option("--valid-seconds", help="Audio seconds per validation "
-                             "(and test) evaluation: larger splits are subsampled over speakers so a trial costs "
-                             f"the same on any cache. Default {_SC.valid_seconds:g}.")] = None,
+    valid_seconds: Annotated[Optional[float], typer.Option("--valid-seconds", help="Audio seconds per rung "
+                             "validation (the final stage reads 4x as much, and as much of the test split): larger "
+                             "splits are subsampled over speakers so a trial costs the same on any cache. "
+                             f"Default {_SC.valid_seconds:g}.")] = None,
     input_seconds: Annotated[Optional[float], typer.Option("--input-seconds", help="Audio duration (s) at which "
                              f"MACs and peak RAM are measured. Default {_SC.input_seconds:g}.")] = None,
     final_k: Annotated[Optional[int], typer.Option("--final-k", help=f"Best trials of the highest rungs trained "

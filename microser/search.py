@@ -67,6 +67,7 @@ MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this 
 MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted
 PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
 MAX_FAILURES_IN_A_ROW = 3
+FINAL_EVALUATION_SCALE = 4      # the final stage validates (and tests) on 4x the audio of a rung evaluation
 SEARCH_DONE_ATTR = "search_done"   # study user attr: the search stage ended (time or trials); a rerun goes on
 
 # Settings that define what a study's numbers mean: a study resumed with any of these changed is refused.
@@ -104,7 +105,9 @@ class SearchConfig:
     crop_seconds: float = 1.0
     crops_per_segment: int = 1
     batch_size: int = 16
-    valid_seconds: float | None = 600.0   # audio per validation (and test) evaluation; None: whole split
+    # audio per validation evaluation (the final stage reads 4x as much, and as much of the test split);
+    # larger splits are subsampled over speakers, so a trial costs the same on any cache. None: whole split
+    valid_seconds: float | None = 300.0
     input_seconds: float = 1.0        # audio length at which RAM and MACs are measured
     ram_mode: str = "offline"         # "streaming": ram_bytes = the C library's state + arena (microser.cgen)
     # final stage: the best trials of the highest rungs and the references, each with final_seeds seeds
@@ -490,12 +493,15 @@ class _Searcher:
 
     # -- splits and training --
     def split(self, fold: int = 0, test: bool = False) -> Split:
-        """Fold ``fold``'s train and bounded validation subset (and the bounded test split when asked)."""
+        """Fold ``fold``'s train and bounded validation subset (final stage, ``test``: a larger subset, and the
+        test split bounded the same way)."""
         key = fold * 2 + int(test)
         if key not in self._splits:
             data = self.c.data
             train, valid, speakers = speaker_folds(data, fold + 1)[fold]
             cap = self.fidelity.valid_seconds
+            if cap is not None and test:
+                cap *= FINAL_EVALUATION_SCALE
             test_idx = bounded(data, data.split_indices("test"), cap) if test else None
             self._splits[key] = Split(train=train, valid=bounded(data, valid, cap), test=test_idx, fold=fold,
                                       valid_speakers=speakers)
