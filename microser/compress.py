@@ -45,6 +45,7 @@ from onnx import numpy_helper
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
+from microser.onnxio import restore_generated_tables
 
 ACTIVATION_SYMMETRIC = False
 # Fine-tuning a trained model: distill's from-scratch peak lr (3e-3) first undoes training. On the demo study's
@@ -185,7 +186,12 @@ def quantize_int8(fp32_onnx_path, calibration_audio: Sequence[np.ndarray], out_p
 
                 with _quiet():
                     quant_pre_process(str(fp32_onnx_path), str(pre), skip_symbolic_shape=True)
-                candidate = onnx.load(str(pre))
+                # its graph optimizer folds HannWindow / MelWeightMatrix into stored tables: make them again; having
+                # folded, it writes every Conv out with auto_pad="NOTSET", the default: drop that again
+                candidate = restore_generated_tables(model, onnx.load(str(pre)))
+                for node in candidate.graph.node:
+                    for attr in [a for a in node.attribute if a.name == "auto_pad" and a.s == b"NOTSET"]:
+                        node.attribute.remove(attr)
                 kept = {n.name for n in candidate.graph.node}
                 if all(n.name in kept for n in model.graph.node if n.op_type not in ("Constant", "Identity")):
                     src, preprocessed = candidate, True
