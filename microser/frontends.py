@@ -100,7 +100,6 @@ MIN_SECONDS = 0.25  # every model accepts any input at least this long (4000 sam
 PRENORM_EPS = 1e-7
 PRENORM_PRIOR_COUNT = 0.0  # "running": prior pseudo-samples (none: measured no better, see the docstring)
 PRENORM_PRIOR_VAR = 0.0  # "running": their variance; their mean is 0
-LOG_SCALE = 10.0 / math.log(10.0)  # 10 log10(e) = ln(e) * LOG_SCALE
 FLOOR_DB = -100.0  # energy floor before log / PCEN, dB re full scale (full_scale_energy); module docstring
 PCEN_ALPHA, PCEN_DELTA, PCEN_R, PCEN_EPS = 0.98, 2.0, 0.5, 1e-6  # librosa's defaults
 PCEN_TIME_CONSTANT = 0.4  # seconds
@@ -494,7 +493,7 @@ class Frontend(nn.Module):
         e = torch.matmul(p, self.filterbank()).unsqueeze(1)  # (B, 1, frames, n_mels)
         e = torch.clamp(e, min=self.floor)  # silence and anything quieter: exactly the floor
         if self.log:
-            return self.q_out(torch.log(e) * LOG_SCALE)  # 10 log10(e): Log and one Mul in the graph
+            return self.q_out(10.0 * torch.log10(e))
         taps = self.pcen_fir.shape[2]
         smooth = nn.functional.conv2d(nn.functional.pad(e, (0, 0, taps - 1, 0)), self.pcen_fir)  # causal
         return self.q_out((e / (PCEN_EPS + smooth) ** PCEN_ALPHA + PCEN_DELTA) ** PCEN_R - PCEN_DELTA**PCEN_R)

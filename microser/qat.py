@@ -63,7 +63,6 @@ from torch import nn
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
-from microser.frontends import LOG_SCALE
 
 QMIN, QMAX = -128, 127  # int8 activations
 WMAX = 127  # int8 weights use -127..127 (symmetric)
@@ -235,7 +234,7 @@ def prepare(model, spec) -> nn.Module:
             full = f"{name}.{child_name}" if name else child_name
             lo = None
             if isinstance(module, Frontend) and module.log:
-                lo = float(torch.log(torch.tensor(module.floor, dtype=torch.float32)) * LOG_SCALE)
+                lo = float(10.0 * torch.log10(torch.tensor(module.floor, dtype=torch.float32)))  # as forward does
             setattr(module, child_name, FakeQuant(full, lo_fixed=lo, widen=OUTPUT_WIDEN if full == "head.q_out" else 0.0))
     for module in qmodel.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)) and not _in_frontend(qmodel, module):
