@@ -420,7 +420,7 @@ def bundle_result(report, *, as_json: bool = False) -> None:
                   f"{'met' if s['size_goal_met'] else 'not met'})", highlight=False)
     probes = card.get("probes")
     if probes:
-        console.print(f"silence / -60 dBFS noise / clipped full scale, int8 vs fp32 max abs: "
+        console.print("silence / -60 dBFS noise / clipped full scale, int8 vs fp32 max abs: "
                       + ", ".join(f"{r['max_abs']:.3f}" for r in probes["signals"].values())
                       + f" ({'within' if probes['passed'] else 'NOT within'} {probes['tolerance']})", highlight=False)
     floats = card["quantization"]["float_op_counts"]

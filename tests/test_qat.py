@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_helpers import INPUT_SECONDS, build_tiny_cache, make_study, tiny_spec
+from compress_helpers import INPUT_SECONDS, build_tiny_cache, make_study
 from microser import qat
 from microser.compress import (PROBE_TOLERANCE, calibration_crops, classify_nodes, compress_trial, extreme_crops,
                                floor_qparams, load_compressed, load_trial_model, probe_agreement, probe_signals,
@@ -257,8 +257,9 @@ def test_compress_with_qat_reports_ptq_and_qat_and_saves_the_qat_model(tiny, cap
     assert "Quantization-aware training" in text and "| qat | QAT |" in text and "| silence |" in text
 
 
-def test_qat_is_the_default_only_when_post_training_int8_loses_more_than_the_tolerance(tiny, monkeypatch):
+def test_qat_is_the_default_only_when_post_training_int8_loses_more_than_the_tolerance(tiny, monkeypatch, capsys):
     import microser.compress as compress
+    from microser import show
 
     monkeypatch.setattr(compress, "INT8_TOLERANCE", 1.0)  # no drop is that large: PTQ stays
     report = compress_trial(tiny["study"], 0, epochs=0, keep_float=[], finetune_steps=4)
@@ -267,6 +268,9 @@ def test_qat_is_the_default_only_when_post_training_int8_loses_more_than_the_tol
     monkeypatch.setattr(compress, "INT8_TOLERANCE", -1.0)  # every drop is larger: QAT follows
     report = compress_trial(tiny["study"], 0, epochs=0, keep_float=[], finetune_steps=4)
     assert [s["method"] for s in report.stages] == ["ptq", "qat"] and report.settings["qat"]
+    show.compress_result(report)
+    text = capsys.readouterr().out
+    assert "PTQ" in text and "QAT" in text and "quantization-aware training: yes (auto: post-training int8 lost" in text
 
 
 def test_compress_refuses_bad_qat_options_before_any_work(tiny):
