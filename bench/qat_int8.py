@@ -1,7 +1,7 @@
 """Quantization-aware int8 of wav2small-ref against fp32 and post-training int8: test CCC and int8 file bytes.
 
-    python bench/qat_int8.py --cache /work/caches/espeak-emo --cache /work/caches/ravdess-dev --seeds 0 1 \
-        --train-steps 2500 --qat-steps 500
+    python bench/qat_int8.py --cache ESPEAK_CACHE --cache RAVDESS_CACHE --seeds 0 1 \
+        --train-steps 2000 --qat-steps 400
 
 For every cache and seed: train wav2small-ref from scratch (distill.train, its default recipe, ``--train-steps``
 optimizer steps), export it (fp32 ONNX), quantize it post-training (compress.quantize_int8: front-end and pooling
@@ -82,8 +82,8 @@ def main() -> None:
     ap.add_argument("--cache", action="append", required=True, help="a teacher cache (repeatable)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--spec", default="wav2small-ref")
-    ap.add_argument("--train-steps", type=int, default=2500)
-    ap.add_argument("--qat-steps", type=int, default=500)
+    ap.add_argument("--train-steps", type=int, default=2000)
+    ap.add_argument("--qat-steps", type=int, default=400)
     ap.add_argument("--input-seconds", type=float, default=1.0, help="calibration crop length")
     ap.add_argument("--crops", type=int, default=64, help="calibration crops from the training split")
     ap.add_argument("--json-out", help="also write every run as JSON here")
