@@ -313,8 +313,9 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
     activations onnxruntime keeps the ReLU; with asymmetric ones it removes
     it, and the clamp of the QuantizeLinear at the zero point is the ReLU) or
     a ``Div``/``Mul`` by a scalar computed from tensor shapes (the Gram
-    product's ``1 / (T*F)``: part of the requantization multiplier, which
-    then counts as quantized too). An input counts as dequantized also when
+    product's ``1 / (T*F)``) or an ``Add``/``Sub`` of a constant scalar (the
+    mean+std head's epsilon): an affine map the requantization multiplier and
+    zero point absorb, which then counts as quantized too. An input counts as dequantized also when
     shape ops only moved or joined DequantizeLinear outputs (a Flatten, the
     Concat of the pooled features: int8 parts, each with its own scale).
     Nodes that read only integer tensors (shape arithmetic) are skipped like
@@ -356,14 +357,21 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
             return all(shape_derived(i) for i in node.input if i)
         return False
 
+    scalars = {t.name for t in graph.initializer if int(np.prod(t.dims)) == 1 and t.data_type == onnx.TensorProto.FLOAT}
+
     def rescaled_input(n: onnx.NodeProto) -> str | None:
-        """The activation a Div/Mul by a shape-derived scalar rescales, else None."""
-        if n.op_type not in ("Div", "Mul") or len(n.input) != 2:
+        """The activation a Div/Mul by a shape-derived scalar, or an Add/Sub of a constant scalar, rescales or
+        shifts (an affine map the requantization absorbs: multiplier and zero point), else None."""
+        if len(n.input) != 2:
             return None
         x, k = n.input
-        if n.op_type == "Mul" and shape_derived(x) and not shape_derived(k):
+        if n.op_type in ("Mul", "Add") and (shape_derived(x) or x in scalars) and not (shape_derived(k) or k in scalars):
             x, k = k, x
-        return x if shape_derived(k) and not shape_derived(x) else None
+        if n.op_type in ("Div", "Mul"):
+            return x if shape_derived(k) and not shape_derived(x) else None
+        if n.op_type in ("Add", "Sub"):
+            return x if k in scalars and not shape_derived(x) else None
+        return None
 
     def outputs_quantized(n: onnx.NodeProto) -> bool:
         for o in n.output:
@@ -389,7 +397,10 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
         if n.op_type in ("Relu", "Clip") and n.input[0] in producer and producer[n.input[0]].op_type not in QDQ_OPS:
             ok = inputs_dequantized(producer[n.input[0]]) and outputs_quantized(n)
         elif rescaled_input(n) is not None and rescaled_input(n) in producer:
-            ok = inputs_dequantized(producer[rescaled_input(n)]) and outputs_quantized(n)
+            src = producer[rescaled_input(n)]
+            while rescaled_input(src) is not None and rescaled_input(src) in producer:  # a chain: Div then Add
+                src = producer[rescaled_input(src)]
+            ok = inputs_dequantized(src) and outputs_quantized(n)
         else:
             ok = inputs_dequantized(n) and outputs_quantized(n)
         (quantized if ok else floats).append(n)

@@ -276,3 +276,23 @@ def test_qat_is_the_default_only_when_post_training_int8_loses_more_than_the_tol
 def test_compress_refuses_bad_qat_options_before_any_work(tiny):
     with pytest.raises(MicroserError, match=r"--finetune-steps 0: expected an integer >= 1"):
         compress_trial(tiny["study"], 0, finetune_steps=0, qat=True)
+
+
+@pytest.mark.parametrize("norm,pooling,compression", [("none", "attention", "log"), ("batch", "meanstd", "pcen"),
+                                                      ("layer", "attention+gram", "log")])
+def test_every_head_exports_int8_after_the_log_mel(norm, pooling, compression, tmp_path):
+    """Attention without Gram, mean+std (its epsilon is absorbed by the requantization) and PCEN; LayerNorm stays
+    float between two quantization points (documented), every other operator after the front-end is int8."""
+    spec = ArchSpec("wav2small", FrontendSpec(prenorm="running", n_fft=256, hop=128, n_mels=16, compression=compression),
+                    Wav2SmallBody(channels=(6, 5), kernel=3, norm=norm, pool_after=(0,), stem_stride=2, pooling=pooling))
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    qmodel = qat.prepare(model, spec)
+    crops = [np.random.default_rng(k).standard_normal(8000).astype(np.float32) * 0.1 for k in range(3)]
+    qat.calibrate(qmodel, crops)
+    exported = qat.export_int8(qmodel, spec, tmp_path / "m.onnx", tmp_path / "m.int8.onnx", sample_seconds=0.5)
+    floats, _ = classify_nodes(onnx.load(exported.int8_path))
+    after = [n.op_type for n in floats if not n.name.startswith("/frontend/")]
+    assert after == (["LayerNormalization"] * 2 if norm == "layer" else []), after
+    assert exported.torch_vs_int8_max_abs < 1e-3
+    assert ("head.pool.q_gram" in [p["name"] for p in exported.points]) == (pooling == "attention+gram")
