@@ -6,7 +6,8 @@ asymmetric activations, with or without quant_pre_process; CCC (valid and test) 
 
 Prints one row per choice: CCC of the fp32 graph and of the int8 graph (each from its own outputs in
 onnxruntime, one whole segment per run), the drop, the stripped int8 file size and the size goal
-(1.1 x quantized values + 4 x float values + 4 KB).
+(1.1 x params + 4096 bytes, params: microser.costs.count_params of the fp32 graph). Quantization-aware int8 of the
+whole network: bench/qat_int8.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from microser.cache import Cache
 from microser.compress import (calibration_crops, keep_float_candidates, quantize_int8,
                                size_accounting)
+from microser.costs import count_params
 from microser.export import strip_graph
 from microser.models.spec import build_model, resolve_spec
 from microser.onnxio import export_onnx, onnx_ccc
@@ -76,7 +78,7 @@ def main() -> None:
             quantize_int8(fp32, crops, path, keep_float=keep, activation_symmetric=sym, preprocess=pre)
             stripped = tmp / f"q{k}.stripped.onnx"
             onnx.save(strip_graph(onnx.load(str(path))), str(stripped))
-            size = size_accounting(stripped)
+            size = size_accounting(stripped, params=count_params(onnx.load(str(fp32))))
             got = {s: onnx_ccc(stripped, data, s) for s in ("valid", "test")}
             row = {"keep_float": keep, "activation_symmetric": sym, "preprocess": pre,
                    "ccc_valid": got["valid"], "ccc_test": got["test"],

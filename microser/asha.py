@@ -72,12 +72,19 @@ def promotions(ladder: Sequence[Sequence[Result]], taken: Sequence[Iterable[int]
 
 
 def finalists(ladder: Sequence[Sequence[Result]], k: int) -> list[int]:
-    """The ``k`` trials to train at final fidelity: from the highest rung down, in promotion order, each once."""
+    """The ``k`` trials to train at final fidelity, each judged by its result at the highest rung it reached:
+    from the highest rung down, in promotion order.
+
+    Trials whose latest result could not be promoted (collapsed, CCC <= 0) come after all others, but still
+    come: a search whose every candidate scored about 0 still ends with its best tried at final fidelity.
+    """
+    latest: dict[int, tuple[int, Result]] = {}
+    for rung, level in enumerate(ladder):
+        for r in level:
+            latest[r.trial] = (rung, r)
     chosen: list[int] = []
-    for rung in reversed(range(len(ladder))):
-        for r in promotion_order([r for r in ladder[rung] if r.promotable]):
-            if len(chosen) >= k:
-                return chosen
-            if r.trial not in chosen:
-                chosen.append(r.trial)
-    return chosen
+    for usable in (True, False):
+        for rung in reversed(range(len(ladder))):
+            here = [r for k_, r in latest.values() if k_ == rung and r.promotable == usable]
+            chosen += [r.trial for r in promotion_order(here)]
+    return chosen[:k]

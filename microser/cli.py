@@ -326,7 +326,13 @@ def compress(
     steps: Annotated[int, typer.Option("--steps", help="Iterative pruning steps, fine-tuned after each.")] = 3,
     epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs before pruning (0: none).")] = 10.0,
     finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs after each "
-                               "pruning step.")] = 2.0,
+                               "pruning step and of quantization-aware training.")] = 2.0,
+    finetune_steps: Annotated[Optional[int], typer.Option("--finetune-steps", help="Optimizer steps of each "
+                              "fine-tuning after a pruning step and of quantization-aware training (instead of "
+                              "--finetune-epochs).")] = None,
+    qat: Annotated[Optional[bool], typer.Option("--qat/--no-qat", help="Quantization-aware training: every "
+                   "operator after the log-mel int8, head included. Default: when post-training int8 loses more than "
+                   "0.01 validation CCC.")] = None,
     keep_float: Annotated[str, typer.Option("--keep-float", help="Body ops kept float beside the front-end and the "
                           "head: 'auto' (measure the first/last conv on the validation split), 'none', or "
                           "comma-separated node-name prefixes / op types.")] = "auto",
@@ -336,7 +342,8 @@ def compress(
                   "scratch: the weights are trained already).")] = 1e-3,
     json_: JsonOpt = False,
 ) -> None:
-    """Fine-tune, prune (Torch-Pruning) and int8-quantize one trial; print the before/after table."""
+    """Fine-tune, prune (Torch-Pruning) and int8-quantize one trial (post-training, and quantization-aware when
+    that loses too much or with --qat); print the before/after table."""
     from microser import show
     from microser.compress import compress_trial
     from microser.storage import load_study
@@ -344,8 +351,8 @@ def compress(
     with show.step_progress() as progress:
         report = compress_trial(load_study(study, storage), trial, target_params=target_params,
                                 prune_ratio=prune_ratio, steps=steps, epochs=epochs, finetune_epochs=finetune_epochs,
-                                cache=cache, keep_float=_keep_float(keep_float), seed=seed, lr=lr,
-                                progress=progress)
+                                finetune_steps=finetune_steps, qat=qat, cache=cache,
+                                keep_float=_keep_float(keep_float), seed=seed, lr=lr, progress=progress)
     show.compress_result(report, as_json=json_)
 
 

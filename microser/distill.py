@@ -407,6 +407,7 @@ def train(
     valid_idx=None,
     progress: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Distil ``model`` in place on ``data.targets`` and return its final weights, history and validation CCC.
 
@@ -426,6 +427,8 @@ def train(
         progress: called after every epoch with ``{"epoch", "epochs", "step", "steps", "loss", "lr",
             "valid", "seconds"}`` (the history entry plus totals).
         should_stop: polled before every step; True ends training early (the result says ``stopped``).
+        extra_loss: called with the model at every step after the batch's forward; its scalar is added to the
+            loss (quantization-aware training anchors the outputs on silence and clipping with it, microser.qat).
     """
     t_start = time.perf_counter()
     tr = _indices(data, train_idx, "train", MIN_SPLIT_SEGMENTS)
@@ -482,6 +485,8 @@ def train(
                 y = targets[pos]  # (B, 3)
                 out = model(x)  # (B, 3)
                 loss = ccc_loss(out, y) + config.mse_weight * torch.mean((out - y) ** 2)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model)
                 if not torch.isfinite(loss):
                     bad_step = step + 1
                     break

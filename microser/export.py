@@ -329,7 +329,7 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
 def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named: Path, quant: dict, costs: dict,
                   source: dict, parity: dict, c: bool) -> BundleReport:
     """Every bundle file in ``out`` (a fresh folder)."""
-    from microser.compress import classify_nodes, size_accounting
+    from microser.compress import classify_nodes, probe_agreement, size_accounting
 
     named_int8 = onnx.load(str(int8_named))
     stripped = {"model.onnx": strip_graph(onnx.load(str(fp32_named))), "model.int8.onnx": strip_graph(named_int8)}
@@ -346,7 +346,9 @@ def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named:
     float_ops = [{"index": index[id(n)], "op_type": n.op_type, "name": n.name,
                   "reason": reasons.get(n.name, "not quantized by onnxruntime")} for n in floats]
     quant_ops = [{"index": index[id(n)], "op_type": n.op_type, "name": n.name} for n in quantized]
-    size = size_accounting(out / "model.int8.onnx")
+    size = size_accounting(out / "model.int8.onnx", params=costs.get("params"))
+    probes = probe_agreement(fp32_named, int8_named)
+    qat = quant.get("method") == "qat"
     meta = getattr(data, "meta", {}) or {}
     valid, test = parity["splits"].get("valid", {}), parity["splits"].get("test", {})
     card = {
@@ -369,8 +371,14 @@ def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named:
             "max_seconds": meta.get("max_seconds"), "overlap_seconds": meta.get("overlap_seconds"),
         },
         "quantization": {
-            "tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "calibration": "MinMax",
-            "calibration_data": {**quant.get("calibration", {}), "split": "train"},
+            "method": "qat" if qat else "ptq",
+            "tool": ("microser.qat (quantization-aware fine-tuning, fake int8 with straight-through gradients)" if qat
+                     else "onnxruntime.quantization.quantize_static"),
+            "format": "QDQ",
+            "calibration": ("MinMax, ranges growing during fine-tuning (running MinMax), log-mel floor exact"
+                            if qat else "MinMax"),
+            "calibration_data": {**quant.get("calibration", {}), "split": "train",
+                                 "extremes": "digital silence and a crop clipped at full scale"},
             "weights": "int8, symmetric (zero point 0), per output channel",
             "biases": "int32, scale = input scale x weight scale",
             "activations": ("int8 per tensor, " + ("symmetric" if quant.get("activation_symmetric")
@@ -379,7 +387,9 @@ def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named:
             "float_ops": float_ops,
             "quantized_ops": quant_ops,
             "float_op_counts": _counts(float_ops), "quantized_op_counts": _counts(quant_ops),
+            "stages": quant.get("stages"),
         },
+        "probes": probes,
         "size": size,
         "parity": {"passed": parity["passed"], "tolerance": parity["tolerance"],
                    "int8_vs_fp32_valid": valid.get("int8_vs_fp32"),
@@ -513,10 +523,13 @@ def model_card_markdown(card: dict) -> str:
         "",
         "## Quantization",
         "",
-        f"{q['tool']}, {q['format']}, {q['calibration']} calibration on {q['calibration_data'].get('crops')} crops "
-        f"of {q['calibration_data'].get('seconds')} s from the training split. Weights: {q['weights']}; biases: "
+        f"{'Quantization-aware training' if q.get('method') == 'qat' else 'Post-training int8'}: {q['tool']}, "
+        f"{q['format']}, {q['calibration']} calibration on {q['calibration_data'].get('crops')} crops "
+        f"of {q['calibration_data'].get('seconds')} s from the training split plus "
+        f"{q['calibration_data'].get('extremes')}. Weights: {q['weights']}; biases: "
         f"{q['biases']}; activations: {q['activations']}.",
         "",
+        *_stages_markdown(q.get("stages")),
         f"Quantized ops: {q['quantized_op_counts']}. Ops that stay float: {q['float_op_counts']}. Why:",
         "",
         *[f"- ({k + 1}) {why}" for k, why in enumerate(reasons)],
@@ -542,8 +555,19 @@ def model_card_markdown(card: dict) -> str:
         f"| graph overhead (file minus initializers) | {s['graph_overhead_bytes']} |",
         f"| **file** | **{s['file_bytes']}** |",
         "",
-        f"Goal: file <= 1.1 x quantized values + 4 x float values + 4096 = {s['size_goal_bytes']} bytes: "
-        f"{'met' if s['size_goal_met'] else 'NOT met'}.",
+        (f"Goal: file <= 1.1 x params + 4096 = {s['size_goal_bytes']} bytes (params {s['params']}): "
+         f"{'met' if s['size_goal_met'] else 'NOT met, ' + str(s['file_bytes'] - s['size_goal_bytes']) + ' B over'}."
+         if s.get("size_goal_bytes") is not None else "Goal: params unknown, not checked."),
+        "",
+        "## Silence, quiet and clipping",
+        "",
+        f"int8 vs fp32 outputs on probe signals (tolerance {card['probes']['tolerance']} per output): "
+        f"{'passed' if card['probes']['passed'] else 'FAILED'}.",
+        "",
+        "| signal | fp32 (A, D, V) | int8 (A, D, V) | max abs |",
+        "| --- | --- | --- | --- |",
+        *[f"| {name} | {', '.join(f'{v:.3f}' for v in r['fp32'])} | {', '.join(f'{v:.3f}' for v in r['int8'])} | "
+          f"{r['max_abs']:.4f} |" for name, r in card["probes"]["signals"].items()],
         "",
         "## Parity",
         "",
@@ -564,6 +588,19 @@ def model_card_markdown(card: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _stages_markdown(stages) -> list[str]:
+    """The compressed trial's stages (post-training and quantization-aware int8 side by side) as markdown lines."""
+    if not stages:
+        return []
+    lines = ["Measured by `microser compress` (validation split; PTQ: front-end and pooling head float; QAT: every "
+             "operator after the log-mel int8):", "",
+             "| stage | int8 | params | CCC fp32 ONNX | CCC int8 ONNX | int8 bytes |", "| --- | --- | --- | --- | --- | --- |"]
+    for st in stages:
+        lines.append(f"| {st['stage']} | {st['method'].upper()} | {st['params']} | {st['ccc_fp32_onnx']:.4f} | "
+                     f"{st['ccc_int8_onnx']:.4f} | {st['int8_bytes']} |")
+    return lines + [""]
 
 
 def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None, c: bool = False,
@@ -589,7 +626,11 @@ def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None
         if compressed:
             model, spec, folder, report = load_compressed(study, trial)
             last = report["stages"][-1]
-            fp32, int8, quant = folder / "model.onnx", folder / "model.int8.onnx", last["quantization"]
+            fp32, int8 = folder / "model.onnx", folder / "model.int8.onnx"
+            quant = {**last["quantization"], "stages": [
+                {"stage": st["stage"], "method": st.get("method", "ptq"), "params": st["params"],
+                 "ccc_fp32_onnx": st["ccc_fp32_onnx"]["mean"], "ccc_int8_onnx": st["ccc_int8_onnx"]["mean"],
+                 "int8_bytes": st["int8_bytes"]} for st in report["stages"]]}
             costs = {key: last[key] for key in ("params", "trainable_params", "macs", "ram_bytes", "ram_bytes_fp32",
                                                 "input_seconds")}
             source.update(compressed=str(folder), weights=f"compressed ({report['start_weights']} weights, "

@@ -45,13 +45,28 @@ stream by firmware exactly as written here:
    with a periodic Hann window of ``win_length`` samples (zero-padded to
    ``n_fft``, centred, as torch does), then the sum of squares of real and
    imaginary parts. It exports as ONNX's STFT operator (opset >= 17); the
-   firmware runs an FFT. No DFT matrix is ever stored as weights.
+   firmware runs an FFT. No DFT matrix is ever stored as weights. The window
+   is :func:`hann_window`: ``0.5 - 0.5 cos(2 pi n / win_length)`` exactly as
+   onnxruntime's ``HannWindow`` computes it (cosine in float64, rounded to
+   float32), and the exported graph makes it with that operator.
 
-4. Filterbank and compression: ``power @ fb`` with ``fb`` =
-   ``torchaudio.functional.melscale_fbanks(n_fft//2+1, fmin, fmax, n_mels, 16000,
-   norm=None, mel_scale="htk")`` (a buffer; with ``filterbank="learnable"`` a
-   Parameter initialised from it and used as ``abs(fb)`` so energies stay >= 0),
-   then ``"log"``: ``10 * log10(max(e, LOG_FLOOR))``, ``LOG_FLOOR = 1e-10``, or
+4. Filterbank, floor and compression: ``power @ fb`` with ``fb`` = :func:`mel_matrix`,
+   the (n_fft//2+1, n_mels) triangles of ONNX's ``MelWeightMatrix`` (opset 17)
+   exactly as onnxruntime computes them (``n_mels + 2`` points equally spaced on
+   the mel scale ``2595 log10(1 + f/700)`` from fmin, ``(mel(fmax) - mel(fmin)) /
+   (n_mels + 2)`` apart, each mapped to FFT bin ``floor((n_fft + 1) f / 16000)``;
+   band ``i`` rises linearly from bin ``b_i`` to 1 at ``b_{i+1}`` and falls to 0 at
+   ``b_{i+2}``; a band whose rise is empty is a single 1 at ``b_{i+1}``). The
+   exported graph makes it with that operator from its five numbers, so it is
+   not a weight. With ``filterbank="learnable"`` it is a Parameter initialised
+   from that matrix and used as ``abs(fb)`` so energies stay >= 0 (a learned
+   table: stored and counted). Then the **floor**: ``e = max(e, floor)`` with
+   ``floor = E_fs * 10**(FLOOR_DB / 10)``, ``FLOOR_DB = -100`` dB re the full-scale
+   energy ``E_fs = (win_length / 4)**2`` (what a sine of amplitude 1 puts in the
+   band whose peak bin it hits). Digital silence, or anything quieter, gives
+   exactly the floor, a value the int8 calibration always covers (the floor is
+   the bottom of the log-mel quantizer's range), in training, fp32 and int8
+   alike. Then ``"log"``: ``10 * log10(e)``, or
    ``"pcen"``: ``(e / (PCEN_EPS + M)**PCEN_ALPHA + PCEN_DELTA)**PCEN_R - PCEN_DELTA**PCEN_R``
    where ``M`` is the causal smoother ``M_t = sum_k h_k e_{t-k}`` (zeros before
    the first frame), a fixed FIR of ``pcen_taps(hop)`` taps
@@ -74,8 +89,8 @@ import warnings
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
-import torchaudio
 from torch import nn
 
 from microser import SAMPLE_RATE
@@ -85,7 +100,7 @@ MIN_SECONDS = 0.25  # every model accepts any input at least this long (4000 sam
 PRENORM_EPS = 1e-7
 PRENORM_PRIOR_COUNT = 0.0  # "running": prior pseudo-samples (none: measured no better, see the docstring)
 PRENORM_PRIOR_VAR = 0.0  # "running": their variance; their mean is 0
-LOG_FLOOR = 1e-10  # -100 dB
+FLOOR_DB = -100.0  # energy floor before log / PCEN, dB re full scale (full_scale_energy); module docstring
 PCEN_ALPHA, PCEN_DELTA, PCEN_R, PCEN_EPS = 0.98, 2.0, 0.5, 1e-6  # librosa's defaults
 PCEN_TIME_CONSTANT = 0.4  # seconds
 
@@ -217,6 +232,11 @@ class FrontendSpec:
                                 "use win_length <= n_fft or null")
         if self.fmin >= self.fmax:
             raise MicroserError(f"spec key 'frontend.fmin': {self.fmin} must be below fmax {self.fmax}")
+        top = mel_bin(self.fmax, self.n_fft)
+        if top > self.n_fft // 2:
+            raise MicroserError(f"spec key 'frontend.fmax': {self.fmax:g} Hz maps to FFT bin floor((n_fft + 1) * fmax "
+                                f"/ {SAMPLE_RATE}) = {top}, past the last bin {self.n_fft // 2} of n_fft {self.n_fft} "
+                                "(ONNX MelWeightMatrix refuses it); use an even n_fft or a lower fmax")
 
     @property
     def window_length(self) -> int:
@@ -284,12 +304,77 @@ def pcen_fir(hop: int) -> torch.Tensor:
     return (h / h.sum()).float()
 
 
+def mel_bin(hz: float, n_fft: int) -> int:
+    """FFT bin of a frequency as onnxruntime's MelWeightMatrix range check computes it (float32)."""
+    return int(np.floor(np.float32(n_fft + 1) * np.float32(hz) / np.float32(SAMPLE_RATE)))
+
+
+def onnx_mel_matrix(n_mels: int, n_fft: int, fmin: float, fmax: float) -> np.ndarray:
+    """ONNX ``MelWeightMatrix(n_mels, n_fft, 16000, fmin, fmax)`` as onnxruntime computes it: float32 (n_fft//2+1, n_mels).
+
+    onnxruntime's kernel, step by step: the edges are float32 inputs; mel
+    points ``mel(fmin) + k * step``, ``k = 0 .. n_mels+1``, with ``step =
+    (mel(fmax) - mel(fmin)) / (n_mels + 2)`` in float64; each back to Hz and to
+    bin ``floor((n_fft + 1) * hz / 16000)``; triangles as in the module docstring,
+    each weight ``(j - left) / (centre - left)`` or ``(right - j) / (right - centre)``
+    in float32 (a falling edge overwrites the rising edge's 1 at the centre with 1).
+    """
+    lo, hi = float(np.float32(fmin)), float(np.float32(fmax))
+    points = n_mels + 2
+    mel_lo, mel_hi = 2595 * np.log10(1 + lo / 700), 2595 * np.log10(1 + hi / 700)
+    step = (mel_hi - mel_lo) / float(points)
+    hz = 700 * (10 ** ((mel_lo + step * np.arange(points)) / 2595) - 1)
+    bins = np.floor((n_fft + 1) * hz / SAMPLE_RATE).astype(np.int64)
+    out = np.zeros((n_fft // 2 + 1, n_mels), np.float32)
+    for i in range(n_mels):
+        left, centre, right = (int(b) for b in bins[i:i + 3])
+        if centre == left:
+            out[centre, i] = 1.0
+        else:
+            j = np.arange(left, centre + 1)
+            out[j, i] = (j - left).astype(np.float32) / np.float32(centre - left)
+        if right > centre:
+            j = np.arange(centre, right)
+            out[j, i] = (right - j).astype(np.float32) / np.float32(right - centre)
+    return out
+
+
 def mel_matrix(spec: FrontendSpec) -> torch.Tensor:
-    """The (n_fft//2+1, n_mels) mel filterbank of a spec (torchaudio, HTK scale, no area normalisation)."""
-    with warnings.catch_warnings():  # small n_fft leaves some mel bands empty; that is the spec's choice
-        warnings.simplefilter("ignore", UserWarning)
-        return torchaudio.functional.melscale_fbanks(
-            spec.n_freqs, spec.fmin, spec.fmax, spec.n_mels, SAMPLE_RATE, norm=None, mel_scale="htk")
+    """The (n_fft//2+1, n_mels) mel filterbank of a spec: ONNX MelWeightMatrix, bit-exact with onnxruntime."""
+    return torch.from_numpy(onnx_mel_matrix(spec.n_mels, spec.n_fft, spec.fmin, spec.fmax))
+
+
+def hann_window(length: int) -> torch.Tensor:
+    """Periodic Hann window of ``length`` samples exactly as onnxruntime's ``HannWindow`` makes it (float32)."""
+    n = np.arange(length, dtype=np.float64)
+    return torch.from_numpy((0.5 - 0.5 * np.cos(2 * np.pi / length * n)).astype(np.float32))
+
+
+def full_scale_energy(spec: FrontendSpec) -> float:
+    """``E_fs = (win_length / 4)**2``: the power a sine of amplitude 1 puts in its FFT bin (periodic Hann, sum win/2)."""
+    return (spec.window_length / 4) ** 2
+
+
+def energy_floor(spec: FrontendSpec) -> float:
+    """The mel-energy floor ``E_fs * 10**(FLOOR_DB / 10)`` applied before the log or PCEN (as float32)."""
+    return float(np.float32(full_scale_energy(spec) * 10 ** (FLOOR_DB / 10)))
+
+
+@dataclass(frozen=True)
+class GeneratedTable:
+    """A constant table the exported graph computes with an ONNX operator instead of storing it.
+
+    ``values`` is exactly what the operator yields (the module's buffer);
+    ``op`` is ``"MelWeightMatrix"`` (``args``: n_mels, n_fft, sample rate, fmin,
+    fmax) or ``"HannWindow"`` (``args``: window length, n_fft: the window is
+    zero-padded, centred, to n_fft, as torch.stft uses it); ``name`` is the
+    node-name prefix (``/frontend/...``).
+    """
+
+    op: str
+    values: np.ndarray
+    args: tuple
+    name: str
 
 
 # ---- the modules ----
@@ -333,12 +418,12 @@ class PowerSpectrum(nn.Module):
         self.n_fft, self.hop, self.win = spec.n_fft, spec.hop, spec.window_length
         self.pad = frame_padding(spec)
         self.per_window = spec.prenorm == "window"
-        self.register_buffer("window", torch.hann_window(self.win, periodic=True), persistent=False)
+        self.register_buffer("window", hann_window(self.win), persistent=False)
         if self.per_window:
             # spectrum of the window, zero-padded and centred in n_fft as torch.stft does: (n_freqs, 2) real/imag
             left = (self.n_fft - self.win) // 2
             padded = torch.zeros(self.n_fft, dtype=torch.float64)
-            padded[left:left + self.win] = torch.hann_window(self.win, periodic=True, dtype=torch.float64)
+            padded[left:left + self.win] = hann_window(self.win).double()
             w = torch.fft.rfft(padded)
             self.register_buffer("window_spectrum", torch.stack([w.real, w.imag], -1).float(), persistent=False)
 
@@ -357,11 +442,16 @@ class PowerSpectrum(nn.Module):
             sd = torch.clamp(m2 - m * m, min=0.0).sqrt()
             m, sd = m.unsqueeze(-1), sd.unsqueeze(-1)
             z = (z - m * self.window_spectrum.unsqueeze(1)) / (sd + PRENORM_EPS)  # (B, F, frames, 2)
-        return (z * z).sum(-1).transpose(1, 2)  # (B, frames, F)
+        z = z.transpose(1, 2)  # (B, frames, F, 2): ONNX STFT's own layout, so the export has no transpose
+        return (z * z).sum(-1)  # (B, frames, F)
 
 
 class Frontend(nn.Module):
-    """Audio (B, T) float32 at 16 kHz -> features (B, 1, frames, n_mels); see the module docstring."""
+    """Audio (B, T) float32 at 16 kHz -> features (B, 1, frames, n_mels); see the module docstring.
+
+    ``q_out`` is the quantization point of the features (``nn.Identity``; QAT
+    puts a fake-quantizer there, ``microser.qat``).
+    """
 
     def __init__(self, spec: FrontendSpec):
         super().__init__()
@@ -373,21 +463,37 @@ class Frontend(nn.Module):
             self.fb = nn.Parameter(fb)
         else:
             self.register_buffer("fb", fb)
+        self.floor = energy_floor(spec)
         self.log = spec.compression == "log"
         if not self.log:
             taps = pcen_fir(spec.hop)
             self.register_buffer("pcen_fir", taps.flip(0).view(1, 1, -1, 1))  # conv weight: oldest tap first
+        self.q_out = nn.Identity()
 
     def filterbank(self) -> torch.Tensor:
         """The (F, n_mels) matrix in use (abs of the learnable one)."""
         return self.fb.abs() if isinstance(self.fb, nn.Parameter) else self.fb
 
+    def generated_tables(self) -> list[GeneratedTable]:
+        """The tables the exported graph generates with ONNX operators (window; mel matrix unless learnable)."""
+        spec = self.spec
+        pad = torch.zeros(spec.n_fft)
+        left = (spec.n_fft - self.power.win) // 2
+        pad[left:left + self.power.win] = self.power.window
+        tables = [GeneratedTable("HannWindow", pad.numpy(), (self.power.win, spec.n_fft), "/frontend/power/HannWindow")]
+        if not isinstance(self.fb, nn.Parameter):
+            tables.append(GeneratedTable("MelWeightMatrix", self.fb.numpy(),
+                                         (spec.n_mels, spec.n_fft, SAMPLE_RATE, spec.fmin, spec.fmax),
+                                         "/frontend/MelWeightMatrix"))
+        return tables
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         x = self.prenorm(audio)  # (B, T)
         p = self.power(x)  # (B, frames, F)
         e = torch.matmul(p, self.filterbank()).unsqueeze(1)  # (B, 1, frames, n_mels)
+        e = torch.clamp(e, min=self.floor)  # silence and anything quieter: exactly the floor
         if self.log:
-            return 10.0 * torch.log10(torch.clamp(e, min=LOG_FLOOR))
+            return self.q_out(10.0 * torch.log10(e))
         taps = self.pcen_fir.shape[2]
         smooth = nn.functional.conv2d(nn.functional.pad(e, (0, 0, taps - 1, 0)), self.pcen_fir)  # causal
-        return (e / (PCEN_EPS + smooth) ** PCEN_ALPHA + PCEN_DELTA) ** PCEN_R - PCEN_DELTA**PCEN_R
+        return self.q_out((e / (PCEN_EPS + smooth) ** PCEN_ALPHA + PCEN_DELTA) ** PCEN_R - PCEN_DELTA**PCEN_R)

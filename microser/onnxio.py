@@ -11,6 +11,11 @@ graph that costs are measured on is the graph that gets deployed:
 Node names are kept (``/frontend/...``, ``/body/...``, ``/head/...``): the RAM
 planner (microser.costs) and the quantizer read them. Stripping names for the
 firmware bundle is the export stage's job.
+
+Tables that follow from a few numbers are not weights: the front-end's Hann
+window and mel matrix are made in the graph by ONNX's ``HannWindow`` and
+``MelWeightMatrix`` operators (:func:`generate_tables`), after simplification
+(onnxsim would fold them back into stored constants).
 """
 
 from __future__ import annotations
@@ -56,8 +61,10 @@ def export_onnx(
        ``BatchNormalization`` left is folded into a preceding Conv or Gemm that
        only it consumes, or else replaced by a per-channel ``Mul`` + ``Add``,
        and the graph is simplified again. No ``BatchNormalization`` node remains;
-    4. doc strings stripped (node names are kept);
-    5. if ``check``: onnxruntime against PyTorch on random audio of batch 2 at
+    4. the front-ends' generated tables (window, mel matrix) put back as
+       ``HannWindow`` / ``MelWeightMatrix`` nodes (:func:`generate_tables`);
+    5. doc strings stripped (node names are kept);
+    6. if ``check``: onnxruntime against PyTorch on random audio of batch 2 at
        two lengths (``sample_seconds`` and 1.37x that), max abs difference
        <= 1e-4, else :class:`MicroserError` naming the difference.
 
@@ -84,6 +91,7 @@ def export_onnx(
         proto = _simplify(proto)
         if any(node.op_type == "BatchNormalization" for node in proto.graph.node):
             proto = _simplify(fold_batchnorm(proto))
+        proto = generate_tables(proto, _generated_tables(model))
         strip_doc_strings(proto)
         if check:
             for length in (n, int(n * 1.37) + 1):
@@ -131,6 +139,131 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
         raise MicroserError("onnxsim could not verify the simplified model: expected an equivalent graph; "
                             "report the model spec (spec.summary()) as a bug")
     return simplified
+
+
+def _generated_tables(model: torch.nn.Module) -> list:
+    from microser.frontends import Frontend
+
+    return [t for m in model.modules() if isinstance(m, Frontend) for t in m.generated_tables()]
+
+
+def generate_tables(proto: onnx.ModelProto, tables) -> onnx.ModelProto:
+    """A copy of ``proto`` whose stored constants equal to a ``frontends.GeneratedTable`` are computed instead.
+
+    Each constant tensor (initializer or ``Constant`` node output) whose
+    float32 values equal a table's exactly is replaced by nodes that make it:
+    ``MelWeightMatrix(n_mels, n_fft, sample_rate, fmin, fmax)``, or
+    ``HannWindow(win_length)`` followed, when ``win_length < n_fft``, by a
+    ``Pad`` to n_fft (zeros, centred). The operator's int64 inputs and float
+    edges become scalar initializers. The new nodes go first (their inputs are
+    all constant), named ``table.name`` + ``/op``. A table the graph does not
+    hold raises MicroserError (it would stay stored and counted as weights).
+    """
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    consts = {name: arr for name, arr in _constants(graph).items()
+              if name in constant_nodes or name in {t.name for t in graph.initializer}}
+    new_nodes, new_inits = [], []
+    for table in tables:
+        want = np.asarray(table.values, np.float32)
+        names = [name for name, arr in consts.items()
+                 if arr.dtype == np.float32 and arr.shape == want.shape and np.array_equal(arr, want)]
+        if not names:
+            raise MicroserError(f"the exported graph holds no constant equal to the front-end's {table.op} table "
+                                f"{want.shape}: expected the exporter to keep it as one tensor; report the model "
+                                "spec as a bug")
+        for k, name in enumerate(names):
+            base = table.name + (f"_{k}" if k else "")
+            nodes, inits = _table_nodes(table, base, name)
+            new_nodes += nodes
+            new_inits += inits
+            if name in constant_nodes:
+                graph.node.remove(constant_nodes[name])
+            keep = [t for t in graph.initializer if t.name != name]
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+    nodes = new_nodes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    return proto
+
+
+def restore_generated_tables(reference: onnx.ModelProto, proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` (e.g. after onnxruntime's graph optimizer) with ``reference``'s table generators back.
+
+    Optimizers fold ``HannWindow`` / ``MelWeightMatrix`` (and the window's
+    ``Pad``) into stored constants named like the folded output. Every
+    generator node of ``reference`` whose output ``proto`` now stores as a
+    constant is put back (first in the graph, with its scalar inputs) and the
+    stored copy removed, so the table is made, not stored, again.
+    """
+    from microser.costs import generated_tensors
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    generated = generated_tensors(reference.graph)
+    if not generated:
+        return proto
+    ref_inits = {t.name: t for t in reference.graph.initializer}
+    ref_consts = {n.output[0]: n for n in reference.graph.node if n.op_type == "Constant"}
+    stored = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    folded = {name for name in generated if name in stored}
+    if not folded:
+        return proto
+    # the generator subgraphs that produce a folded tensor, with every node and constant they need
+    producer = {o: n for n in reference.graph.node for o in n.output}
+    nodes, needed = [], set()
+    todo = list(folded)
+    while todo:
+        name = todo.pop()
+        node = producer.get(name)
+        if node is None or node.op_type == "Constant" or any(n is node for n in nodes):
+            continue
+        nodes.append(node)
+        for i in node.input:
+            if i in generated:
+                todo.append(i)
+            elif i:
+                needed.add(i)
+    order = {id(n): k for k, n in enumerate(reference.graph.node)}
+    nodes.sort(key=lambda n: order[id(n)])
+    remove = folded | {n.output[0] for n in nodes if n.output[0] not in folded}
+    keep = [t for t in graph.initializer if t.name not in remove]
+    have = {t.name for t in keep}
+    keep += [ref_inits[i] for i in sorted(needed) if i in ref_inits and i not in have]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    rest = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in remove)]
+    extra = [ref_consts[i] for i in sorted(needed) if i in ref_consts and i not in have]
+    del graph.node[:]
+    graph.node.extend(extra + nodes + rest)
+    return proto
+
+
+def _table_nodes(table, base: str, output: str) -> tuple[list, list]:
+    """Nodes and scalar initializers that compute ``table`` into tensor ``output``."""
+    def scalar(value, dtype, label):
+        return numpy_helper.from_array(np.array(value, dtype), f"{base}/{label}")
+
+    if table.op == "MelWeightMatrix":
+        n_mels, n_fft, rate, fmin, fmax = table.args
+        inits = [scalar(n_mels, np.int64, "num_mel_bins"), scalar(n_fft, np.int64, "dft_length"),
+                 scalar(rate, np.int64, "sample_rate"), scalar(fmin, np.float32, "lower_edge_hertz"),
+                 scalar(fmax, np.float32, "upper_edge_hertz")]
+        return [helper.make_node("MelWeightMatrix", [t.name for t in inits], [output], name=base)], inits
+    if table.op == "HannWindow":
+        win, n_fft = table.args
+        size = scalar(win, np.int64, "size")
+        if win == n_fft:
+            return [helper.make_node("HannWindow", [size.name], [output], name=base)], [size]
+        left = (n_fft - win) // 2
+        pads = numpy_helper.from_array(np.array([left, n_fft - win - left], np.int64), f"{base}/pads")
+        return ([helper.make_node("HannWindow", [size.name], [f"{base}/window"], name=base),
+                 helper.make_node("Pad", [f"{base}/window", pads.name], [output], name=f"{base}/Pad")],
+                [size, pads])
+    raise MicroserError(f"generated table op {table.op!r} is unknown: expected MelWeightMatrix or HannWindow")
 
 
 def strip_doc_strings(proto: onnx.ModelProto) -> None:

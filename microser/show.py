@@ -381,14 +381,18 @@ def trial_full(detail: dict, *, as_json: bool = False) -> None:
 def _stage_table(stages, title: str):
     from rich.table import Table
 
-    table = Table("stage", "params", "ONNX KB fp32", "int8 KB (stripped)", "RAM KB fp32", "RAM KB int8", "MACs",
-                  "CCC PyTorch", "CCC fp32 ONNX", "CCC int8 ONNX", "kept float", title=title)
+    table = Table("stage", "int8", "params", "ONNX KB fp32", "int8 KB (stripped)", "RAM KB fp32", "RAM KB int8",
+                  "MACs", "CCC PyTorch", "CCC fp32 ONNX", "CCC int8 ONNX", "kept float", "probes", title=title)
     for s in stages:
-        table.add_row(s["stage"], _int(s["params"]), _kb(s["onnx_bytes"]), _kb(s["int8_bytes"]),
-                      _kb(s["ram_bytes_fp32"]), _kb(s["ram_bytes"]), _int(s["macs"]),
+        qat = s.get("method") == "qat"
+        probes = s.get("probes")
+        table.add_row(s["stage"], "QAT" if qat else "PTQ", _int(s["params"]), _kb(s["onnx_bytes"]),
+                      _kb(s["int8_bytes"]), _kb(s["ram_bytes_fp32"]), _kb(s["ram_bytes"]), _int(s["macs"]),
                       f"{s['ccc_torch']['mean']:.3f}", f"{s['ccc_fp32_onnx']['mean']:.3f}",
-                      f"{s['ccc_int8_onnx']['mean']:.3f}", "front-end, head" + "".join(
-                          f", {k}" for k in s["keep_float"]))
+                      f"{s['ccc_int8_onnx']['mean']:.3f}",
+                      "front-end" if qat else "front-end, head" + "".join(f", {k}" for k in s["keep_float"]),
+                      "n/a" if not probes else ("ok" if probes["passed"] else "FAIL") + " (max " + str(round(max(
+                          r["max_abs"] for r in probes["signals"].values()), 3)) + ")")
     return table
 
 
@@ -422,6 +426,12 @@ def compress_result(report, *, as_json: bool = False) -> None:
     for h in report.prune_history:
         console.print(f"prune step {h['step']}: channels {h['channels']}, {h['params']:,} params, valid CCC "
                       f"{h['valid_ccc']['mean']:.3f}", highlight=False)
+    qat = report.settings.get("qat_reason")
+    if qat:
+        console.print(f"quantization-aware training: {'yes' if report.settings.get('qat') else 'no'} ({qat}); "
+                      "PTQ: post-training int8 with front-end and head float; QAT: every operator after the log-mel "
+                      "int8 (its PyTorch CCC is the fake-quantized model's); probes: int8 vs fp32 outputs on silence, "
+                      "-60 dBFS noise and clipped full scale", highlight=False)
     console.print(f"started from {report.start_weights} weights; wrote {report.folder} (spec.json, weights.pt, "
                   f"model.onnx, model.int8.onnx, report.json). KB = 1000 bytes.", highlight=False)
 
@@ -443,8 +453,14 @@ def bundle_result(report, *, as_json: bool = False) -> None:
     console.print(f"model.int8.onnx {s['file_bytes']:,} B = int8 weights {s['int8_weight_bytes']:,} + int32 biases "
                   f"{s['int32_bias_bytes']:,} + scales {s['scale_bytes']:,} + zero points {s['zero_point_bytes']:,} "
                   f"+ float {s['float_bytes']:,} + shape constants {s['other_bytes']:,} + graph "
-                  f"{s['graph_overhead_bytes']:,} (goal {s['size_goal_bytes']:,}: "
+                  f"{s['graph_overhead_bytes']:,} (goal 1.1 x params + 4096 = "
+                  f"{'n/a' if s['size_goal_bytes'] is None else format(s['size_goal_bytes'], ',')}: "
                   f"{'met' if s['size_goal_met'] else 'not met'})", highlight=False)
+    probes = card.get("probes")
+    if probes:
+        console.print("silence / -60 dBFS noise / clipped full scale, int8 vs fp32 max abs: "
+                      + ", ".join(f"{r['max_abs']:.3f}" for r in probes["signals"].values())
+                      + f" ({'within' if probes['passed'] else 'NOT within'} {probes['tolerance']})", highlight=False)
     floats = card["quantization"]["float_op_counts"]
     console.print(f"float ops: {floats}; parity passed (tolerance {card['parity']['tolerance']})", highlight=False)
     console.print(f"wrote {report.folder}: {', '.join(report.files)}", highlight=False)

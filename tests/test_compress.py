@@ -137,14 +137,15 @@ def test_size_accounting_of_a_hand_built_qdq_graph(tmp_path):
                               initializer=[w, ws, wz, b, bs, bz, k])
     path = tmp_path / "hand.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    s = size_accounting(path)
+    s = size_accounting(path, params=20 + 2)
     assert (s["int8_weight_bytes"], s["int8_weight_elements"]) == (18, 18)
     assert (s["int32_bias_bytes"], s["int32_bias_elements"]) == (8, 2)
     assert s["scale_bytes"] == 16 and s["zero_point_bytes"] == 2 + 8
     assert (s["float_bytes"], s["float_elements"]) == (8, 2)
     assert s["initializer_bytes"] == 18 + 8 + 16 + 10 + 8
     assert s["graph_overhead_bytes"] == path.stat().st_size - s["initializer_bytes"]
-    assert s["size_goal_bytes"] == int(1.1 * 20 + 4 * 2 + 4096)
+    assert s["size_goal_bytes"] == int(1.1 * 22 + 4096) and s["size_goal_met"] == (s["file_bytes"] <= 4120)
+    assert size_accounting(path)["size_goal_bytes"] is None  # no params, no goal
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer", "none"])
@@ -191,7 +192,8 @@ def test_pruning_refuses_a_family_whose_spec_cannot_hold_pruned_widths():
 
 def test_compress_trial_writes_the_folder_records_it_and_reports_every_stage(tiny):
     study = tiny["study"]
-    report = compress_trial(study, 0, prune_ratio=0.3, steps=1, epochs=0, finetune_epochs=0.5, keep_float=[])
+    report = compress_trial(study, 0, prune_ratio=0.3, steps=1, epochs=0, finetune_epochs=0.5, keep_float=[],
+                            qat=False)
     assert [s["stage"] for s in report.stages] == ["trial", "pruned"]
     trial_row, pruned_row = report.stages
     assert pruned_row["params"] < trial_row["params"] and pruned_row["macs"] < trial_row["macs"]

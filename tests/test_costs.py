@@ -131,10 +131,48 @@ def test_wav2small_ref_params_hand_count(ref_report):
     linear = (c * 13 + c * c) * 3 + 3  # (att 13 ch x 13 bands + Gram 13x13 = 338) -> 3: 1017
     assert ref_report.costs.trainable_params == convs + bn + attention + linear == 10806
     folded = convs + 7 * c + attention + linear  # BN folded into each conv as a bias: 10715
-    mel = 33 * 26  # (n_fft//2 + 1) x n_mels: 858
-    window = 64  # Hann
-    scalars = 4  # prenorm eps 1e-7 and exponent 2, log floor 1e-10, ln(10) of log10
-    assert ref_report.costs.params == folded + mel + window + scalars == 11641
+    # the 33 x 26 mel matrix and the 64-sample window are made by MelWeightMatrix / HannWindow: not stored, only
+    # their float arguments fmin and fmax (their int64 arguments n_mels, n_fft, rate, size are metadata)
+    mel_edges = 2
+    scalars = 4  # prenorm eps 1e-7 and exponent 2, energy floor (256e-10), ln(10)/10 of 10 log10
+    assert ref_report.costs.params == folded + mel_edges + scalars == 10721
+
+
+def test_window_and_mel_matrix_are_operators_in_the_graph_not_weights(tmp_path):
+    from microser.frontends import FrontendSpec, hann_window, mel_matrix
+    from microser.models.spec import REFERENCES, ArchSpec, build_model
+    from microser.onnxio import export_onnx
+
+    spec = ArchSpec("wav2small", FrontendSpec(prenorm="clip", n_fft=512, hop=160, win_length=400, n_mels=40),
+                    REFERENCES["wav2small-ref"].body)
+    model = build_model(spec)
+    proto = onnx.load(export_onnx(model, tmp_path / "m.onnx"))  # ORT runs them (parity with PyTorch <= 1e-4)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MelWeightMatrix") == 1 and ops.count("HannWindow") == 1 and ops.count("Pad") == 1
+    stored = [numpy_helper.to_array(t) for t in proto.graph.initializer]
+    assert not any(a.size >= 40 and a.dtype == np.float32 and a.ndim <= 2 and a.shape[0] in (257, 400, 512)
+                   for a in stored)  # no window, no mel matrix among the stored tensors
+    # what the operators make is what PyTorch trains with: the STFT window (400 zero-padded to 512) and the matrix
+    outputs = {n.output[0]: n for n in proto.graph.node if n.op_type in ("MelWeightMatrix", "Pad")}
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+    from microser.onnxio import ort_session
+
+    got = dict(zip([o.name for o in ort_session(probe).get_outputs()],
+                   ort_session(probe).run(None, {"audio": np.zeros((1, 16000), np.float32)})))
+    mel = next(got[n] for n, node in outputs.items() if node.op_type == "MelWeightMatrix")
+    window = next(got[n] for n, node in outputs.items() if node.op_type == "Pad")
+    assert np.array_equal(mel, mel_matrix(spec.frontend).numpy())
+    assert np.array_equal(window[56:456], hann_window(400).numpy()) and not window[:56].any() and not window[456:].any()
+    # params: the same 10,715 folded weights as wav2small-ref's 13x7 body on 40 mels (20 bands at the head),
+    # + 6 front-end scalars; the 257 x 40 = 10,280 matrix no longer counts
+    c = 13
+    head = 2 * (c * c + c) + (c * 20 + c * c) * 3 + 3
+    assert count_params(proto) == 1 * c * 9 + 6 * c * c * 9 + 7 * c + head + 6
+    # the RAM plan treats generated tables like weights: no step holds the 41 KB matrix
+    plan = ram_plan(proto, 16000, int8=False)
+    assert all(t.name not in outputs for t in plan.live) and len(plan.step_names) == len(
+        [n for n in proto.graph.node if n.op_type != "Constant"]) - 3
 
 
 def test_wav2small_ref_macs_hand_count(ref_report):

@@ -1,4 +1,5 @@
-"""Front-ends: framing, STFT power (torch and ONNX Runtime) vs numpy.fft, mel vs torchaudio, PCEN, streaming."""
+"""Front-ends: framing, STFT power (torch and ONNX Runtime) vs numpy.fft, mel and window vs onnxruntime's operators,
+the energy floor, PCEN, streaming."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torchaudio
 
 from microser.errors import MicroserError
 from microser.frontends import (
-    LOG_FLOOR, PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R, PRENORM_EPS, PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR, Frontend,
-    FrontendSpec, Prenorm, num_frames, pcen_fir, pcen_taps,
+    FLOOR_DB, PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R, PRENORM_EPS, PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR, Frontend,
+    FrontendSpec, Prenorm, energy_floor, full_scale_energy, hann_window, mel_matrix, num_frames, onnx_mel_matrix,
+    pcen_fir, pcen_taps,
 )
 
 
@@ -128,21 +130,89 @@ def test_frame_counts_by_hand():
         assert Frontend(FrontendSpec(**base, pad_end=True))(audio(16000, 1)).shape == (1, 1, 98, 40)
 
 
-def test_log_mel_equals_torchaudio_melspectrogram():
+def ort_tables(n_mels: int, n_fft: int, fmin: float, fmax: float, win: int) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime's own MelWeightMatrix and HannWindow outputs (a graph of just those two operators)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(v, dt), name) for v, dt, name in
+             [(n_mels, np.int64, "m"), (n_fft, np.int64, "n"), (16000, np.int64, "r"), (fmin, np.float32, "lo"),
+              (fmax, np.float32, "hi"), (win, np.int64, "w")]]
+    graph = helper.make_graph(
+        [helper.make_node("MelWeightMatrix", ["m", "n", "r", "lo", "hi"], ["mel"]),
+         helper.make_node("HannWindow", ["w"], ["win"])], "tables", [],
+        [helper.make_tensor_value_info("mel", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("win", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return tuple(ort.InferenceSession(model.SerializeToString(), options).run(None, {}))
+
+
+def test_mel_matrix_by_hand():
+    # 2 bands, n_fft 16, 0-8000 Hz: mel(8000) = 2840.02, 4 points 710 mel apart -> 0, 614.8, 1768.6, 3935.1 Hz
+    # -> bins floor(17 f / 16000) = 0, 0, 1, 4. Band 0: empty rise -> a single 1 at bin 0 (its fall to bin 1
+    # writes the same 1). Band 1: rises 0 -> 1 over bins 0..1, falls over bins 1..3: 1, 2/3, 1/3.
+    want = np.zeros((9, 2), np.float32)
+    want[0, 0] = 1
+    want[1:4, 1] = [1, np.float32(2) / np.float32(3), np.float32(1) / np.float32(3)]
+    assert np.array_equal(onnx_mel_matrix(2, 16, 0.0, 8000.0), want)
+    # the issue's example: 257 x 40 at 512 / 40 mels has 423 non-zeros of 10,280
+    assert int((mel_matrix(FrontendSpec(n_fft=512, n_mels=40)) != 0).sum()) == 423
+
+
+@pytest.mark.parametrize("n_mels,n_fft,fmin,fmax,win", [
+    (26, 64, 0.0, 8000.0, 64), (40, 512, 0.0, 8000.0, 400), (64, 512, 0.0, 8000.0, 512), (12, 128, 0.0, 8000.0, 128),
+    (40, 512, 20.0, 7600.0, 512), (20, 256, 0.0, 8000.0, 256), (64, 256, 0.0, 8000.0, 200), (60, 400, 50.0, 7000.0, 400),
+    (24, 2048, 0.0, 8000.0, 1500), (128, 1024, 133.3, 6855.5, 1024), (256, 16, 0.0, 8000.0, 16), (3, 301, 10.0, 5000.0, 17),
+])
+def test_mel_matrix_and_window_equal_onnxruntime_operators_bit_for_bit(n_mels, n_fft, fmin, fmax, win):
+    mel, window = ort_tables(n_mels, n_fft, fmin, fmax, win)
+    spec = FrontendSpec(n_fft=n_fft, win_length=win, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    assert mel.shape == (n_fft // 2 + 1, n_mels) and np.array_equal(mel_matrix(spec).numpy(), mel)
+    assert np.array_equal(hann_window(win).numpy(), window)
+    fe = Frontend(spec)  # what training uses is what the graph makes
+    assert np.array_equal(fe.fb.numpy(), mel) and np.array_equal(fe.power.window.numpy(), window)
+
+
+def test_log_mel_equals_torchaudio_power_spectrum_times_the_mel_matrix():
     spec = FrontendSpec(prenorm="none", n_fft=512, hop=160, win_length=400, n_mels=40, fmin=20.0, fmax=7600.0)
     fe = Frontend(spec)
-    reference = torchaudio.functional.melscale_fbanks(257, 20.0, 7600.0, 40, 16000, norm=None, mel_scale="htk")
-    assert torch.equal(fe.fb, reference)
     assert isinstance(fe.fb, torch.Tensor) and not isinstance(fe.fb, torch.nn.Parameter)
     x = audio(8000)
-    mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=160, f_min=20.0,
-                                               f_max=7600.0, n_mels=40, center=False, power=2.0, norm=None,
-                                               mel_scale="htk")(x)  # (B, n_mels, frames)
-    want = 10 * torch.log10(torch.clamp(mel, min=LOG_FLOOR)).transpose(1, 2).unsqueeze(1)
+    power = torchaudio.transforms.Spectrogram(n_fft=512, win_length=400, hop_length=160, center=False,
+                                              power=2.0)(x)  # (B, F, frames), torch's own Hann window
+    mel = power.transpose(1, 2) @ onnx_mel_matrix(40, 512, 20.0, 7600.0)  # (B, frames, n_mels)
+    want = 10 * torch.log10(torch.clamp(mel, min=energy_floor(spec))).unsqueeze(1)
     with torch.no_grad():
         got = fe(x)
     assert got.shape == want.shape == (2, 1, num_frames(spec, 8000), 40)
     assert torch.allclose(got, want, atol=1e-3)  # dB
+
+
+@pytest.mark.parametrize("compression", ["log", "pcen"])
+def test_silence_and_quiet_sit_exactly_on_the_floor(compression):
+    spec = FrontendSpec(prenorm="clip", n_fft=64, hop=32, n_mels=26, compression=compression)
+    # full scale: a sine of amplitude 1 through a periodic Hann of 64 (sum 32) puts (32 / 2)**2 = 256 in its bin
+    assert full_scale_energy(spec) == 256.0 and FLOOR_DB == -100.0
+    assert energy_floor(spec) == np.float32(256.0 * 1e-10)
+    t = torch.arange(16000) / 16000
+    sine = torch.sin(2 * math.pi * 1000 * t)[None]  # 1000 Hz is bin 4 exactly (250 Hz bins)
+    p = Frontend(FrontendSpec(prenorm="none", n_fft=64, hop=32)).power(sine)
+    assert abs(float(p[0, 10, 4]) - full_scale_energy(spec)) < 1e-3
+    fe = Frontend(spec)
+    with torch.no_grad():
+        silent = fe(torch.zeros(2, 24000))  # clip prenorm of zeros is zeros: no energy; 1.5 s fills the PCEN FIR
+    floor = energy_floor(spec)
+    if compression == "log":
+        assert torch.equal(silent, torch.full_like(silent, 10 * math.log10(floor)))  # -75.9 dB
+        assert abs(10 * math.log10(floor) - (10 * math.log10(256) - 100)) < 1e-5
+    else:  # the smoother of a constant floor is the floor: (f / (eps + f)**alpha + delta)**r - delta**r
+        want = (floor / (PCEN_EPS + floor) ** PCEN_ALPHA + PCEN_DELTA) ** PCEN_R - PCEN_DELTA ** PCEN_R
+        assert torch.allclose(silent[:, :, -1], torch.full_like(silent[:, :, -1], want), atol=2e-5)  # float32
+    if compression == "log":  # the quiet half of a loud clip sits on the floor too (PCEN divides by the loud past)
+        with torch.no_grad():
+            got = fe(torch.cat([sine[:, :4000], torch.zeros(1, 4000)], 1))
+        assert float(got.min()) == float(silent.min())
 
 
 def test_clip_prenorm_gives_zero_mean_unit_std():
@@ -193,6 +263,7 @@ def test_pcen_equals_its_formula_with_a_causal_fir():
     h = pcen_fir(128).double().numpy()
     assert abs(h.sum() - 1) < 1e-6 and np.all(np.diff(h) < 0)
     energy = np_power(x.numpy(), spec) @ Frontend(spec).fb.double().numpy()  # (B, frames, n_mels)
+    energy = np.maximum(energy, energy_floor(spec))
     smooth = np.zeros_like(energy)
     for t in range(energy.shape[1]):
         for k in range(min(len(h), t + 1)):
@@ -246,5 +317,9 @@ def test_frontend_spec_refuses_bad_values():
         FrontendSpec(center=1)
     with pytest.raises(MicroserError, match=r"spec key 'frontend.win_length': 600 exceeds n_fft 512"):
         FrontendSpec(win_length=600)
+    with pytest.raises(MicroserError, match=r"spec key 'frontend.fmax': 8000 Hz maps to FFT bin floor\(\(n_fft \+ 1\) "
+                                            r"\* fmax / 16000\) = 201, past the last bin 200 of n_fft 401"):
+        FrontendSpec(n_fft=401)
+    assert FrontendSpec(n_fft=401, fmax=7900.0).n_freqs == 201  # an odd n_fft below the top bin is fine
     with pytest.raises(MicroserError, match=r"spec key 'frontend.nfft' is unknown: allowed keys there are prenorm"):
         FrontendSpec.from_dict({"nfft": 512})

@@ -50,6 +50,13 @@ def test_finalists_come_from_the_highest_rungs_first():
     r2 = [Result(4, .62, (1.,))]
     assert finalists([r0, r1, r2], 3) == [4, 5, 3]
     assert finalists([r0, r1, r2], 1) == [4]
+    # a trial that collapsed at its highest rung comes after every usable one; with nothing usable, the
+    # best tried still come
+    r2_collapsed = [Result(4, .62, (1.,), collapsed=True)]
+    assert finalists([r0, r1, r2_collapsed], 2) == [5, 3]
+    assert finalists([r0, r1, r2_collapsed], 6) == [5, 3, 2, 1, 4, 0]   # 0: CCC 0 at rung 0
+    flat = [Result(n, -.01 * n, (1.,)) for n in range(3)]
+    assert finalists([flat], 2) == [0, 1]
 
 
 # ---- the queue ----

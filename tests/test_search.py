@@ -209,7 +209,7 @@ def tiny(tmp_path_factory):
     from microser.models.wav2small import Wav2SmallBody
 
     reference = ArchSpec("wav2small", FrontendSpec(n_fft=256, hop=160, center=False, n_mels=24),
-                         Wav2SmallBody(channels=(12, 12), kernel=3, norm="batch", pool_after=(1,), pooling="attention"))
+                         Wav2SmallBody(channels=(16, 16), kernel=3, norm="batch", pool_after=(1,), pooling="attention"))
     (root / "ref.json").write_text(reference.to_json())
     return root
 

@@ -10,9 +10,11 @@ One spec, one builder (timm style): ``ArchSpec(family, frontend, body)`` where
 
 Every model maps audio (B, T) float32 at 16 kHz, any ``T >= MIN_SECONDS``
 (0.25 s), to (B, 3) = (arousal, dominance, valence) through three top-level
-submodules: ``frontend`` -> ``body`` -> ``head``. The int8 deployment quantizes
+submodules: ``frontend`` -> ``body`` -> ``head``. Post-training int8 quantizes
 the front-end output and ``body``, keeps ``head`` (pooling + Linear) in float;
-the exported ONNX node names start with ``/frontend/``, ``/body/``, ``/head/``.
+quantization-aware int8 (``microser.qat``, Wav2Small family) quantizes every
+operator after the front-end's output; the exported ONNX node names start with
+``/frontend/``, ``/body/``, ``/head/``.
 """
 
 from __future__ import annotations

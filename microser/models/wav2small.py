@@ -21,9 +21,20 @@ stride-1 convs keep the length ("same" padding, zeros).
 ("meanstd") turning (B, C, T, F) into a fixed vector, then ``fc`` = Linear(-> 3):
 
 - attention: ``v = Conv1x1(C->C)(x)``, ``a = softmax_T(Conv1x1(C->C)(x))`` (softmax over
-  time, separately for every channel and frequency), ``sum_T(v * a)`` -> (B, C*F);
-- Gram: ``g = x.reshape(B, C, T*F)``, ``g @ g^T / (T*F)`` -> (B, C*C);
-- meanstd: mean and ``sqrt(var + MEANSTD_EPS)`` (population variance) over time -> (B, 2*C*F).
+  time, separately for every channel and frequency), ``sum_T(v * a)`` -> (B, C*F), one
+  ``einsum("bctf,bctf->bcf")`` (a dot product over time: one int32 accumulation in int8);
+- Gram: ``einsum("bctf,bdtf->bcd", x, x) / (T*F)`` -> (B, C*C) (``g @ g^T / (T*F)`` with
+  ``g = x.reshape(B, C, T*F)``);
+- meanstd: mean ``mu`` and ``sqrt(var + MEANSTD_EPS)`` (population variance, ``einsum`` of
+  ``x - mu`` with itself over time, / T) over time -> (B, 2*C*F).
+
+Quantization points (``q_*``, ``nn.Identity`` here; quantization-aware training,
+``microser.qat``, puts fake int8 quantizers there, and the int8 graph has a
+QuantizeLinear/DequantizeLinear pair at each): every block's output after the
+ReLU (and again after its max-pool, same scale), the conv output before a
+LayerNorm, every head value (``v``, scores, softmax weights, attention, Gram,
+mean, deviation, variance, std) and the output. The pooled features are a
+concatenation of int8 parts with their own scales (no requantization).
 
 The paper's student (``wav2small-ref``): 7 blocks of 13 channels, 3x3,
 BatchNorm, pool after block 2, attention+Gram on F = ceil(26 / 2) = 13 bands:
@@ -128,7 +139,7 @@ class FrameLayerNorm(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """conv -> norm -> ReLU -> optional 3x3/2 max-pool, on (B, C, T, F)."""
+    """conv -> norm -> ReLU -> optional 3x3/2 max-pool, on (B, C, T, F); ``q_conv``, ``q`` quantization points."""
 
     def __init__(self, c_in: int, c_out: int, *, kernel: int, stride: int, norm: str, bands: int, pool: bool):
         super().__init__()
@@ -141,9 +152,12 @@ class ConvBlock(nn.Module):
             self.norm = nn.Identity()
         self.act = nn.ReLU()
         self.pool = nn.MaxPool2d(3, stride=2, padding=1) if pool else nn.Identity()
+        self.q_conv = nn.Identity()  # conv output, where a LayerNorm reads it (BatchNorm folds into the conv)
+        self.q = nn.Identity()  # block output after the ReLU; applied again after the pool (max keeps the grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.act(self.norm(self.conv(x))))
+        y = self.q(self.act(self.norm(self.q_conv(self.conv(x)))))
+        return y if isinstance(self.pool, nn.Identity) else self.q(self.pool(y))
 
 
 class AttentionPool(nn.Module):
@@ -154,36 +168,48 @@ class AttentionPool(nn.Module):
         self.values = nn.Conv2d(channels, channels, 1)
         self.scores = nn.Conv2d(channels, channels, 1)
         self.gram = gram
+        self.q_values, self.q_scores, self.q_weights = nn.Identity(), nn.Identity(), nn.Identity()
+        self.q_att, self.q_gram = nn.Identity(), nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = torch.softmax(self.scores(x), dim=2)  # (B, C, T, F), sums to 1 over T
-        att = (self.values(x) * weights).sum(2).flatten(1)  # (B, C*F)
+        v = self.q_values(self.values(x))  # (B, C, T, F)
+        weights = self.q_weights(torch.softmax(self.q_scores(self.scores(x)), dim=2))  # sums to 1 over T
+        att = self.q_att(torch.einsum("bctf,bctf->bcf", v, weights)).flatten(1)  # (B, C*F)
         if not self.gram:
             return att
-        g = x.flatten(2)  # (B, C, T*F)
-        gram = torch.matmul(g, g.transpose(1, 2)) / g.size(2)  # (B, C, C)
+        count = x.size(2) * x.size(3)  # T*F
+        gram = self.q_gram(torch.einsum("bctf,bdtf->bcd", x, x) / count)  # (B, C, C)
         return torch.cat([att, gram.flatten(1)], 1)
 
 
 class MeanStdPool(nn.Module):
     """Mean and std over time: (B, C, T, F) -> (B, 2*C*F)."""
 
+    def __init__(self):
+        super().__init__()
+        self.q_mean, self.q_dev, self.q_var, self.q_std = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mu = x.mean(2)  # (B, C, F)
-        sd = ((x - mu.unsqueeze(2)).pow(2).mean(2) + MEANSTD_EPS).sqrt()
+        mu = self.q_mean(x.mean(2))  # (B, C, F)
+        d = self.q_dev(x - mu.unsqueeze(2))  # (B, C, T, F)
+        var = self.q_var(torch.einsum("bctf,bctf->bcf", d, d) / x.size(2) + MEANSTD_EPS)
+        sd = self.q_std(var.sqrt())
         return torch.cat([mu.flatten(1), sd.flatten(1)], 1)
 
 
 class Head(nn.Module):
-    """Pooling then Linear(features -> 3). Stays float in the int8 deployment."""
+    """Pooling then Linear(features -> 3). Float in post-training int8; int8 after quantization-aware training."""
 
     def __init__(self, pool: nn.Module, features: int):
         super().__init__()
         self.pool = pool
         self.fc = nn.Linear(features, 3)
+        self.q_out = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(x))
+        # no quantization point on the concatenated features: each part keeps its own scale (attention values and
+        # the Gram product differ in range by an order of magnitude), the Linear reads both
+        return self.q_out(self.fc(self.pool(x)))
 
 
 def head_features(body: Wav2SmallBody, n_mels: int) -> int:
