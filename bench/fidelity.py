@@ -94,7 +94,8 @@ def main() -> None:
 
     from microser.cache import Cache
     from microser.distill import TrainConfig
-    from microser.search import SearchConfig, distill_spec
+    from microser.search import distill_spec
+    from microser.search_config import SearchConfig
     from microser.space import SearchSpace
     from microser.splits import Split, bounded
 

@@ -118,7 +118,8 @@ def search_check(budget_instr: str, trials: int, steps: int, tmp: Path) -> None:
     from microser.compress import calibration_crops
     from microser.models.spec import ArchSpec, build_model
     from microser.cache import Cache
-    from microser.search import SearchConfig, run_search
+    from microser.search import run_search
+    from microser.search_config import SearchConfig
     from microser.rungs import load_trial_weights
 
     limit = parse_budget(budget_instr).limit

@@ -53,7 +53,8 @@ def main() -> None:
     import optuna
 
     from microser.pareto import is_candidate, is_feasible
-    from microser.search import SearchConfig, run_search
+    from microser.search import run_search
+    from microser.search_config import SearchConfig
     from microser.storage import load_study
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; cache {args.cache}; {args.trials} candidates at "

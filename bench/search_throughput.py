@@ -30,7 +30,8 @@ from collections import defaultdict
 
 import torch
 
-from microser.search import Components, SearchConfig, distill_spec, measure_spec, run_search
+from microser.search import Components, distill_spec, measure_spec, run_search
+from microser.search_config import SearchConfig
 
 
 def main() -> None:

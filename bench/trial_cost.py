@@ -38,7 +38,8 @@ def main() -> None:
 
     from microser.cache import Cache
     from microser.pareto import is_candidate
-    from microser.search import SearchConfig, run_search
+    from microser.search import run_search
+    from microser.search_config import SearchConfig
     from microser.storage import load_study
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.trials} candidates (random sampler, seed "

@@ -157,7 +157,7 @@ def describe(
 # -- search --
 
 from microser.budgets import BUDGET_HELP  # noqa: E402
-from microser.search import SearchConfig as _SC  # noqa: E402
+from microser.search_config import SearchConfig as _SC  # noqa: E402
 
 
 def _csv(text: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -237,7 +237,8 @@ def search(
     """Search architectures for the best CCC within budgets (Optuna multi-objective, successive halving), then
     train the best and the references with several seeds."""
     from microser import show
-    from microser.search import SearchConfig, run_search
+    from microser.search import run_search
+    from microser.search_config import SearchConfig
 
     cfg = SearchConfig.load(
         config, budgets=tuple(budget) if budget else None, cache=cache, space=space, time=time, trials=trials,

@@ -16,9 +16,10 @@ import numpy as np
 import optuna
 
 from microser.fidelity import Fidelity
+from microser.asha import finalists
 from microser.ladder import read_ladder, references
 from microser.pareto import is_feasible, non_dominated
-from microser.rungs import Evaluations, RungQueue
+from microser.rungs import FINAL, Evaluations, Job, RungQueue
 from microser.storage import safe_url
 
 FINAL_PLAN_ATTR = "final_plan"     # study user attr: finalists, steps, seeds, folds of the final stage
@@ -48,6 +49,44 @@ class SearchSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---- the final stage ----
+
+
+def final_members(study: optuna.Study, state, k: int, names) -> list[int]:
+    """The trials the final stage trains: the ``k`` best of the highest rungs, then the references ``names``."""
+    return finalists(state.ladder, k) + [t.number for t in references(study, names)]
+
+
+def run_final_stage(searcher, names) -> None:
+    """Train the finalists and the references ``names`` with every seed (``searcher``: a ``search._Searcher``,
+    its queue, ladder and workers): one plan per closed search stage, shared by every worker."""
+    study, f = searcher.study, searcher.fidelity
+    plan = study.user_attrs.get(FINAL_PLAN_ATTR)
+    refs = [t.number for t in references(study, names)]
+    if plan and all(n in plan["trials"] for n in refs):
+        members = list(plan["trials"])
+    else:   # computed on the settled ladder, so every worker that gets here computes the same plan
+        members = final_members(study, searcher.state(), searcher.config.final_k, names)
+        study.set_user_attr(FINAL_PLAN_ATTR, {"trials": members, "steps": f.final_steps, "seeds": f.final_seeds,
+                                              "folds": f.folds})
+    keys = searcher.queue.taken()
+    total = len(members) * f.final_seeds
+    for seed in range(f.final_seeds):   # seed-major: every member gets its first seed before any gets a second
+        for n in members:
+            job = Job(of=n, rung=FINAL, steps=f.final_steps, seed=seed, fold=seed % f.folds)
+            if job.key not in keys:
+                searcher.queue.enqueue(job)
+    searcher.emit("start", "final", f"final stage: {len(members)} trials x {f.final_seeds} seeds = {total} runs of "
+                  f"{f.final_steps} steps" + (f", validation rotating over {f.folds} speaker folds" if f.folds > 1
+                                              else ""))
+    if searcher.config.workers > 1:
+        searcher.in_workers("final")
+    searcher.drain()
+
+
+# ---- the summary ----
 
 
 def _row(t: optuna.trial.FrozenTrial, final: dict | None, rungs: dict[int, dict], on_front: bool) -> dict:

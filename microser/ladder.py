@@ -77,6 +77,8 @@ def read_ladder(study: optuna.Study, queue: RungQueue, fidelity: Fidelity, objec
         "trained": len(candidates),
         "running": sum(t.state == TrialState.RUNNING and t.user_attrs.get("stage") == "training" for t in trials)
         + sum(1 for s in keys.values() if s == "RUNNING"),
+        # new candidates in any state of their run (drawing, measuring, training), references excluded
+        "in_flight": sum(t.state == TrialState.RUNNING and "reference" not in t.user_attrs for t in trials),
         "rejected": sum(t.state == TrialState.COMPLETE and bool(t.user_attrs.get("rejected")) for t in trials),
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "best": best,

@@ -35,9 +35,8 @@ import math
 import multiprocessing
 import os
 import time
-import tomllib
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,24 +44,22 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from microser import __version__, checks
 from microser.asha import finalists, promotions
-from microser.budgets import Budget, canonical, canonical_dicts, describe_violations, parse_budgets, violations
-from microser.durations import parse_duration
+from microser.budgets import describe_violations, parse_budgets, violations
 from microser.errors import MicroserError
-from microser.pareto import COST_KEYS, DEFAULT_OBJECTIVES, is_feasible
+from microser.pareto import is_feasible
 from microser.fidelity import Fidelity, resolve_fidelity
-from microser.final import FINAL_PLAN_ATTR, SearchSummary, summarize
+from microser.samplers import TrialSeededSampler, make_sampler
+from microser.search_config import REJECTED_CCC, SearchConfig, check_same_study, study_settings
+from microser.final import FINAL_PLAN_ATTR, SearchSummary, run_final_stage, summarize
 from microser.ladder import Ladder, read_ladder, references
 from microser.rungs import FINAL, Job, RungQueue
 from microser.splits import Split, bounded, speaker_folds
 from microser.storage import (
-    SETTINGS_ATTR, artifact_store, check_storage_url, check_study_name, default_artifacts_dir, default_storage_url,
+    SETTINGS_ATTR, artifact_store, default_artifacts_dir, default_storage_url,
     fail_dead_trials, heartbeat_seconds, heartbeats_on, open_storage, safe_url, save_weights, worker_tag,
 )
 
-REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
-SAMPLERS = ("tpe", "tpe-group", "nsga2", "gp", "random")
 MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this space
 MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted
 PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
@@ -70,171 +67,6 @@ MAX_FAILURES_IN_A_ROW = 3
 FINAL_EVALUATION_SCALE = 4      # the final stage validates (and tests) on 4x the audio of a rung evaluation
 SEARCH_DONE_ATTR = "search_done"   # study user attr: the search stage ended (time or trials); a rerun goes on
 
-# Settings that define what a study's numbers mean: a study resumed with any of these changed is refused.
-IDENTITY_KEYS = ("objectives", "budgets", "input_seconds", "cache_fingerprint", "space_sha256", "fidelity",
-                 "ram_mode")
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Every ``microser search`` setting; the same keys are read from ``--config studies/NAME.toml``.
-
-    Defaults make ``microser search --budget 80k-params`` finish within 10 minutes
-    on 2 cores, on the demo cache or on a real one of any size.
-    """
-
-    study: str | None = None          # None: "search-<budgets>" (e.g. search-80k-params)
-    storage: str | None = None        # None: sqlite:///studies/<study>.db
-    artifacts: str | None = None      # None: <folder of the study file>/<study>-artifacts
-    cache: str | None = None          # None: the embedded demo cache (built on first use)
-    space: str | None = None          # None: search_spaces/default.toml
-    budgets: tuple[str, ...] = ()
-    # fp32 ONNX bytes track params closely and a 4-D front keeps almost every trial,
-    # so by default CCC is traded against params and int8 peak RAM only.
-    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
-    time: float | None = 600.0        # wall-clock seconds of the whole command (search + final stage); None: no limit
-    trials: int | None = None         # at most this many candidates trained at the first rung; None: what time allows
-    workers: int = 1
-    threads: int | None = None        # torch threads per worker; None: cores // workers
-    seed: int = 0
-    sampler: str = "tpe"
-    # fidelity, in optimizer steps of batch_size crops of crop_seconds (None: planned from time, see plan_steps)
-    rungs: tuple[int, ...] | None = None
-    eta: int = 3                      # promote the best 1/eta of a rung
-    epochs: float | None = None       # instead of rungs: one rung of this many epochs of the cache
-    crop_seconds: float = 1.0
-    crops_per_segment: int = 1
-    batch_size: int = 16
-    # audio per validation evaluation (the final stage reads 4x as much, and as much of the test split);
-    # larger splits are subsampled over speakers, so a trial costs the same on any cache. None: whole split
-    valid_seconds: float | None = 300.0
-    input_seconds: float = 1.0        # audio length at which RAM and MACs are measured
-    ram_mode: str = "offline"         # "streaming": ram_bytes = the C library's state + arena (microser.cgen)
-    # final stage: the best trials of the highest rungs and the references, each with final_seeds seeds
-    final_k: int = 2
-    final_steps: int | None = None
-    final_epochs: float | None = None  # instead of final_steps
-    final_seeds: int = 2
-    folds: str = "auto"               # "auto": seed s validates on speaker fold s when the cache has few; "none"
-    references: tuple[str, ...] = ("wav2small-ref",)
-
-    def __post_init__(self):
-        self._check_values()
-        if self.sampler not in SAMPLERS:
-            raise MicroserError(f"sampler {self.sampler!r} is not known: expected one of {', '.join(SAMPLERS)}")
-        bad = [o for o in self.objectives if o not in COST_KEYS]
-        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
-            raise MicroserError(f"objectives {','.join(self.objectives)!r}: expected distinct cost keys from "
-                                f"{', '.join(COST_KEYS)}, e.g. 'params,ram_bytes'")
-        self._check_values()
-        if self.time is None and self.trials is None:
-            raise MicroserError("time=none and no trials: give a wall-clock budget (--time 10m) or a number of "
-                                "candidates (--trials 30)")
-        if self.epochs is not None and self.rungs is not None:
-            raise MicroserError(f"epochs={self.epochs} and rungs={list(self.rungs)}: give one of them")
-        if self.final_epochs is not None and self.final_steps is not None:
-            raise MicroserError(f"final_epochs={self.final_epochs} and final_steps={self.final_steps}: give one")
-        if self.rungs is not None:
-            if not self.rungs or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.rungs) \
-                    or list(self.rungs) != sorted(set(self.rungs)):
-                raise MicroserError(f"rungs={list(self.rungs)}: expected increasing step counts >= 1, e.g. 60,200,600")
-        parse_budgets(self.budgets)
-        if self.ram_mode not in ("offline", "streaming"):
-            raise MicroserError(f"ram_mode {self.ram_mode!r}: expected 'offline' or 'streaming'")
-        if self.folds not in ("auto", "none"):
-            raise MicroserError(f"folds {self.folds!r}: expected 'auto' or 'none'")
-        check_study_name(self.study_name)
-        if self.storage is not None:
-            check_storage_url(self.storage)
-        if self.artifacts is not None:
-            checks.out_folder("--artifacts", self.artifacts)
-
-    def _check_values(self) -> None:
-        """Types and ranges of every value (a config file bypasses the CLI's types), as one-line errors."""
-        from microser.frontends import MIN_SECONDS
-
-        for f in fields(self):
-            value, option = getattr(self, f.name), "--" + f.name.replace("_", "-")
-            if f.name != "rungs" and isinstance(f.default, tuple) and not (
-                    isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
-                example = list(f.default) or ["80k-params"]
-                raise MicroserError(f"{f.name} {value!r} is not a list of strings: write e.g. {f.name} = {example!r}")
-            if f.type in ("str | None", "str") and not isinstance(value, str) and value is not None:
-                raise MicroserError(f"{option} {value!r} is not a string: pass e.g. {option} {f.default or 'NAME'}")
-        for name, low, example in (("trials", 1, 30), ("workers", 1, 1), ("final_k", 0, 2), ("batch_size", 2, 16),
-                                   ("crops_per_segment", 1, 1), ("threads", 1, 1), ("eta", 2, 3),
-                                   ("final_steps", 1, 1000), ("final_seeds", 1, 2)):
-            if getattr(self, name) is not None:
-                checks.number("--" + name.replace("_", "-"), getattr(self, name), low=low, integer=True,
-                              example=example)
-        checks.seed("--seed", self.seed)
-        for name, example in (("epochs", 1), ("final_epochs", 8), ("time", 600), ("valid_seconds", 600),
-                              ("crop_seconds", 1), ("input_seconds", 1)):
-            value, option = getattr(self, name), "--" + name.replace("_", "-")
-            if value is not None or name in ("crop_seconds", "input_seconds"):
-                checks.number(option, value, low=0, low_open=True, example=example,
-                              high=checks.MAX_INPUT_SECONDS if name == "input_seconds" else None)
-            if name in ("crop_seconds", "input_seconds") and value < MIN_SECONDS:
-                raise MicroserError(f"{option} {value:g} is shorter than {MIN_SECONDS:g} s, the shortest input a "
-                                    f"microser model takes (its STFT window must fit): pass {option} "
-                                    f"{MIN_SECONDS:g} or more, e.g. 1")
-
-    @property
-    def study_name(self) -> str:
-        """``--study``, else ``search-<budgets>`` with the budgets canonical (sorted, one spelling each)."""
-        return self.study or "-".join(["search", *(b.text for b in canonical(parse_budgets(self.budgets)))])
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise MicroserError(f"search config key(s) {', '.join(unknown)} not known: expected keys among "
-                                f"{', '.join(sorted(known))}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        for key in ("budgets", "objectives", "references"):   # one string is accepted for a list
-            if isinstance(d.get(key), str):
-                d[key] = tuple(x.strip() for x in d[key].split(",") if x.strip())
-        if isinstance(d.get("rungs"), str):
-            d["rungs"] = _ints(d["rungs"], "rungs")
-        if isinstance(d.get("time"), str):
-            d["time"] = None if d["time"].strip().lower() in ("none", "off", "") else parse_duration(d["time"], what="time")
-        if "trials" in d and "time" not in d and d["trials"] is not None:
-            d["time"] = None   # a number of trials alone is not cut short by the default wall-clock budget
-        return cls(**d)
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, **overrides) -> "SearchConfig":
-        """Read a study config TOML (the CLI's keys, ``-`` or ``_``), then apply ``overrides`` that are not None."""
-        base: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise MicroserError(f"study config {path} does not exist: pass an existing TOML, "
-                                    "e.g. --config studies/demo.toml")
-            try:
-                base = tomllib.loads(checks.read_text(path, "study config"))
-            except tomllib.TOMLDecodeError as e:
-                raise MicroserError(f"study config {path} is not valid TOML ({e}): fix the file") from None
-            section = base.get("search", base)
-            if not isinstance(section, dict):
-                raise MicroserError(f"study config {path}: [search] is not a table: write the settings under "
-                                    "[search] or at the top level")
-            base = {k.replace("-", "_"): v for k, v in section.items()}
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(base)
-
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise MicroserError(f"{what} {text!r} is not understood: expected comma-separated integers, "
-                            "e.g. 60,200,600") from None
 
 
 @dataclass
@@ -326,65 +158,6 @@ def _threads(config: SearchConfig) -> int:
     return max(1, cores // config.workers)
 
 
-def _sampler(config: SearchConfig, worker: int) -> optuna.samplers.BaseSampler:
-    """The study's sampler, seeded per trial number (see `TrialSeededSampler`); the same for every worker."""
-
-    def make(seed: int) -> optuna.samplers.BaseSampler:
-        if config.sampler in ("tpe", "tpe-group"):
-            return optuna.samplers.TPESampler(multivariate=True, group=config.sampler == "tpe-group", seed=seed,
-                                              n_startup_trials=10, warn_independent_sampling=False)
-        if config.sampler == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
-        if config.sampler == "gp":   # conditional parameters (per-block widths, family bodies) are drawn at random
-            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10, warn_independent_sampling=False)
-        return optuna.samplers.RandomSampler(seed=seed)
-
-    return TrialSeededSampler(make, config.seed)
-
-
-class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """Trial ``n`` draws with a sampler seeded by ``(seed, n)`` only.
-
-    Workers started with the same command on many hosts would otherwise draw
-    the same candidates (same seed, same sequence); trial numbers are unique
-    in the storage, so here every trial draws differently, and a one-worker
-    run repeats exactly. The inner sampler reads the study's history from
-    the storage, so making a fresh one per trial loses nothing.
-    """
-
-    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
-        self._make, self._seed = make, int(seed)
-        self.explore = False   # set by the search after a duplicate draw: the next trial draws at random
-        self._inner = self._fresh(0)
-
-    def _fresh(self, number: int) -> optuna.samplers.BaseSampler:
-        seed = int(np.random.SeedSequence([self._seed, int(number)]).generate_state(1)[0])
-        if self.explore:   # a model-based sampler that proposed a trained candidate again would again
-            return optuna.samplers.RandomSampler(seed=seed)
-        with warnings.catch_warnings():   # multivariate TPE is marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return self._make(seed)
-
-    def before_trial(self, study, trial) -> None:
-        self._inner = self._fresh(trial.number)
-        self._inner.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study, trial):
-        return self._inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self._inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        """Nothing to do: every trial's seed is fixed by its number."""
-
-
 def _seed(base: int, *parts) -> int:
     """A training seed for (study seed, trial, rung, seed index): distinct per job, the same on every rerun."""
     codes = [int(p) if isinstance(p, int) else int(hashlib.sha256(str(p).encode()).hexdigest()[:8], 16) for p in parts]
@@ -392,49 +165,6 @@ def _seed(base: int, *parts) -> int:
 
 
 # ---- study state, read from storage (so every worker sees the same counts) ----
-
-
-def _settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cache_path: str, space_path: Path,
-              artifacts: Path, fidelity: Fidelity) -> dict:
-    return {
-        "objectives": list(config.objectives),
-        "budgets": canonical_dicts(budgets),
-        "input_seconds": config.input_seconds,
-        "cache": cache_path,
-        "cache_fingerprint": getattr(data, "fingerprint", None),
-        "space": str(space_path),
-        "space_sha256": hashlib.sha256(space_path.read_bytes()).hexdigest() if space_path.is_file() else None,
-        "fidelity": fidelity.to_dict(),
-        "final": {"k": config.final_k, "steps": fidelity.final_steps, "seeds": fidelity.final_seeds},
-        "artifacts": str(artifacts.resolve()),
-        "sampler": config.sampler,
-        "seed": config.seed,
-        "references": list(config.references),
-        "rejected_ccc": REJECTED_CCC,
-        "microser_version": __version__,
-        **({"ram_mode": config.ram_mode} if config.ram_mode != "offline" else {}),
-    }
-
-
-def _check_same_study(name: str, url: str, old: dict, new: dict) -> None:
-    old = {**old, "budgets": canonical_dicts(old.get("budgets") or [])}   # older studies kept budgets as typed
-    for key in IDENTITY_KEYS:
-        if old.get(key) != new.get(key):
-            raise MicroserError(f"study {name!r} in {safe_url(url)} was created with {key} {_short(old.get(key))}, "
-                                f"this run asks for {_short(new.get(key))}: pass another --study name, or the "
-                                "study's own settings to resume it")
-
-
-def _short(value) -> str:
-    if isinstance(value, list) and value and isinstance(value[0], dict) and "text" in value[0]:
-        return ",".join(v["text"] for v in value) or "none"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
-    if isinstance(value, str) and len(value) > 16:
-        return value[:12] + "..."
-    return str(value)
 
 
 # ---- one search process ----
@@ -596,8 +326,8 @@ class _Searcher:
         trial.set_user_attr("stage", "training")
         steps = self.fidelity.rungs[0]
         self.emit("train", "search", f"trial {trial.number}: training {spec.summary()}, {steps} steps")
-        outcome = self.train(spec, steps, _seed(self.config.seed, trial.number, 0, 0), self.split(),
-                             f"trial {trial.number}")
+        first = trial.user_attrs.get("retry_of", trial.number)    # a retry repeats its dead trial's run exactly
+        outcome = self.train(spec, steps, _seed(self.config.seed, first, 0, 0), self.split(), f"trial {trial.number}")
         weights = save_weights(outcome.state_dict, store=self.store, study_or_trial=trial,
                                name=f"trial-{trial.number}-search")
         for key, value in self._record(outcome, weights).items():
@@ -702,8 +432,10 @@ class _Searcher:
                 continue
             if self.run_claimed("search"):     # a job queued by another worker, or retried after a kill
                 continue
-            if self.config.trials is not None and s.counts["trained"] >= self.config.trials:
-                if s.counts["running"] == 0:
+            # --trials counts candidates trained or being trained (a retry of a dead worker's trial is still due)
+            if (self.config.trials is not None and s.counts["trained"] + s.counts["in_flight"] >= self.config.trials
+                    and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+                if s.counts["running"] == 0 and s.counts["in_flight"] == 0:
                     return self.close(s, "trials")
                 time.sleep(min(2.0, heartbeat_seconds()))   # others still train: their results may be promotable
                 continue
@@ -742,6 +474,10 @@ class _Searcher:
                 "to draw): lower --trials or widen the space")
 
     # -- the final stage --
+    def in_workers(self, mode: str) -> None:
+        """Run ``mode`` ("search" or "final") in ``config.workers`` spawned processes."""
+        _in_workers(self, mode)
+
     def drain(self, stage: str = "final") -> None:
         """Train queued jobs until none is waiting or running (failing and re-queuing those of dead workers)."""
         while True:
@@ -793,7 +529,7 @@ def open_study(config: SearchConfig, *, worker: int = 0, create: bool = False) -
     name = config.study_name
     storage = open_storage(config.storage, name)
     directions = ["maximize"] + ["minimize"] * len(config.objectives)
-    sampler = _sampler(config, worker)
+    sampler = make_sampler(config)
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
@@ -906,10 +642,10 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     url = config.storage or default_storage_url(name)
     artifacts = Path(config.artifacts) if config.artifacts else default_artifacts_dir(config.storage, name)
     study = open_study(config, create=True)
-    settings = _settings(config, budgets, c.data, cache_path, space_path, artifacts, fidelity)
+    settings = study_settings(config, budgets, c.data, cache_path, space_path, artifacts, fidelity)
     old = study.user_attrs.get(SETTINGS_ATTR)
     if old is not None:
-        _check_same_study(name, url, old, settings)
+        check_same_study(name, url, old, settings)
         settings = {**settings, "artifacts": old["artifacts"]}
     else:
         study.set_user_attr(SETTINGS_ATTR, settings)
@@ -944,7 +680,7 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     search_seconds = c.clock() - t_search
 
     t1 = c.clock()
-    _final_stage(searcher, reference_specs)
+    run_final_stage(searcher, [n for n, _ in reference_specs])
     final_seconds = c.clock() - t1
     searcher.emit("done", "final", "search finished")
     return summarize(study, settings, url, stale, search_seconds, final_seconds)
@@ -976,40 +712,3 @@ def _train_references(searcher: _Searcher, reference_specs) -> None:
             values=[float(outcome.ccc["mean"]), *(float(costs[o]) for o in searcher.objectives)],
             user_attrs=attrs, constraints=violations(searcher.budgets, costs)))
         searcher.emit("trial", "references", f"reference {name}: CCC {outcome.ccc['mean']:.3f}")
-
-
-# ---- final stage ----
-
-
-def final_members(study: optuna.Study, state: Ladder, k: int, names) -> list[int]:
-    """The trials the final stage trains: the ``k`` best of the highest rungs, then the references ``names``."""
-    return finalists(state.ladder, k) + [t.number for t in references(study, names)]
-
-
-def _final_stage(searcher: _Searcher, reference_specs) -> None:
-    """Train the finalists and references with every seed: one plan per closed search stage, shared by workers."""
-    study, f = searcher.study, searcher.fidelity
-    plan = study.user_attrs.get(FINAL_PLAN_ATTR)
-    names = [n for n, _ in reference_specs]
-    refs = [t.number for t in references(study, names)]
-    if plan and all(n in plan["trials"] for n in refs):
-        members = list(plan["trials"])
-    else:   # computed on the settled ladder, so every worker that gets here computes the same plan
-        members = final_members(study, searcher.state(), searcher.config.final_k, names)
-        study.set_user_attr(FINAL_PLAN_ATTR, {"trials": members, "steps": f.final_steps, "seeds": f.final_seeds,
-                                              "folds": f.folds})
-    keys = searcher.queue.taken()
-    total = len(members) * f.final_seeds
-    for seed in range(f.final_seeds):   # seed-major: every member gets its first seed before any gets a second
-        for n in members:
-            job = Job(of=n, rung=FINAL, steps=f.final_steps, seed=seed, fold=seed % f.folds)
-            if job.key not in keys:
-                searcher.queue.enqueue(job)
-    searcher.emit("start", "final", f"final stage: {len(members)} trials x {f.final_seeds} seeds = {total} runs of "
-                  f"{f.final_steps} steps" + (f", validation rotating over {f.folds} speaker folds" if f.folds > 1
-                                              else ""))
-    if searcher.config.workers > 1:
-        _in_workers(searcher, "final")
-    searcher.drain()
-
-

@@ -346,10 +346,11 @@ def fail_dead_trials(study: optuna.Study, *, untagged_after_s: float = 600.0) ->
             continue  # another process finished or failed it first
         failed.append(t.number)
         attrs = {k: v for k, v in t.user_attrs.items() if k not in ("worker", "fail_reason", "stage")}
+        attrs["retry_of"] = attrs.get("retry_of", t.number)   # the first of a chain of retries: its seed is reused
         if t.params:
-            study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
+            study.enqueue_trial(t.params, user_attrs=attrs)
         elif "job" in attrs:   # a queued evaluation (microser.rungs): queue it again as it was
-            study.add_trial(optuna.create_trial(state=TrialState.WAITING, user_attrs={**attrs, "retry_of": t.number}))
+            study.add_trial(optuna.create_trial(state=TrialState.WAITING, user_attrs=attrs))
     return failed
 
 

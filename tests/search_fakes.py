@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microser.search import Components, SearchConfig, TrainOutcome
+from microser.search import Components, TrainOutcome
+from microser.search_config import SearchConfig
 
 
 @dataclass(frozen=True)

@@ -671,7 +671,7 @@ def test_audio_silent_after_conversion_is_skipped_and_float_overshoot_is_peak_no
 
 
 def test_resume_accepts_the_same_budgets_written_differently_or_reordered(tmp_path):
-    from microser.search import SearchConfig
+    from microser.search_config import SearchConfig
 
     first, _ = _fake_search(tmp_path, trials=2, final_k=0, references=(), budgets=("20k-params", "2048-ram"))
     again, _ = _fake_search(tmp_path, trials=3, final_k=0, references=(), budgets=("2KiB-ram", "20000-params"))
@@ -1050,7 +1050,7 @@ def _msg_latin1(tmp_path) -> str:
 
 
 def _msg_config(**kw) -> str:
-    from microser.search import SearchConfig
+    from microser.search_config import SearchConfig
 
     return _error(SearchConfig, **kw)
 

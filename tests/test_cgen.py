@@ -374,7 +374,7 @@ def test_describe_ram_mode_streaming_prints_the_c_figure(tmp_path, capsys):
 
 
 def test_search_ram_mode_streaming_budgets_the_stream():
-    from microser.search import SearchConfig
+    from microser.search_config import SearchConfig
 
     assert SearchConfig(ram_mode="streaming").ram_mode == "streaming"
     with pytest.raises(MicroserError, match="ram_mode 'sometimes'"):

@@ -117,7 +117,8 @@ def test_a_search_under_an_instr_budget_returns_only_candidates_whose_int8_c_mee
 
     from microser.compress import calibration_crops, quantize_int8
     from microser.onnxio import export_onnx
-    from microser.search import SearchConfig, run_search
+    from microser.search import run_search
+    from microser.search_config import SearchConfig
     from microser.rungs import load_trial_weights
     from microser.storage import load_study
     from microser.cache import Cache

@@ -13,7 +13,8 @@ from microser.fidelity import plan_steps
 from microser.final import compare
 from microser.pareto import is_candidate
 from microser.rungs import Evaluations, RungQueue, final_record, load_trial_weights
-from microser.search import REJECTED_CCC, SearchConfig, run_search
+from microser.search import run_search
+from microser.search_config import REJECTED_CCC, SearchConfig
 from microser.storage import load_study
 from search_fakes import FakeClock, FakeSpace, FakeTrainer, fake_ccc, fake_components, fake_config
 
