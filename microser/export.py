@@ -299,7 +299,7 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
         raise MicroserError(f"C export is not available for family {spec.family!r}: this version's microser.cgen "
                             "has no generate(bundle_dir, model, spec, int8_onnx_path); export without --c")
     if c:
-        from microser.cgen import check_exportable
+        from microser.cgen.plan import check_exportable
 
         check_exportable(spec)  # mobilenet: refused before any work
     fp32_named, int8_named = Path(fp32_named), Path(int8_named)
@@ -392,7 +392,7 @@ def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named:
     if c:  # the C library and its measured flash/RAM/instructions go into the card's "c" section
         card["c"] = _c_generator()(out, model, spec, int8_named)
         (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
-        from microser.cgen import card_markdown
+        from microser.cgen.bundle import card_markdown
 
         (out / "MODEL_CARD.md").write_text(model_card_markdown(card) + "\n" + card_markdown(card["c"]))
         files.append("C library (microser.cgen)")
