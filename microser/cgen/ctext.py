@@ -1,7 +1,10 @@
 """C text: float literals, const arrays, and the C template files of microser/cgen/templates/.
 
-Fixed C lives in template files filled with `string.Template` (``$name`` / ``${name}`` fields, ``$$`` for a
-dollar), so C braces are written as they are; Python builds only the shape-dependent parts.
+Fixed C lives in template files filled with `string.Template` (``${name}`` fields, ``$$`` for a dollar), so C
+braces are written as they are; Python builds only the shape-dependent parts. Two kinds of field hold lines of C:
+one on a line of its own takes lines without a final newline (`block` of another template, or lines joined by
+newlines); one glued to the start of the next line (``${prescan}    while ...``) is optional and takes lines each
+ending in a newline, or nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def c_array(ctype: str, name: str, values, per_line: int = 8) -> str:
     if not items:
         items = ["0"]
     lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
-    return f"static const {ctype} {name}[{len(items)}] = {{\n    " + ",\n    ".join(lines) + "\n};\n"
+    return f"static const {ctype} {name}[{len(items)}] = " + "{\n    " + ",\n    ".join(lines) + "\n};\n"
 
 
 @cache
@@ -52,5 +55,10 @@ def template(name: str) -> Template:
 
 
 def fill(name: str, **fields) -> str:
-    """Template ``name`` with every field filled (KeyError naming a missing field)."""
+    """Template ``name`` with every field filled (KeyError naming a missing field): the file's text."""
     return template(name).substitute(**fields)
+
+
+def block(name: str, **fields) -> str:
+    """`fill` without the file's final newline: lines of C for a field that stands on a line of its own."""
+    return fill(name, **fields).removesuffix("\n")

@@ -11,7 +11,7 @@ from microser import SAMPLE_RATE
 from microser.errors import MicroserError
 from microser.frontends import frame_padding, pcen_taps
 from microser.models.spec import resolve_spec
-from microser.cgen.plan import fft_factors, frontend_tables, int8_c_unavailable, shape_plan
+from microser.cgen.plan import fft_factors, fft_points, frontend_tables, int8_c_unavailable, shape_plan
 
 INSTR_TARGETS = ("x86-64", "cortex-m4")
 # Instructions per unit of each `instruction_features` count, fitted (non-negative least squares on relative error)
@@ -53,7 +53,7 @@ def instruction_features(spec) -> dict[str, float]:
     n = SAMPLE_RATE
     left, _ = frame_padding(fe)
     frames = 1 + (n + left - fe.n_fft) // fe.hop if n + left >= fe.n_fft else 0
-    m = fe.n_fft // 2 if fe.n_fft % 2 == 0 else fe.n_fft
+    m = fft_points(fe.n_fft)
     nf = fe.n_fft // 2 + 1
     f = {key: 0.0 for key in INSTR_FEATURES}
     f[f"sample_{fe.prenorm}"] = n

@@ -138,6 +138,12 @@ def shape_plan(spec, *, int8: bool = True) -> Plan:
     return Plan(spec=spec, tensors=tensors, stages=stages, pooling=body.pooling, variant="int8" if int8 else "float32")
 
 
+def fft_points(n_fft: int) -> int:
+    """Points of the complex FFT the C library runs: ``n_fft / 2`` for an even ``n_fft`` (a real FFT packed into a
+    complex one of half the length, then split), else ``n_fft``."""
+    return n_fft // 2 if n_fft % 2 == 0 else n_fft
+
+
 def fft_factors(n: int) -> list[int]:
     """The radices of the mixed-radix FFT of ``n`` points, in the order the C code runs them: 4s (while more than 4
     remain), then 4, 2, 3, 5, then odd factors from 7 up; ``[1]`` for one point."""
@@ -156,6 +162,12 @@ def fft_factors(n: int) -> list[int]:
             n //= p
         p += 2
     return out or [1]
+
+
+def head_features(plan: Plan) -> int:
+    """Length of the pooled feature vector the head's Linear reads."""
+    c, f = plan.tensors[-1].channels, plan.tensors[-1].bands
+    return {"attention+gram": c * f + c * c, "attention": c * f, "meanstd": 2 * c * f}[plan.pooling]
 
 
 def min_samples(plan: Plan) -> int:

@@ -11,7 +11,7 @@ from microser import SAMPLE_RATE
 from microser.errors import MicroserError
 from microser.frontends import pcen_taps
 from microser.models.spec import resolve_spec
-from microser.cgen.plan import Plan, shape_plan
+from microser.cgen.plan import Plan, fft_points, head_features, shape_plan
 
 
 C_SIZES = {"double": 8, "float": 4, "int32_t": 4, "uint32_t": 4, "int8_t": 1}
@@ -91,12 +91,9 @@ def body_arena(plan: Plan) -> BodyArena:
 def arena_floats(plan: Plan) -> int:
     """Scratch floats: max over the phases (front-end frame, body row, head features) that never overlap in time."""
     fe = plan.fe
-    m = fe.n_fft // 2 if fe.n_fft % 2 == 0 else fe.n_fft
-    front = 4 * m + fe.n_fft // 2 + 1 + 2 * fe.n_mels
+    front = 4 * fft_points(fe.n_fft) + fe.n_fft // 2 + 1 + 2 * fe.n_mels
     body = body_arena(plan).floats
-    c, f = plan.tensors[-1].channels, plan.tensors[-1].bands
-    feats = {"attention+gram": c * f + c * c, "attention": c * f, "meanstd": 2 * c * f}[plan.pooling]
-    n = max(front, body, feats)
+    n = max(front, body, head_features(plan))
     return n + n % 2  # even: the struct size is a multiple of 8 on every ABI
 
 

@@ -64,4 +64,3 @@ static int8_t requant(int32_t acc, int32_t mult, int t, int zp)
     q += zp;
     return (int8_t)(q < -128 ? -128 : (q > 127 ? 127 : q));
 }
-${wide}
