@@ -10,11 +10,11 @@
 Flash = text + data of ``size`` on the object compiled with ``gcc -std=c99 -pedantic -Wall -Wextra -Werror -O2``;
 RAM = sizeof(state) (persistent state + scratch arena) + the deepest stack path of ``-fcallgraph-info=su``;
 instructions = valgrind callgrind inside ``push`` (and ``prescan``) per second of audio (host x86-64: a proxy for
-DSP cycles, not a DSP measurement). Cortex-M4F (microser.cgen.toolchain.measure_cortex_m4): arm-none-eabi-gcc with the same
-strict flags and -mcpu=cortex-m4 -mfpu=fpv4-sp-d16 -mfloat-abi=hard -O2; flash = the library's code and tables plus
-the runtime it links (libm, libgcc), RAM = state + arena + the stack painted in QEMU (mps2-an386), instructions
-counted in QEMU (-icount), parity on the target ISA. Weights are random where no trained model is given: sizes and
-instruction counts do not depend on their values.
+DSP cycles, not a DSP measurement). Cortex-M4F (microser.cgen.toolchain.measure_cortex_m4): arm-none-eabi-gcc with
+the same strict flags and -mcpu=cortex-m4 -mfpu=fpv4-sp-d16 -mfloat-abi=hard -O2; flash = the library's code and
+tables plus the runtime it links (libm, libgcc), RAM = state + arena + the stack painted in QEMU (mps2-an386),
+instructions counted in QEMU (-icount), parity on the target ISA. Weights are random where no trained model is given:
+sizes and instruction counts do not depend on their values.
 """
 
 from __future__ import annotations

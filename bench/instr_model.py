@@ -1,4 +1,5 @@
-"""The instruction cost model (microser.cgen.instr.predict_instructions) against measured instructions of the int8 C library.
+"""The instruction cost model (microser.cgen.instr.predict_instructions) against measured instructions of the int8 C
+library.
 
     python bench/instr_model.py                        # 50 random default-space specs: prediction vs measurement
     python bench/instr_model.py --calibrate 40         # fit INSTR_COEFFS on 40 other specs, print them to paste

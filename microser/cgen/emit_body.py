@@ -183,7 +183,8 @@ def _conv_f32(plan: Plan, i: int) -> str:
         finish = f"tmp[{index}] = acc;"
     else:
         finish = _store(plan, i, "(acc > 0.0f ? acc : 0.0f)" if st.relu else "acc", index)
-    code = block("conv_f32.c", i=i, dst=_dst_decl(plan, i), tmp="    float *tmp = st->arena.f;\n" if st.ln is not None else "",
+    tmp = "    float *tmp = st->arena.f;\n" if st.ln is not None else ""  # LayerNorm's row before normalizing
+    code = block("conv_f32.c", i=i, dst=_dst_decl(plan, i), tmp=tmp,
                  cin=src.channels, fin=src.bands, cout=dst.channels, fout=dst.bands, K=st.k, S=st.s, Pd=st.p,
                  row=src.row, xtype=_ctype(src), inner=tap("df"), unrolled=" ".join(tap(str(d)) for d in range(st.k)),
                  finish=finish)

@@ -23,7 +23,8 @@ def tables(plan: Plan) -> list[str]:
     t = [c_array("float", "TW_RE", np.cos(2 * np.pi * k / m)), c_array("float", "TW_IM", -np.sin(2 * np.pi * k / m))]
     if n % 2 == 0:
         kk = np.arange(m + 1)
-        t += [c_array("float", "RT_RE", np.cos(2 * np.pi * kk / n)), c_array("float", "RT_IM", -np.sin(2 * np.pi * kk / n))]
+        t += [c_array("float", "RT_RE", np.cos(2 * np.pi * kk / n)),
+              c_array("float", "RT_IM", -np.sin(2 * np.pi * kk / n))]
     t += [c_array("int", "FFT_FACTORS", fft_factors(m)), c_array("float", "WINDOW", plan.window),
           c_array("uint16_t", "MEL_START", plan.mel.start, 16), c_array("uint16_t", "MEL_LEN", plan.mel.length, 16),
           c_array("float", "MEL_W", plan.mel.weights)]

@@ -61,7 +61,8 @@ def state_members(plan: Plan) -> list[tuple[str, str, int, str]]:
     for i, st in enumerate(plan.stages):
         t = plan.tensors[st.src]
         if t.quant is not None:
-            m.append(("int8_t", f"ring{i}", st.k * t.row, f"stage {i} input rows, int8 ({st.k} x {t.channels} x {t.bands})"))
+            m.append(("int8_t", f"ring{i}", st.k * t.row,
+                      f"stage {i} input rows, int8 ({st.k} x {t.channels} x {t.bands})"))
     return m
 
 
