@@ -1,6 +1,6 @@
 """Dependency-free C99 streaming inference for one Wav2Small-family student: the generator, its RAM and its cost.
 
-``generate(bundle_dir, model, spec, int8_onnx_path)`` writes ``bundle_dir/c/``:
+``microser.cgen.bundle.generate(bundle_dir, model, spec, int8_onnx_path)`` writes ``bundle_dir/c/``:
 
     <prefix>_f32.h/.c    float32 library: the whole graph from raw 16 kHz samples
     <prefix>_int8.h/.c   int8 library reproducing the int8 QDQ ONNX graph (microser.compress)
@@ -48,16 +48,15 @@ requantizes each accumulator by an exact int32 multiplier and shift (`fixedpoint
 front-end output divides by the scale and rounds to nearest even; the front-end and the head run in float exactly
 as in the float variant, on the dequantized last body row.
 
-Modules: `plan` (shapes, front-end tables, float weights), `qdq` (the int8 plan from the int8 graph),
-`fixedpoint` (requantization), `ram` (state layout, streaming RAM), `instr` (the instruction cost model),
-`ctext` (C literals, templates), `emit` (the C text, pure), `toolchain` (gcc, valgrind, Cortex-M4F, QEMU),
-`bundle` (`generate`, the card).
+Modules (import the one you need; this package imports none of them, so `ctext` stays light):
+
+    plan           shapes (`shape_plan`), front-end tables, float weights (`float_plan`), `check_exportable`
+    qdq            the int8 plan read from the int8 QDQ graph (`int8_plan`)
+    fixedpoint     the requantization contract (`fixed_multiplier`, `requantize_reference`)
+    ram            the state layout and `streaming_ram` / `streaming_costs` / `streaming_report`
+    instr          the instruction cost model (`instruction_features`, `predict_instructions`)
+    ctext          C literals (`c_float`, `c_array`) and the templates/ files
+    emit           `emit(plan) -> {file name: text}`, pure; per stage: emit_frontend, emit_body, emit_head, emit_api
+    toolchain      gcc, the driver, valgrind, the stack walk, the Cortex-M4F build and QEMU run
+    bundle         `generate`, `write_library`, the README and the model card's section
 """
-
-from microser.cgen.bundle import card_markdown, generate
-from microser.cgen.instr import instruction_features, predict_instructions
-from microser.cgen.plan import check_exportable, int8_c_unavailable
-from microser.cgen.ram import streaming_costs, streaming_ram, streaming_report
-
-__all__ = ["card_markdown", "check_exportable", "generate", "instruction_features", "int8_c_unavailable",
-           "predict_instructions", "streaming_costs", "streaming_ram", "streaming_report"]
