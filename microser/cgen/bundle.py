@@ -156,7 +156,7 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
 
 def _cortex_m4_section(out: Path, libs: dict, refs: dict, host: dict, audio: np.ndarray, spec) -> dict:
     """The card's ``cortex_m4`` entry: per variant `measure_cortex_m4`, with parity on the target when QEMU ran."""
-    tools = toolchain.m4_tools()
+    tools = toolchain.m4_tools()  # read on the module, as measure_cortex_m4 reads it: one place to stand in
     if tools["gcc"] is None:
         return {"skipped": f"{ARM_GCC} not found: {M4_TOOLS_HINT}"}
     section = {} if tools["qemu"] else {"qemu": f"{QEMU_ARM} not found: flash and RAM only (no run, static stack); "
