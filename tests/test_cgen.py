@@ -229,7 +229,7 @@ def test_dsp_kernels_equal_the_portable_ones(ref_int8, traced_int8, tmp_path):
     _, _, _, d = ref_int8
     plan, rows, out = traced_int8
     exe = compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE", "-DMICROSER_DSP_EMULATE"),
-                              exe="t_int8_dsp")
+                         exe="t_int8_dsp")
     source = (d / "t_int8.c").read_text()
     assert "#if MICROSER_SIMD" in source and "SMLAD(a01, x, s00)" in source
     dsp = run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=tmp_path / "dsp.bin")
