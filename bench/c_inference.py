@@ -10,11 +10,11 @@
 Flash = text + data of ``size`` on the object compiled with ``gcc -std=c99 -pedantic -Wall -Wextra -Werror -O2``;
 RAM = sizeof(state) (persistent state + scratch arena) + the deepest stack path of ``-fcallgraph-info=su``;
 instructions = valgrind callgrind inside ``push`` (and ``prescan``) per second of audio (host x86-64: a proxy for
-DSP cycles, not a DSP measurement). Cortex-M4F (microser.cgen.measure_cortex_m4): arm-none-eabi-gcc with the same
-strict flags and -mcpu=cortex-m4 -mfpu=fpv4-sp-d16 -mfloat-abi=hard -O2; flash = the library's code and tables plus
-the runtime it links (libm, libgcc), RAM = state + arena + the stack painted in QEMU (mps2-an386), instructions
-counted in QEMU (-icount), parity on the target ISA. Weights are random where no trained model is given: sizes and
-instruction counts do not depend on their values.
+DSP cycles, not a DSP measurement). Cortex-M4F (microser.cgen.toolchain.measure_cortex_m4): arm-none-eabi-gcc with
+the same strict flags and -mcpu=cortex-m4 -mfpu=fpv4-sp-d16 -mfloat-abi=hard -O2; flash = the library's code and
+tables plus the runtime it links (libm, libgcc), RAM = state + arena + the stack painted in QEMU (mps2-an386),
+instructions counted in QEMU (-icount), parity on the target ISA. Weights are random where no trained model is given:
+sizes and instruction counts do not depend on their values.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microser import cgen
+from microser.cgen import bundle, plan, qdq, ram, toolchain
 from microser.costs import count_params
 from microser.models.spec import REFERENCES, ArchSpec, build_model
 from microser.onnxio import export_onnx, ort_session, run_onnx
@@ -55,7 +55,7 @@ def calibrated(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:
     """A random model with BatchNorm statistics taken from audio (so int8 scales are realistic)."""
     torch.manual_seed(seed)
     model = build_model(spec)
-    audio = torch.from_numpy(np.stack([cgen.check_signal(1.0, seed=k) for k in range(4)]))
+    audio = torch.from_numpy(np.stack([bundle.check_signal(1.0, seed=k) for k in range(4)]))
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
@@ -89,9 +89,9 @@ def measure_spec(name: str, spec: ArchSpec, tmp: Path, model=None, crops=None) -
     export_onnx(model, tmp / f"{name}.onnx")
     from microser.compress import quantize_int8
 
-    crops = crops if crops is not None else [cgen.check_signal(1.0, seed=10 + k) for k in range(4)]
+    crops = crops if crops is not None else [bundle.check_signal(1.0, seed=10 + k) for k in range(4)]
     quantize_int8(tmp / f"{name}.onnx", crops, tmp / f"{name}.int8.onnx")
-    section = cgen.generate(tmp / name, model, spec, tmp / f"{name}.int8.onnx", prefix="b")
+    section = bundle.generate(tmp / name, model, spec, tmp / f"{name}.int8.onnx", prefix="b")
     rows = []
     for v, m in section["measured"].items():
         rows.append({"name": name, "variant": v, "params": count_params(tmp / f"{name}.onnx"), **m,
@@ -112,7 +112,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['parity']:>8.1e}")
     for name, summary in dict((r["name"], r["summary"]) for r in rows).items():
         print(f"  {name}: {summary}")
-    print("parity: max abs difference on cgen.check_signal() in uneven chunks, float32 vs PyTorch, int8 vs the "
+    print("parity: max abs difference on cgen.bundle.check_signal() in uneven chunks, float32 vs PyTorch, int8 vs the "
           "onnxruntime int8 graph; instructions: callgrind inside push() (+ prescan()) on 1 s of noise (host x86-64)")
     ratios = [(name, i8["instructions_per_audio_second"] / f32["instructions_per_audio_second"])
               for name in dict.fromkeys(r["name"] for r in rows)
@@ -153,21 +153,21 @@ def sample_specs(n: int, tmp: Path, seed: int = 1) -> None:
     for k, spec in enumerate(specs[:n]):
         model = calibrated(spec, seed=k)
         d = tmp / f"s{k}"
-        cgen.write_library(cgen.float_plan(model, spec), d, "s", "float32")
-        exe = cgen.compile_driver(d, "s")
-        audio = cgen.check_signal(float(rng.uniform(0.5, 2.0)), seed=k)
+        bundle.write_library(plan.float_plan(model, spec), d, "s")
+        exe = toolchain.compile_driver(d, "s")
+        audio = bundle.check_signal(float(rng.uniform(0.5, 2.0)), seed=k)
         with torch.no_grad():
             expected = model(torch.from_numpy(audio)[None]).double().numpy()[0]
-        got = cgen.run_driver(exe, audio, rng.integers(1, 4000, 5))
-        worst.append((float(np.max(np.abs(got - expected))), spec.summary(), cgen.state_bytes(
-            cgen.shape_plan(spec, int8=True))["total"]))
+        got = toolchain.run_driver(exe, audio, rng.integers(1, 4000, 5))
+        worst.append((float(np.max(np.abs(got - expected))), spec.summary(), ram.state_bytes(
+            plan.shape_plan(spec, int8=True))["total"]))
     diffs = np.array([w[0] for w in worst])
-    ram = np.array([w[2] for w in worst])
+    ram_bytes = np.array([w[2] for w in worst])
     print(f"\n{n} random default-space wav2small specs, float C vs PyTorch on check_signal in random chunks "
           f"({time.perf_counter() - t0:.0f} s): max abs diff median {np.median(diffs):.1e}, max {diffs.max():.1e}; "
           f"all <= 1e-4: {bool((diffs <= 1e-4).all())}")
-    print(f"int8 streaming state+arena over those specs: min {ram.min():,} B, median {int(np.median(ram)):,} B, "
-          f"max {ram.max():,} B")
+    print(f"int8 streaming state+arena over those specs: min {ram_bytes.min():,} B, "
+          f"median {int(np.median(ram_bytes)):,} B, max {ram_bytes.max():,} B")
     for d, s, _ in sorted(worst, reverse=True)[:3]:
         print(f"  worst: {d:.1e}  {s}")
 
@@ -187,15 +187,15 @@ def trained_ccc(trained: Path, cache_path: str, tmp: Path) -> None:
         export_onnx(model, tmp / "t.onnx")
         crops = calibration_crops(data, seconds=2.0, max_crops=64, seed=0)
         quantize_int8(tmp / "t.onnx", crops, tmp / "t.int8.onnx")
-        cgen.write_library(cgen.int8_plan(model, spec, tmp / "t.int8.onnx"), tmp / "t", "t", "int8")
-        exe = cgen.compile_driver(tmp / "t", "t")
+        bundle.write_library(qdq.int8_plan(model, spec, tmp / "t.int8.onnx"), tmp / "t", "t")
+        exe = toolchain.compile_driver(tmp / "t", "t")
         session = ort_session(tmp / "t.int8.onnx")
         idx = data.split_indices("test")
         c_out, ort_out = [], []
         rng = np.random.default_rng(0)
         for i in idx:
             audio = data.audio(int(i))
-            c_out.append(cgen.run_driver(exe, audio, rng.integers(1, 4000, 4)))
+            c_out.append(toolchain.run_driver(exe, audio, rng.integers(1, 4000, 4)))
             ort_out.append(run_onnx(session, audio)[0])
         c_out, ort_out = np.array(c_out), np.array(ort_out)
         truth = np.asarray(data.targets)[idx]

@@ -1,4 +1,5 @@
-"""The instruction cost model (microser.cgen.predict_instructions) against measured instructions of the int8 C library.
+"""The instruction cost model (microser.cgen.instr.predict_instructions) against measured instructions of the int8 C
+library.
 
     python bench/instr_model.py                        # 50 random default-space specs: prediction vs measurement
     python bench/instr_model.py --calibrate 40         # fit INSTR_COEFFS on 40 other specs, print them to paste
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from c_inference import calibrated, machine
-from microser import cgen
+from microser.cgen import bundle, instr, plan, qdq, toolchain
 from microser.compress import quantize_int8
 from microser.errors import MicroserError
 from microser.onnxio import export_onnx
@@ -39,7 +40,7 @@ def specs(n: int, seed: int) -> list:
     out, seen, draw = [], set(), 0
     while len(out) < n:
         for s in SearchSpace.load("default").sample(4 * n, seed=seed + draw):
-            if cgen.int8_c_unavailable(s) is None and s.to_json() not in seen:
+            if plan.int8_c_unavailable(s) is None and s.to_json() not in seen:
                 seen.add(s.to_json())
                 out.append(s)
         draw += 1
@@ -59,17 +60,17 @@ def measure(spec, target: str, cache: dict, path: Path, seed: int = 0) -> int | 
             except MicroserError:
                 cache[key] = None
             else:
-                crops = [cgen.check_signal(1.0, seed=10 + k) for k in range(4)]
+                crops = [bundle.check_signal(1.0, seed=10 + k) for k in range(4)]
                 quantize_int8(tmp / "m.onnx", crops, tmp / "m.int8.onnx")
-                cgen.write_library(cgen.int8_plan(model, spec, tmp / "m.int8.onnx"), tmp / "c", "q", "int8")
+                bundle.write_library(qdq.int8_plan(model, spec, tmp / "m.int8.onnx"), tmp / "c", "q")
                 for t in {target, *available_targets()}:  # one build, every target this host can count
-                    cache[f"{t} {spec.to_json()}"] = cgen.measure_instructions(tmp / "c", "q", target=t)
+                    cache[f"{t} {spec.to_json()}"] = toolchain.measure_instructions(tmp / "c", "q", target=t)
         path.write_text(json.dumps(cache, indent=0))
     return cache[key]
 
 
 def available_targets() -> list[str]:
-    tools = cgen.m4_tools()
+    tools = toolchain.m4_tools()
     return ["x86-64"] + (["cortex-m4"] if tools["gcc"] and tools["qemu"] else [])
 
 
@@ -89,7 +90,7 @@ def fit(rows: list[tuple[dict, int]]) -> dict[str, float]:
     """Non-negative coefficients minimising the squared relative error over (features, measured) rows."""
     from scipy.optimize import nnls
 
-    keys = [k for k in cgen.INSTR_FEATURES if any(f[k] for f, _ in rows)]
+    keys = [k for k in instr.INSTR_FEATURES if any(f[k] for f, _ in rows)]
     a = np.array([[f[k] / y for k in keys] for f, y in rows])
     coef, _ = nnls(a, np.ones(len(rows)))
     return {k: round(float(c), 4) for k, c in zip(keys, coef) if c > 0}
@@ -147,8 +148,8 @@ def search_check(budget_instr: str, trials: int, steps: int, tmp: Path) -> None:
             with torch.no_grad():
                 export_onnx(model, d / "m.onnx")
             quantize_int8(d / "m.onnx", crops, d / "m.int8.onnx")
-            cgen.write_library(cgen.int8_plan(model, spec, d / "m.int8.onnx"), d / "c", "q", "int8")
-            meas = cgen.measure_instructions(d / "c", "q")
+            bundle.write_library(qdq.int8_plan(model, spec, d / "m.int8.onnx"), d / "c", "q")
+            meas = toolchain.measure_instructions(d / "c", "q")
         worst, measured = max(worst, meas / limit), measured + 1
         print(f"{t.number:>5} {spec.summary():96} {a['costs']['instr'] / 1e6:>9.1f}M {meas / 1e6:>9.1f}M "
               f"{100 * meas / limit:>8.0f}%")
@@ -160,7 +161,7 @@ def search_check(budget_instr: str, trials: int, steps: int, tmp: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", choices=cgen.INSTR_TARGETS, default="x86-64")
+    ap.add_argument("--target", choices=instr.INSTR_TARGETS, default="x86-64")
     ap.add_argument("--n", type=int, default=50, help="specs to evaluate (default 50)")
     ap.add_argument("--calibrate", type=int, default=0, help="fit the coefficients on N other specs first")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/microser-instr-cache.json"))
@@ -172,13 +173,13 @@ def main() -> None:
     print(f"int8 C library instructions per audio second on {machine()}, target {args.target}")
     if args.calibrate:
         calib = measured(args.calibrate, CALIBRATION_SEED, args.target, cache, args.cache)
-        coeffs = fit([(cgen.instruction_features(s), y) for s, y in calib])
+        coeffs = fit([(instr.instruction_features(s), y) for s, y in calib])
         print(f"\nINSTR_COEFFS[{args.target!r}] fitted on {len(calib)} specs (seed {CALIBRATION_SEED}):")
         print("{" + ",\n ".join(f"{k!r}: {v}" for k, v in coeffs.items()) + "}")
-        cgen.INSTR_COEFFS[args.target] = coeffs
-        table([(s, cgen.predict_instructions(s, target=args.target), y) for s, y in calib], args.target,
+        instr.INSTR_COEFFS[args.target] = coeffs
+        table([(s, instr.predict_instructions(s, target=args.target), y) for s, y in calib], args.target,
               "fit on the calibration specs")
-    rows = [(s, cgen.predict_instructions(s, target=args.target), y)
+    rows = [(s, instr.predict_instructions(s, target=args.target), y)
             for s, y in measured(args.n, EVAL_SEED, args.target, cache, args.cache)]
     table(rows, args.target, f"{args.n} random default-space specs (seed {EVAL_SEED}), not used for the fit")
     if args.search:

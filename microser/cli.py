@@ -148,7 +148,7 @@ def describe(
         raise MicroserError(f"--ram-mode {ram_mode!r}: expected offline or streaming")
     streaming = None
     if ram_mode == "streaming":  # before the slow offline measurement: a MobileNet spec fails fast
-        from microser.cgen import streaming_report
+        from microser.cgen.ram import streaming_report
 
         streaming = streaming_report(spec, input_seconds)
     show.cost_report(measure_report(spec, input_seconds=input_seconds), as_json=json_, streaming=streaming)

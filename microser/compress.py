@@ -1,6 +1,6 @@
 """Shrink a trained student: structured channel pruning (Torch-Pruning) and int8 post-training quantization.
 
-Quantization contract (the C generator, microser/cgen.py, reproduces the int8
+Quantization contract (the C generator, microser/cgen/, reproduces the int8
 graph written here, reading every scale and zero point from it):
 
 * onnxruntime ``quantize_static``, QDQ format, calibrated with MinMax on crops

@@ -22,7 +22,7 @@ onnxsim-simplified, parity-checked) and
   Budgets on RAM limit the int8 figure;
 - ``instr`` is the instructions per second of audio of the generated int8 C
   library (x86-64, as valgrind callgrind counts them), predicted from the spec by
-  :func:`microser.cgen.predict_instructions`, a per-operator model calibrated
+  :func:`microser.cgen.instr.predict_instructions`, a per-operator model calibrated
   against callgrind (no compile); ``inf`` for a model without an int8 C library
   (MobileNet, LayerNorm bodies), so an ``instr`` budget rejects it.
 """
@@ -58,7 +58,7 @@ class Costs:
     ram_bytes: int  # peak live activation bytes, int8 deployment plan (what RAM budgets limit)
     ram_bytes_fp32: int  # the same plan with every activation in float32
     input_seconds: float  # duration at which macs and RAM were measured
-    instr: float = math.inf  # int8 C instructions per audio second (cgen.predict_instructions); inf: no int8 C
+    instr: float = math.inf  # int8 C instructions per audio second (cgen.instr.predict_instructions); inf: no int8 C
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,12 +129,13 @@ def _measure(model, name, input_seconds, samples, workdir: Path) -> CostReport:
 
 def instructions(model) -> float:
     """``instr``: predicted int8 C instructions per second of audio of ``model``'s spec, ``inf`` without one."""
-    from microser import cgen
+    from microser.cgen.instr import predict_instructions
+    from microser.cgen.plan import int8_c_unavailable
 
     spec = getattr(model, "spec", None)
-    if spec is None or not hasattr(spec, "family") or cgen.int8_c_unavailable(spec) is not None:
+    if spec is None or not hasattr(spec, "family") or int8_c_unavailable(spec) is not None:
         return math.inf
-    return float(cgen.predict_instructions(spec))
+    return float(predict_instructions(spec))
 
 
 def _as_model(spec_or_model) -> tuple[torch.nn.Module, str]:

@@ -11,7 +11,7 @@
 
 The export refuses (MicroserError, nothing half-written is left as a bundle)
 when parity is worse than ``Tolerance``. ``c=True`` adds the C library made by
-``microser.cgen.generate`` (when that module exists).
+``microser.cgen.bundle.generate`` (when that module exists).
 
 Using a model: :func:`evaluate_target` (CCC of a trial, a compressed trial, a
 bundle or an ONNX file on a cache split) and :func:`predict_files` (A/D/V per
@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from microser import SAMPLE_RATE, TARGETS, __version__, checks
+from microser.cgen.ctext import c_float
 from microser.errors import MicroserError
 
 
@@ -144,11 +145,6 @@ def strip_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _c_float(x: float) -> str:
-    text = f"{float(x):.9g}"
-    return text + ("f" if any(ch in text for ch in ".e") else ".0f")
-
-
 # ---- C header ----
 
 
@@ -171,8 +167,8 @@ def c_header(int8_bytes: bytes, contract: dict) -> str:
         f"#define MICROSER_OUTPUT_NAME \"{contract['output_name']}\"",
         f"#define MICROSER_N_OUTPUTS {len(contract['outputs'])}",
         *[f"#define MICROSER_OUTPUT_{name.upper()} {k}" for k, name in enumerate(contract["outputs"])],
-        f"#define MICROSER_OUTPUT_MIN {_c_float(contract['output_range'][0])}",
-        f"#define MICROSER_OUTPUT_MAX {_c_float(contract['output_range'][1])}",
+        f"#define MICROSER_OUTPUT_MIN {c_float(contract['output_range'][0])}",
+        f"#define MICROSER_OUTPUT_MAX {c_float(contract['output_range'][1])}",
         f"#define MICROSER_MODEL_INT8_ONNX_LEN {len(int8_bytes)}u",
         "",
         f"static const unsigned int microser_model_int8_onnx_len = {len(int8_bytes)}u;",
@@ -281,7 +277,7 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
         quant: ``QuantReport.to_dict()`` of ``int8_named``.
         costs: params, trainable_params, macs, ram_bytes, ram_bytes_fp32, input_seconds.
         source: where the model came from (study, trial, weights, compressed folder).
-        c: also generate the C library (``microser.cgen.generate``).
+        c: also generate the C library (``microser.cgen.bundle.generate``).
 
     The bundle is written to a temporary folder beside ``out`` and renamed
     into place at the end, so ``out`` never mixes files of two exports and a
@@ -299,7 +295,7 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
         raise MicroserError(f"C export is not available for family {spec.family!r}: this version's microser.cgen "
                             "has no generate(bundle_dir, model, spec, int8_onnx_path); export without --c")
     if c:
-        from microser.cgen import check_exportable
+        from microser.cgen.plan import check_exportable
 
         check_exportable(spec)  # mobilenet: refused before any work
     fp32_named, int8_named = Path(fp32_named), Path(int8_named)
@@ -402,7 +398,7 @@ def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named:
     if c:  # the C library and its measured flash/RAM/instructions go into the card's "c" section
         card["c"] = _c_generator()(out, model, spec, int8_named)
         (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
-        from microser.cgen import card_markdown
+        from microser.cgen.bundle import card_markdown
 
         (out / "MODEL_CARD.md").write_text(model_card_markdown(card) + "\n" + card_markdown(card["c"]))
         files.append("C library (microser.cgen)")
@@ -440,12 +436,12 @@ def _replace_folder(new: Path, final: Path) -> None:
 
 
 def _c_generator():
-    """``microser.cgen.generate`` when this installation has it, else None."""
-    if importlib.util.find_spec("microser.cgen") is None:
+    """``microser.cgen.bundle.generate`` when this installation has it, else None."""
+    if importlib.util.find_spec("microser.cgen.bundle") is None:
         return None
-    from microser import cgen
+    from microser.cgen import bundle
 
-    return getattr(cgen, "generate", None)
+    return getattr(bundle, "generate", None)
 
 
 def _counts(ops: list[dict]) -> dict[str, int]:

@@ -216,7 +216,7 @@ class _Searcher:
         if key not in self.cost_cache:
             self.cost_cache[key] = self.c.measure(spec, self.config.input_seconds)
             if self.config.ram_mode == "streaming":
-                from microser.cgen import streaming_costs
+                from microser.cgen.ram import streaming_costs
 
                 self.cost_cache[key] = streaming_costs(spec, self.cost_cache[key], self.config.input_seconds)
         return self.cost_cache[key]

@@ -241,7 +241,7 @@ def search_summary(summary, as_json: bool = False) -> None:
 def cost_report(report, as_json: bool = False, streaming: dict | None = None) -> None:
     """`microser describe`: every cost of one architecture, with the step where RAM peaks.
 
-    ``streaming``: `microser.cgen.streaming_report` (``--ram-mode streaming``), shown beside the offline peak.
+    ``streaming``: `microser.cgen.ram.streaming_report` (``--ram-mode streaming``), shown beside the offline peak.
     """
     if as_json:
         print_json({**report.to_dict(), **({"streaming": streaming} if streaming else {})})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from microser import cgen
+from microser.cgen.bundle import check_signal
 from microser.models.spec import REFERENCES, ArchSpec, build_model
 
 
@@ -50,7 +50,7 @@ def signal(kind: int, seconds: float, seed: int = 0) -> np.ndarray:
     if kind % 3 == 0:
         x = rng.standard_normal(n) * (0.02 + 0.1 * kind)
     elif kind % 3 == 1:
-        x = cgen.check_signal(seconds, seed=kind)[:n]
+        x = check_signal(seconds, seed=kind)[:n]
     else:
         x = 0.4 * np.sin(2 * np.pi * (200 + 40 * kind) * t) * (t > 0.2 * seconds) + 0.003 * rng.standard_normal(n)
     return x.astype(np.float32)

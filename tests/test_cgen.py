@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from cgen_helpers import sensitive_model, signal, spec_from
-from microser import cgen
+from microser.cgen import toolchain
+from microser.cgen.bundle import card_markdown, generate, write_library
+from microser.cgen.fixedpoint import conv_scales, fixed_multiplier, requantize_reference
+from microser.cgen.plan import fft_factors, float_plan, frontend_tables
+from microser.cgen.qdq import int8_plan
+from microser.cgen.ram import streaming_costs, streaming_ram
+from microser.cgen.toolchain import compile_driver, measure_cortex_m4, read_trace, run_driver, worst_stack
 from microser.errors import MicroserError
 from microser.models.spec import REFERENCES, ArchSpec, build_model
 
@@ -58,8 +64,8 @@ def built(tmp_path_factory):
     for name, spec in SPECS.items():
         model = sensitive_model(spec)
         d = tmp_path_factory.mktemp(name)
-        cgen.write_library(cgen.float_plan(model, spec), d, "t_f32", "float32")
-        out[name] = (spec, model, cgen.compile_driver(d, "t_f32"), d)
+        write_library(float_plan(model, spec), d, "t_f32")
+        out[name] = (spec, model, compile_driver(d, "t_f32"), d)
     return out
 
 
@@ -75,8 +81,8 @@ def ref_int8(tmp_path_factory):
     export_onnx(model, d / "m.onnx")
     crops = [signal(k, 1.0, seed=5) for k in range(4)]
     quantize_int8(d / "m.onnx", crops, d / "m.int8.onnx")
-    cgen.write_library(cgen.int8_plan(model, spec, d / "m.int8.onnx"), d, "t_int8", "int8")
-    return model, cgen.compile_driver(d, "t_int8"), ort_session(d / "m.int8.onnx"), d
+    write_library(int8_plan(model, spec, d / "m.int8.onnx"), d, "t_int8")
+    return model, compile_driver(d, "t_int8"), ort_session(d / "m.int8.onnx"), d
 
 
 def torch_out(model, audio) -> np.ndarray:
@@ -91,8 +97,8 @@ def test_float_c_equals_pytorch_in_random_chunks(built, name):
     for kind in range(3):
         audio = signal(kind, 1.1)
         expected = torch_out(model, audio)
-        whole = cgen.run_driver(exe, audio)
-        chunked = cgen.run_driver(exe, audio, random_chunks())
+        whole = run_driver(exe, audio)
+        chunked = run_driver(exe, audio, random_chunks())
         np.testing.assert_allclose(whole, expected, atol=1e-4, rtol=0)
         np.testing.assert_array_equal(chunked, whole)  # streaming is exact: same operations in the same order
         outs.append(expected)
@@ -103,8 +109,8 @@ def test_float_c_equals_pytorch_in_random_chunks(built, name):
 def test_result_on_a_copy_leaves_the_stream_untouched(built):
     _, model, exe, _ = built["ref-running"]
     audio = signal(1, 0.9)
-    peeked = cgen.run_driver(exe, audio, [700, 1300], peek=True)
-    np.testing.assert_array_equal(peeked, cgen.run_driver(exe, audio))
+    peeked = run_driver(exe, audio, [700, 1300], peek=True)
+    np.testing.assert_array_equal(peeked, run_driver(exe, audio))
 
 
 def test_too_short_input_is_refused_with_zeros(built):
@@ -126,7 +132,7 @@ def test_int8_c_equals_onnxruntime_int8_graph(ref_int8):
     for kind in range(4):
         audio = signal(kind, 0.7 + 0.3 * kind, seed=3)
         expected = run_onnx(session, audio)[0].astype(np.float64)
-        got = cgen.run_driver(exe, audio, random_chunks())
+        got = run_driver(exe, audio, random_chunks())
         assert np.max(np.abs(got - expected)) <= 0.01
         outs.append(expected)
     assert np.ptp(np.array(outs), axis=0).max() > 0.05  # outputs vary far more than the tolerance
@@ -135,7 +141,7 @@ def test_int8_c_equals_onnxruntime_int8_graph(ref_int8):
 def test_int8_reads_the_graph_front_end_arithmetic(ref_int8):
     """The exporter folds the x10 of 10*log10 into conv0: the C int8 front-end must compute ln(e) / ln(10)."""
     model, _, _, d = ref_int8
-    plan = cgen.int8_plan(model, SPECS["ref-running"], d / "m.int8.onnx")
+    plan = int8_plan(model, SPECS["ref-running"], d / "m.int8.onnx")
     assert plan.log_chain == [("div", pytest.approx(np.log(10), rel=1e-6))]
     assert plan.tensors[0].quant is not None and all(st.int8 for st in plan.stages if st.kind == "conv")
 
@@ -170,11 +176,11 @@ def max_pool_reference(x_q) -> np.ndarray:
 def traced_int8(ref_int8, tmp_path_factory):
     """The int8 library of ``ref_int8`` built with -DMICROSER_TRACE, run on 1.3 s of speech-like audio."""
     model, _, _, d = ref_int8
-    plan = cgen.int8_plan(model, SPECS["ref-running"], d / "m.int8.onnx")
-    exe = cgen.compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE",), exe="t_int8_trace")
+    plan = int8_plan(model, SPECS["ref-running"], d / "m.int8.onnx")
+    exe = compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE",), exe="t_int8_trace")
     trace = tmp_path_factory.mktemp("trace") / "trace.bin"
-    out = cgen.run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=trace)
-    return plan, cgen.read_trace(trace), out
+    out = run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=trace)
+    return plan, read_trace(trace), out
 
 
 def test_int8_stages_are_bit_exact_with_the_fixed_point_reference(traced_int8):
@@ -192,7 +198,7 @@ def test_int8_stages_are_bit_exact_with_the_fixed_point_reference(traced_int8):
         assert st.int8
         acc = conv_accumulators(x, src.quant[1], st.weight, st.bias, st.k, st.s, st.p)
         assert np.abs(acc).max() < 2**24  # exactly representable as float32, as onnxruntime converts it
-        want = cgen.requantize_reference(acc.transpose(0, 2, 1), cgen.conv_scales(plan, st), dst.quant[1])
+        want = requantize_reference(acc.transpose(0, 2, 1), conv_scales(plan, st), dst.quant[1])
         np.testing.assert_array_equal(got, want.transpose(0, 2, 1))
         checked += got.size
     assert checked > 100_000 and len(rows[0]) == 649  # frames of 1.3 s at hop 32 (n_fft 64, no padding)
@@ -209,7 +215,7 @@ def test_fixed_point_differs_from_onnxruntime_requantization_by_at_most_one_step
         src, dst = plan.tensors[st.src], plan.tensors[st.dst]
         x = rows[st.src].reshape(-1, src.channels, src.bands)
         acc = conv_accumulators(x, src.quant[1], st.weight, st.bias, st.k, st.s, st.p)
-        ort = ort_requantize(acc, cgen.conv_scales(plan, st), dst.quant[1]).astype(np.int64)
+        ort = ort_requantize(acc, conv_scales(plan, st), dst.quant[1]).astype(np.int64)
         got = rows[st.dst].reshape(ort.shape).astype(np.int64)
         diffs.append(np.abs(got - ort).reshape(-1))
         total += got.size
@@ -222,12 +228,12 @@ def test_dsp_kernels_equal_the_portable_ones(ref_int8, traced_int8, tmp_path):
     """The SXTB16/SMLAD kernels (weights in dual-MAC order, intrinsics emulated in C) give the very same rows."""
     _, _, _, d = ref_int8
     plan, rows, out = traced_int8
-    exe = cgen.compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE", "-DMICROSER_DSP_EMULATE"),
-                              exe="t_int8_dsp")
+    exe = compile_driver(d, "t_int8", extra_flags=("-DMICROSER_TRACE", "-DMICROSER_DSP_EMULATE"),
+                         exe="t_int8_dsp")
     source = (d / "t_int8.c").read_text()
     assert "#if MICROSER_SIMD" in source and "SMLAD(a01, x, s00)" in source
-    dsp = cgen.run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=tmp_path / "dsp.bin")
-    dsp_rows = cgen.read_trace(tmp_path / "dsp.bin")
+    dsp = run_driver(exe, signal(1, 1.3, seed=4), random_chunks(), trace=tmp_path / "dsp.bin")
+    dsp_rows = read_trace(tmp_path / "dsp.bin")
     assert sorted(dsp_rows) == sorted(rows) == list(range(len(plan.tensors)))
     for t in rows:
         np.testing.assert_array_equal(dsp_rows[t], rows[t])
@@ -236,14 +242,14 @@ def test_dsp_kernels_equal_the_portable_ones(ref_int8, traced_int8, tmp_path):
 
 def test_fixed_multiplier_is_exact():
     for scale in np.float32([0.75, 1e-3, 3.0, 2.0**-31, 0.0123456789, 1.0]):
-        mult, shift = cgen.fixed_multiplier(scale)
+        mult, shift = fixed_multiplier(scale)
         assert mult * 2.0**-shift == float(scale) and (mult == 0 or 2**30 <= mult < 2**31) and 1 <= shift <= 62
-    assert cgen.fixed_multiplier(np.float32(2.0**-33)) == (0, 1)  # every |acc| < 2**31 rounds to 0
+    assert fixed_multiplier(np.float32(2.0**-33)) == (0, 1)  # every |acc| < 2**31 rounds to 0
     # ties to even, as onnxruntime rounds: 2.5 -> 2, -2.5 -> -2, 1.5 -> 2; saturation at the int8 range
-    got = cgen.requantize_reference(np.array([[5, -5, 3, 1000, -1000]]).T, np.float32([0.5]), 0).reshape(-1)
+    got = requantize_reference(np.array([[5, -5, 3, 1000, -1000]]).T, np.float32([0.5]), 0).reshape(-1)
     np.testing.assert_array_equal(got, [2, -2, 2, 127, -128])
     with pytest.raises(MicroserError, match="scale -1.0 is not a finite non-negative number"):
-        cgen.fixed_multiplier(-1.0)
+        fixed_multiplier(-1.0)
 
 
 def test_espeak_clips_float_and_int8(espeak_dir, built, ref_int8):
@@ -257,10 +263,10 @@ def test_espeak_clips_float_and_int8(espeak_dir, built, ref_int8):
     for path in clips:
         audio, sr = sf.read(path, dtype="float32")
         assert sr == 16000
-        np.testing.assert_allclose(cgen.run_driver(exe, audio, random_chunks()), torch_out(model, audio),
+        np.testing.assert_allclose(run_driver(exe, audio, random_chunks()), torch_out(model, audio),
                                    atol=1e-4, rtol=0)
         int8 = run_onnx(session, audio)[0]
-        assert np.max(np.abs(cgen.run_driver(exe8, audio, random_chunks()) - int8)) <= 0.01
+        assert np.max(np.abs(run_driver(exe8, audio, random_chunks()) - int8)) <= 0.01
 
 
 def test_random_default_space_specs_export_and_match(tmp_path):
@@ -271,10 +277,10 @@ def test_random_default_space_specs_export_and_match(tmp_path):
     for k, spec in enumerate(specs):
         model = sensitive_model(spec, seed=k)
         d = tmp_path / str(k)
-        cgen.write_library(cgen.float_plan(model, spec), d, "r", "float32")
-        exe = cgen.compile_driver(d, "r")
+        write_library(float_plan(model, spec), d, "r")
+        exe = compile_driver(d, "r")
         audio = signal(k, 0.8)
-        np.testing.assert_allclose(cgen.run_driver(exe, audio, random_chunks()), torch_out(model, audio),
+        np.testing.assert_allclose(run_driver(exe, audio, random_chunks()), torch_out(model, audio),
                                    atol=1e-4, rtol=0, err_msg=spec.summary())
 
 
@@ -290,8 +296,8 @@ def test_valgrind_memcheck_reports_no_errors(built):
 
 
 def test_streaming_ram_is_independent_of_length_and_matches_the_struct(built):
-    a = cgen.streaming_ram(SPECS["ref-running"], int8=False, input_seconds=1)
-    b = cgen.streaming_ram(SPECS["ref-running"], int8=False, input_seconds=60)
+    a = streaming_ram(SPECS["ref-running"], int8=False, input_seconds=1)
+    b = streaming_ram(SPECS["ref-running"], int8=False, input_seconds=60)
     assert a == b and not a["two_pass"] and a["replay_bytes"] == 0
     header = (built["ref-running"][3] / "t_f32.h").read_text()  # the C build checks sizeof(state) == this macro
     assert f"T_F32_RAM_BYTES {a['ram_streaming_bytes']} " in header
@@ -300,23 +306,23 @@ def test_streaming_ram_is_independent_of_length_and_matches_the_struct(built):
     head = (3 * 13 * 13 + 13 * 14 // 2) * 4
     scalars = 2 * 8 + 64 * 4 + (1 + 2 + 2 * 8 + 3) * 4  # prenorm double sums, frame, counters (2 per stage)
     assert a["state_bytes"] == -(-(rings + head + scalars) // 8) * 8
-    int8 = cgen.streaming_ram(SPECS["ref-running"], int8=True)
+    int8 = streaming_ram(SPECS["ref-running"], int8=True)
     assert int8["ram_streaming_bytes"] < a["ram_streaming_bytes"]
 
 
 def test_clip_prenorm_needs_the_replay_buffer():
-    r = cgen.streaming_ram(REFERENCES["wav2small-ref"], input_seconds=5)
+    r = streaming_ram(REFERENCES["wav2small-ref"], input_seconds=5)
     assert r["two_pass"] and r["replay_bytes"] == 5 * 16000 * 4
     with pytest.raises(MicroserError, match="prenorm 'clip' needs input_seconds"):
-        cgen.streaming_ram(REFERENCES["wav2small-ref"])
+        streaming_ram(REFERENCES["wav2small-ref"])
 
 
 def test_mobilenet_is_refused(tmp_path):
     spec = REFERENCES["mobilenetv3-s"]
     with pytest.raises(MicroserError, match="C export supports the wav2small family; mobilenet specs export ONNX"):
-        cgen.generate(tmp_path, None, spec)
+        generate(tmp_path, None, spec)
     with pytest.raises(MicroserError, match="wav2small family"):
-        cgen.streaming_ram(spec)
+        streaming_ram(spec)
 
 
 def test_worst_stack_follows_the_deepest_call_path():
@@ -331,7 +337,7 @@ edge: { sourcename: "x.c:a" targetname: "x.c:b" }
 edge: { sourcename: "p_push" targetname: "x.c:c" }
 edge: { sourcename: "x.c:c" targetname: "expf" }
 }"""
-    assert cgen._worst_stack(ci, ["p_push", "p_result"]) == (148, "p_push > a > b")
+    assert worst_stack(ci, ["p_push", "p_result"]) == (148, "p_push > a > b")
 
 
 def test_front_end_tables_come_from_the_spec_and_match_pytorch_exactly():
@@ -339,7 +345,7 @@ def test_front_end_tables_come_from_the_spec_and_match_pytorch_exactly():
     and equal the tensors the PyTorch front-end multiplies by, bit for bit."""
     spec = spec_from(frontend__n_fft=512, frontend__hop=160, frontend__n_mels=40, frontend__win_length=400)
     model = build_model(spec)
-    window, mel = cgen.frontend_tables(spec)
+    window, mel = frontend_tables(spec)
     padded = np.zeros(512)
     padded[56:456] = model.frontend.power.window.double().numpy()  # torch.stft centres the 400-sample window
     np.testing.assert_array_equal(window, padded)
@@ -349,13 +355,13 @@ def test_front_end_tables_come_from_the_spec_and_match_pytorch_exactly():
     assert list(mel.start[:3]) == [1, 2, 3] and int(mel.length.max()) == int((dense > 0).sum(0).max())
     learnable = spec_from(frontend__filterbank="learnable")
     with pytest.raises(MicroserError, match="learnable filterbank: its band table needs the trained model"):
-        cgen.frontend_tables(learnable)
+        frontend_tables(learnable)
 
 
 def test_fft_factors_cover_every_length():
     for n in (1, 2, 8, 32, 200, 256, 37, 75, 1024):
-        assert int(np.prod(cgen._factors(n))) == n
-    assert cgen._factors(200) == [4, 2, 5, 5]
+        assert int(np.prod(fft_factors(n))) == n
+    assert fft_factors(200) == [4, 2, 5, 5]
 
 
 def test_describe_ram_mode_streaming_prints_the_c_figure(tmp_path, capsys):
@@ -369,7 +375,7 @@ def test_describe_ram_mode_streaming_prints_the_c_figure(tmp_path, capsys):
     main(["describe", str(path), "--input-seconds", "5", "--ram-mode", "streaming", "--json"])
     out = json.loads(capsys.readouterr().out)
     streaming = out["streaming"]["int8"]["ram_streaming_bytes"]
-    assert streaming == cgen.streaming_ram(spec)["ram_streaming_bytes"]
+    assert streaming == streaming_ram(spec)["ram_streaming_bytes"]
     assert out["ram_bytes"] > 100 * streaming  # 5 s offline int8 peak vs the stream's state + arena
 
 
@@ -380,16 +386,16 @@ def test_search_ram_mode_streaming_budgets_the_stream():
     with pytest.raises(MicroserError, match="ram_mode 'sometimes'"):
         SearchConfig(ram_mode="sometimes")
     spec = SPECS["ref-running"]
-    costs = cgen.streaming_costs(spec, {"params": 1, "ram_bytes": 2_000_000}, 1.0)
-    assert costs["ram_bytes"] == cgen.streaming_ram(spec)["ram_streaming_bytes"]
+    costs = streaming_costs(spec, {"params": 1, "ram_bytes": 2_000_000}, 1.0)
+    assert costs["ram_bytes"] == streaming_ram(spec)["ram_streaming_bytes"]
     assert costs["ram_bytes_offline"] == 2_000_000 and costs["ram_mode"] == "streaming"
-    mobile = cgen.streaming_costs(REFERENCES["mobilenetv3-s"], {"ram_bytes": 5}, 1.0)
+    mobile = streaming_costs(REFERENCES["mobilenetv3-s"], {"ram_bytes": 5}, 1.0)
     assert mobile["ram_bytes"] == 5 and mobile["ram_mode"].startswith("offline")
 
 
 def test_generate_writes_the_bundle_section(ref_int8, tmp_path):
     model, _, _, d = ref_int8
-    section = cgen.generate(tmp_path, model, SPECS["ref-running"], d / "m.int8.onnx", callgrind=False)
+    section = generate(tmp_path, model, SPECS["ref-running"], d / "m.int8.onnx", callgrind=False)
     names = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert names == ["README.md", "ser_f32.c", "ser_f32.h", "ser_f32_main.c", "ser_int8.c", "ser_int8.h",
                      "ser_int8_main.c"]
@@ -397,7 +403,7 @@ def test_generate_writes_the_bundle_section(ref_int8, tmp_path):
     f32, i8 = section["measured"]["float32"], section["measured"]["int8"]
     assert f32["bss_bytes"] == 0 and i8["bss_bytes"] == 0  # no globals: everything lives in the caller's state
     assert i8["flash_bytes"] > 10_806 and f32["flash_bytes"] > 4 * 10_806  # int8 vs float weights are in flash
-    assert i8["state_plus_arena_bytes"] == cgen.streaming_ram(SPECS["ref-running"])["ram_streaming_bytes"]
+    assert i8["state_plus_arena_bytes"] == streaming_ram(SPECS["ref-running"])["ram_streaming_bytes"]
     assert 0 < i8["stack_bytes"] < 4096 and i8["ram_bytes"] == i8["state_plus_arena_bytes"] + i8["stack_bytes"]
     if shutil.which("arm-none-eabi-gcc") is None:
         assert section["cortex_m4"]["skipped"].startswith("arm-none-eabi-gcc not found")
@@ -417,7 +423,7 @@ def test_generate_writes_the_bundle_section(ref_int8, tmp_path):
     assert m4["int8"]["flash_bytes"] < 0.6 * m4["float32"]["flash_bytes"]
     if shutil.which("qemu-system-arm"):
         assert m4["int8"]["instructions_per_audio_second"] < 0.6 * m4["float32"]["instructions_per_audio_second"]
-    assert "### Cortex-M4F" in cgen.card_markdown(section)
+    assert "### Cortex-M4F" in card_markdown(section)
 
 
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
@@ -426,8 +432,8 @@ def test_dsp_kernels_on_the_cortex_m4_equal_the_portable_ones_and_are_faster(ref
     """On the target ISA (QEMU): the SXTB16/SMLAD build and the -DMICROSER_NO_DSP build give identical outputs."""
     _, _, _, d = ref_int8
     audio = signal(1, 1.0, seed=8)
-    dsp = cgen.measure_cortex_m4(d, "t_int8", check_audio=audio)
-    portable = cgen.measure_cortex_m4(d, "t_int8", check_audio=audio, extra_flags=("-DMICROSER_NO_DSP",))
+    dsp = measure_cortex_m4(d, "t_int8", check_audio=audio)
+    portable = measure_cortex_m4(d, "t_int8", check_audio=audio, extra_flags=("-DMICROSER_NO_DSP",))
     np.testing.assert_array_equal(dsp["outputs"], portable["outputs"])
     assert dsp["instructions_per_audio_second"] < 0.8 * portable["instructions_per_audio_second"]
     assert dsp["library_flash_bytes"] < portable["library_flash_bytes"]  # taps padded to 4, not 16
@@ -435,14 +441,14 @@ def test_dsp_kernels_on_the_cortex_m4_equal_the_portable_ones_and_are_faster(ref
 
 def test_cortex_m4_entry_says_what_to_install_without_the_toolchain(ref_int8, tmp_path, monkeypatch):
     model, _, _, d = ref_int8
-    monkeypatch.setattr(cgen, "m4_tools", lambda: {"gcc": None, "size": None, "qemu": None})
-    section = cgen.generate(tmp_path, model, SPECS["ref-running"], d / "m.int8.onnx", measure_costs=False)
+    monkeypatch.setattr(toolchain, "m4_tools", lambda: {"gcc": None, "size": None, "qemu": None})
+    section = generate(tmp_path, model, SPECS["ref-running"], d / "m.int8.onnx", measure_costs=False)
     assert section["cortex_m4"] == {"skipped": "arm-none-eabi-gcc not found: install the Debian packages "
                                                "gcc-arm-none-eabi, libnewlib-arm-none-eabi (and qemu-system-arm to "
                                                "run it), as .ci/run does"}
-    assert "Not built: arm-none-eabi-gcc not found" in cgen.card_markdown(section)
+    assert "Not built: arm-none-eabi-gcc not found" in card_markdown(section)
     with pytest.raises(MicroserError, match="arm-none-eabi-gcc / arm-none-eabi-size not found on PATH"):
-        cgen.measure_cortex_m4(tmp_path / "c", "ser_int8")
+        measure_cortex_m4(tmp_path / "c", "ser_int8")
 
 
 def test_export_trial_with_c_puts_the_measured_library_in_the_card(tmp_path):

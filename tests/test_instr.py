@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from cgen_helpers import sensitive_model, signal, spec_from
-from microser import cgen
 from microser.budgets import parse_budget
+from microser.cgen.bundle import write_library
+from microser.cgen.instr import instruction_features, predict_instructions
+from microser.cgen.qdq import int8_plan
+from microser.cgen.toolchain import measure_instructions
 from microser.costs import measure_costs
 from microser.errors import MicroserError
 from microser.models.spec import REFERENCES, ArchSpec, build_model
@@ -23,7 +26,7 @@ needs_valgrind = pytest.mark.skipif(shutil.which("valgrind") is None or shutil.w
 def test_instruction_features_of_wav2small_ref_by_hand():
     """wav2small-ref: 1 s pushed = 16,000 samples -> 1 + (16000 - 64) // 32 = 499 frames of a 64-point real FFT
     (a 32-point complex FFT, radices 4, 4, 2); 7 3x3 convs of 13 channels, max-pool after the third."""
-    f = cgen.instruction_features(REFERENCES["wav2small-ref"])
+    f = instruction_features(REFERENCES["wav2small-ref"])
     assert f["sample_clip"] == 16000 and f["sample_running"] == 0
     assert f["frame"] == 499 and f["frame_sample"] == 499 * 64 and f["frame_shift"] == 499 * 32
     assert f["fft_radix4"] == 499 * 32 * 2 and f["fft_radix2"] == 499 * 32 and f["fft_stage"] == 499 * 3
@@ -43,14 +46,14 @@ def test_instruction_features_of_wav2small_ref_by_hand():
 def test_instr_is_recorded_in_the_costs_and_inf_without_an_int8_library():
     spec = spec_from(frontend__prenorm="running")
     costs = measure_costs(spec)
-    assert costs.instr == cgen.predict_instructions(spec) > 1e6
+    assert costs.instr == predict_instructions(spec) > 1e6
     assert measure_costs(REFERENCES["mobilenetv3-s"]).instr == math.inf
     layer = spec_from(body__norm="layer")
     assert measure_costs(layer).instr == math.inf
     with pytest.raises(MicroserError, match="does not support body.norm 'layer'"):
-        cgen.predict_instructions(layer)
+        predict_instructions(layer)
     with pytest.raises(MicroserError, match="instruction target 'z80' is unknown"):
-        cgen.predict_instructions(spec, target="z80")
+        predict_instructions(spec, target="z80")
 
 
 def _int8_library(spec: ArchSpec, where: Path, model=None) -> Path:
@@ -61,7 +64,7 @@ def _int8_library(spec: ArchSpec, where: Path, model=None) -> Path:
     model = model if model is not None else sensitive_model(spec)
     export_onnx(model, where / "m.onnx")
     quantize_int8(where / "m.onnx", [signal(k, 1.0, seed=5) for k in range(4)], where / "m.int8.onnx")
-    cgen.write_library(cgen.int8_plan(model, spec, where / "m.int8.onnx"), where / "c", "q", "int8")
+    write_library(int8_plan(model, spec, where / "m.int8.onnx"), where / "c", "q")
     return where / "c"
 
 
@@ -80,11 +83,11 @@ PREDICTED_SPECS = {
 def test_predicted_instructions_are_within_15_percent_of_callgrind(name, tmp_path):
     spec = PREDICTED_SPECS[name]
     c_dir = _int8_library(spec, tmp_path)
-    measured = cgen.measure_instructions(c_dir, "q")
-    assert abs(cgen.predict_instructions(spec) - measured) <= 0.15 * measured
+    measured = measure_instructions(c_dir, "q")
+    assert abs(predict_instructions(spec) - measured) <= 0.15 * measured
     if shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):  # and on the Cortex-M4F
-        m4 = cgen.measure_instructions(c_dir, "q", target="cortex-m4")
-        assert abs(cgen.predict_instructions(spec, target="cortex-m4") - m4) <= 0.15 * m4
+        m4 = measure_instructions(c_dir, "q", target="cortex-m4")
+        assert abs(predict_instructions(spec, target="cortex-m4") - m4) <= 0.15 * m4
 
 
 # ---- a tiny real search under an instruction budget ----
@@ -150,8 +153,8 @@ def test_a_search_under_an_instr_budget_returns_only_candidates_whose_int8_c_mee
         with torch.no_grad():
             export_onnx(model, where / "m.onnx")
         quantize_int8(where / "m.onnx", crops, where / "m.int8.onnx")
-        cgen.write_library(cgen.int8_plan(model, spec, where / "m.int8.onnx"), where / "c", "q", "int8")
-        assert cgen.measure_instructions(where / "c", "q") <= 1.15 * limit, spec.summary()
+        write_library(int8_plan(model, spec, where / "m.int8.onnx"), where / "c", "q")
+        assert measure_instructions(where / "c", "q") <= 1.15 * limit, spec.summary()
     # and a rejected draw really was over: its int8 C library (weights do not change the count) measures above
     over = ArchSpec.from_json(rejected[0].user_attrs["spec"])
-    assert cgen.measure_instructions(_int8_library(over, tmp_path), "q") > 0.85 * limit, over.summary()
+    assert measure_instructions(_int8_library(over, tmp_path), "q") > 0.85 * limit, over.summary()

@@ -1,4 +1,3 @@
-
 /* The same rounding for any shift 1 <= shift <= 62 (a stage with a scale of 2^-2 or more): 64-bit arithmetic. */
 static int8_t requant_wide(int32_t acc, int32_t mult, int shift, int zp)
 {

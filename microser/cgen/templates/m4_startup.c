@@ -1,4 +1,4 @@
-/* m4_startup.c (microser/cgen_templates): reset for a bare Cortex-M4F image: vector table (initial stack pointer,
+/* m4_startup.c (microser/cgen/templates): reset for a bare Cortex-M4F image: vector table (initial stack pointer,
    reset handler, every fault parked in a loop), FPU enabled (CPACR CP10/CP11), .data copied from its load address,
    .bss zeroed, then main(). With -DMICROSER_SEMIHOSTING, newlib's stdio goes to the host (rdimon) and main's
    return value becomes the emulator's exit status. */

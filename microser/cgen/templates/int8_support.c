@@ -1,4 +1,4 @@
-/* ---- int8 support (microser/cgen_templates/int8_support.c): dual 16-bit MAC primitives and requantization ----
+/* ---- int8 support (microser/cgen/templates/int8_support.c): dual 16-bit MAC primitives and requantization ----
 
    MICROSER_SIMD selects the dual-MAC kernels: 1 on a core with the DSP extension (__ARM_FEATURE_DSP: Cortex-M4/M7/
    M33 with DSP), where SXTB16 widens two int8 lanes to int16 and SMLAD does two 16x16 MACs into one int32; 1 also with
@@ -48,11 +48,11 @@ static int32_t smlad_c(int32_t a, int32_t b, int32_t acc)
 /* Requantize an int32 accumulator to int8: round(acc * mult / 2^(32 + t)) to nearest, ties to even (onnxruntime's
    rounding), plus the output zero point, clamped to [-128, 127]. ``mult`` (2^30 <= mult < 2^31) and ``t`` hold the
    float32 scale x_scale * w_scale / y_scale exactly (its 24-bit mantissa in a 31-bit multiplier), so the only
-   difference from onnxruntime's float(acc) * scale is that float32 product's own rounding (see microser/cgen.py).
-   No float; 32-bit operations on the high word of one 32x32->64 multiply (SMULL): the high word plus half a step,
-   shifted by t (1 <= t <= 30, scales below 2^-2), then a tie (remainder exactly half: low word 0, low t bits of
-   the high word 2^(t-1)) is rounded to the even neighbour. Assumes arithmetic right shifts (GCC, Clang, Arm
-   Compiler). */
+   difference from onnxruntime's float(acc) * scale is that float32 product's own rounding (see
+   microser/cgen/fixedpoint.py). No float; 32-bit operations on the high word of one 32x32->64 multiply (SMULL):
+   the high word plus half a step, shifted by t (1 <= t <= 30, scales below 2^-2), then a tie (remainder exactly
+   half: low word 0, low t bits of the high word 2^(t-1)) is rounded to the even neighbour. Assumes arithmetic right
+   shifts (GCC, Clang, Arm Compiler). */
 static int8_t requant(int32_t acc, int32_t mult, int t, int zp)
 {
     const int64_t p = (int64_t)acc * mult;
@@ -64,4 +64,3 @@ static int8_t requant(int32_t acc, int32_t mult, int t, int zp)
     q += zp;
     return (int8_t)(q < -128 ? -128 : (q > 127 ? 127 : q));
 }
-${wide}
