@@ -351,7 +351,13 @@ def test_front_end_tables_come_from_the_spec_and_match_pytorch_exactly():
     np.testing.assert_array_equal(window, padded)
     dense = model.frontend.fb.double().numpy()
     np.testing.assert_array_equal(mel.dense(), dense)
-    assert mel.weights.size == np.count_nonzero(dense) == 493  # of 257 x 40 = 10,280: only the non-zeros are stored
+    # the non-zeros by hand from ONNX MelWeightMatrix's definition: 42 points (n_mels + 2) mel(8000)/42 apart, each
+    # at bin floor(513 f / 16000); band i is non-zero on bins (b_i, b_i+2) (just b_i+1 where the rise is empty)
+    mels = 2595 * np.log10(1 + 8000 / 700) / 42 * np.arange(42)
+    b = np.floor(513 * 700 * (10 ** (mels / 2595) - 1) / 16000).astype(int)
+    by_hand = sum(len(set(range(b[i] + 1, b[i + 1] + 1) if b[i + 1] > b[i] else {b[i + 1]}) | set(range(b[i + 1], b[i + 2])))
+                  for i in range(40))
+    assert mel.weights.size == np.count_nonzero(dense) == by_hand == 423  # of 257 x 40 = 10,280: only non-zeros stored
     assert list(mel.start[:3]) == [1, 2, 3] and int(mel.length.max()) == int((dense > 0).sum(0).max())
     learnable = spec_from(frontend__filterbank="learnable")
     with pytest.raises(MicroserError, match="learnable filterbank: its band table needs the trained model"):

@@ -32,7 +32,7 @@ What is computed, in order (the same definitions as microser.frontends and micro
   mixed radix 4/2/3/5/any, twiddles as const tables) plus the standard split step; odd ``n_fft`` runs the complex
   FFT on all points. No DFT matrix;
 * mel filterbank stored as one contiguous non-zero range per band (`plan.MelBands`); log
-  (``10 log10 max(e, LOG_FLOOR)``) or PCEN with its causal FIR smoother kept as a ring of the last ``taps`` mel rows;
+  (``10 log10 max(e, floor)``, floor = ``frontends.energy_floor(spec)``) or PCEN with its causal FIR smoother kept as a ring of the last ``taps`` mel rows;
 * conv blocks row by row (time is the streaming axis): each stage keeps a ring of ``k`` input rows (its receptive
   field in time), computes output row ``j`` as soon as input row ``j*s - p + k - 1`` arrived, and at ``result``
   the rows past the end count as the zero ("same") padding; BatchNorm folded into the conv; LayerNorm over

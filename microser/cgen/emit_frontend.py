@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from microser.frontends import LOG_FLOOR, PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R, PRENORM_EPS
+from microser.frontends import PCEN_ALPHA, PCEN_DELTA, PCEN_EPS, PCEN_R, PRENORM_EPS
 from microser.cgen.ctext import block, c_array, c_float, fill
 from microser.cgen.plan import Plan, fft_factors, fft_points
 
@@ -62,10 +62,10 @@ def _compress(plan: Plan) -> str:
     nm = plan.fe.n_mels
     if plan.fe.compression == "pcen":
         taps = len(plan.pcen_fir)
-        return block("frame_pcen.c", L=taps, L1=taps - 1, nm=nm, eps=c_float(PCEN_EPS), alpha=c_float(PCEN_ALPHA),
+        return block("frame_pcen.c", L=taps, L1=taps - 1, nm=nm, floor=c_float(plan.log_floor), eps=c_float(PCEN_EPS), alpha=c_float(PCEN_ALPHA),
                      delta=c_float(PCEN_DELTA), r=c_float(PCEN_R), offset=c_float(PCEN_DELTA ** PCEN_R))
     if plan.log_chain is None:
-        return block("frame_log.c", nm=nm, floor=c_float(LOG_FLOOR))
+        return block("frame_log.c", nm=nm, floor=c_float(plan.log_floor))
     # ln(max(e, floor)) then the scalars the exporter folded (x10 / ln 10, ...), in the graph's order
     ops = "".join(f" {'*' if op == 'mul' else '/'} {c_float(v)}" for op, v in plan.log_chain)
     return block("frame_log_graph.c", nm=nm, floor=c_float(plan.log_floor), ops=ops)

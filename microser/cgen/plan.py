@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from microser.errors import MicroserError
-from microser.frontends import LOG_FLOOR, mel_matrix, num_frames
+from microser.frontends import energy_floor, hann_window, mel_matrix, num_frames
 from microser.models.wav2small import MEANSTD_EPS, band_counts, halve
 
 # int8 conv columns are padded with zero taps (zero weights) to the kernel's step: 4 taps for the dual-MAC kernel
@@ -85,9 +85,9 @@ class Plan:
     window_spectrum: np.ndarray | None = None
     head: dict = field(default_factory=dict)
     # log compression as the int8 graph computes it: ln(max(e, floor)) then scalar ops in order
-    # (the exporter folds the x10 of 10*log10 into the first conv's weights); None: 10*log10(max(e, LOG_FLOOR))
+    # (the exporter folds the x10 of 10*log10 into the first conv's weights); None: 10*log10(max(e, log_floor))
     log_chain: list[tuple[str, float]] | None = None
-    log_floor: float = LOG_FLOOR
+    log_floor: float = 0.0  # the mel-energy floor before log / PCEN: frontends.energy_floor (shape_plan sets it)
 
     @property
     def fe(self):
@@ -136,7 +136,8 @@ def shape_plan(spec, *, int8: bool = True) -> Plan:
             f = halve(f)
             tensors.append(Tensor(c, f, q))
             stages.append(Stage("pool", i, len(tensors) - 2, len(tensors) - 1, 3, 2, 1))
-    return Plan(spec=spec, tensors=tensors, stages=stages, pooling=body.pooling, variant="int8" if int8 else "float32")
+    return Plan(spec=spec, tensors=tensors, stages=stages, pooling=body.pooling, variant="int8" if int8 else "float32",
+                log_floor=energy_floor(spec.frontend))
 
 
 def fft_points(n_fft: int) -> int:
@@ -228,14 +229,14 @@ class MelBands:
 
 def frontend_tables(spec, model=None) -> tuple[np.ndarray, MelBands]:
     """The front-end constants the C library stores, computed from the spec's few numbers: the analysis window
-    (periodic Hann of ``win_length``, zero-padded to ``n_fft`` and centred, as microser.frontends.PowerSpectrum
+    (periodic Hann of ``win_length`` as `microser.frontends.hann_window` makes it, zero-padded to ``n_fft`` and centred, as microser.frontends.PowerSpectrum
     applies it) and the mel band table of `microser.frontends.mel_matrix` (the one definition of the filterbank; a
     ``learnable`` filterbank is read from ``model``, as ``abs`` of the learned matrix). This is the one place the C
     side gets them from, so it follows that definition when it changes."""
     fe = spec.frontend
     window = np.zeros(fe.n_fft)
     left = (fe.n_fft - fe.window_length) // 2
-    window[left:left + fe.window_length] = torch.hann_window(fe.window_length, periodic=True).double().numpy()
+    window[left:left + fe.window_length] = hann_window(fe.window_length).double().numpy()
     if fe.filterbank == "learnable":
         if model is None:
             raise MicroserError(f"spec {spec.summary()!r} has a learnable filterbank: its band table needs the "

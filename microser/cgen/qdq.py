@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from microser.errors import MicroserError
-from microser.frontends import LOG_FLOOR
+from microser.frontends import energy_floor
 from microser.cgen.plan import Plan, float_plan
 
 
@@ -123,7 +123,8 @@ def int8_plan(model, spec, int8_onnx_path) -> Plan:
     for st, node in zip(pool_stages, pools):
         consumers_of[st.src] = node.input[0]
     if spec.frontend.compression == "log":
-        plan.log_chain, plan.log_floor = _log_chain(g, convs[0].input[0])
+        plan.log_chain, floor = _log_chain(g, convs[0].input[0])
+        plan.log_floor = plan.log_floor if floor is None else floor
     head_in = _head_input(g, plan)
     consumers_of[len(plan.tensors) - 1] = head_in
     for i, t in enumerate(plan.tensors):
@@ -159,7 +160,7 @@ def _log_chain(g: _Graph, tensor: str) -> tuple[list[tuple[str, float]], float]:
         raise MicroserError(f"{g.path}: the first conv does not read Log(...) through scalar Mul/Div ops: expected "
                             "the log-mel front-end of microser.frontends; re-export the model")
     clip = g.producer.get(node.input[0])
-    floor = LOG_FLOOR
+    floor = None   # no Clip/Max found: the caller keeps the spec's energy_floor
     if clip is not None and clip.op_type == "Clip" and len(clip.input) > 1 and clip.input[1] in g.init:
         floor = float(np.asarray(g.init[clip.input[1]]).reshape(()))
     elif clip is not None and clip.op_type == "Max":
