@@ -28,7 +28,13 @@ attributes (``weights``). Optuna refuses to change a finished trial, so the
 final stage's results for trial ``n`` live in the study's user attribute
 ``final:<n>`` (``{"ccc", "test_ccc", "weights", "epochs", "seed", ...}``);
 :func:`final_record` reads a trial's ``final_ccc``/``final_weights`` user
-attributes first and that study attribute second.
+attributes first and that study attribute second. `microser train` adds the
+"trained" stage the same way: ``trained:<n>`` (:func:`trained_record`), with
+its own ``spec`` (a compressed trial's pruned architecture can be trained).
+
+A trial's weights come in stages, most trained first: ``STAGES`` = trained,
+final, search. :func:`weights_stage` names the first a trial has, from the
+stage asked for downwards; :func:`load_trial_weights` loads it.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
 SETTINGS_ATTR = "config"     # study user attr: the search settings (objectives, budgets, cache, ...)
 FINAL_PREFIX = "final:"      # study user attr "final:<trial number>": the final stage's record
+TRAINED_PREFIX = "trained:"  # study user attr "trained:<trial number>": `microser train`'s record
+STAGES = ("trained", "final", "search")   # weight stages, most trained first
 _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 _SCHEMA_RACE_TRIES = 6         # attempts to open a database whose tables another worker is creating
 
@@ -335,25 +343,49 @@ def final_record(study: optuna.Study, trial: FrozenTrial | int) -> dict | None:
     return study.user_attrs.get(f"{FINAL_PREFIX}{t.number}")
 
 
-def load_trial_weights(study: optuna.Study, trial: FrozenTrial | int, stage: str = "final", *,
+def trained_record(study: optuna.Study, trial: FrozenTrial | int) -> dict | None:
+    """`microser train`'s record for a trial: ``{"spec", "ccc", "test_ccc", "weights", "settings", ...}``, or None."""
+    return study.user_attrs.get(f"{TRAINED_PREFIX}{_trial(study, trial).number}")
+
+
+def _stage_weights(study: optuna.Study, t: FrozenTrial, stage: str) -> dict | None:
+    if stage == "trained":
+        record = trained_record(study, t)
+    elif stage == "final":
+        record = final_record(study, t)
+    else:
+        return t.user_attrs.get("weights")
+    return (record or {}).get("weights")
+
+
+def weights_stage(study: optuna.Study, trial: FrozenTrial | int, stage: str = "trained") -> str | None:
+    """The first of ``STAGES`` from ``stage`` downwards whose weights the trial has (None: it has none).
+
+    ``stage="trained"`` (trained > final > search) is what compress, export and evaluate use.
+    """
+    if stage not in STAGES:
+        raise MicroserError(f"weights stage {stage!r} is not known: expected one of {', '.join(STAGES)}")
+    t = _trial(study, trial)
+    return next((s for s in STAGES[STAGES.index(stage):] if _stage_weights(study, t, s)), None)
+
+
+def load_trial_weights(study: optuna.Study, trial: FrozenTrial | int, stage: str = "trained", *,
                        artifacts: str | Path | None = None) -> dict:
     """The trial's state dict, checked against its recorded sha256.
 
-    ``stage="final"`` gives the final-stage weights when the trial was
-    retrained there and its search weights otherwise; ``stage="search"``
-    always gives the search weights. ``artifacts`` overrides the folder
-    recorded in the study (for a moved study).
+    The weights of the first stage from ``stage`` downwards that the trial
+    has (``weights_stage``): ``"trained"`` gives `microser train`'s weights,
+    else the final stage's, else the search's; ``"final"`` skips trained
+    ones; ``"search"`` always gives the search weights. A trained record may
+    hold another architecture than the trial's (a compressed trial trained):
+    build the model from ``trained_record(...)["spec"]`` then.
+    ``artifacts`` overrides the folder recorded in the study (for a moved study).
     """
     import torch
 
-    if stage not in ("final", "search"):
-        raise MicroserError(f"weights stage {stage!r} is not known: expected 'final' or 'search'")
     t = _trial(study, trial)
-    weights = None
-    if stage == "final":
-        record = final_record(study, t)
-        weights = record.get("weights") if record else None
-    weights = weights or t.user_attrs.get("weights")
+    which = weights_stage(study, t, stage)
+    weights = _stage_weights(study, t, which) if which else None
     if not weights:
         raise MicroserError(f"trial {t.number} of study {study.study_name!r} has no weights (it was "
                             f"{t.user_attrs.get('rejected') or t.state.name}): pick a trained trial")
