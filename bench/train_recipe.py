@@ -155,7 +155,7 @@ def main() -> None:
     from microser.trainer import train_config
 
     spec = resolve_model(args.model)
-    base = train_config(steps=args.steps, threads=args.threads, device="cpu")
+    base = train_config(steps=args.steps, threads=args.threads, device="cpu", patience=None)
     k, n = (int(x) for x in args.shard.split("/"))
     jobs = [(c, v, int(s)) for s in args.seeds.split(",") for c in args.caches.split(",")
             for v in args.variants.split(",")]  # seed-major: every variant's first seed comes first
