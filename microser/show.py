@@ -221,19 +221,25 @@ class train_live:
     """
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            TextColumn("loss {task.fields[loss]}  valid CCC {task.fields[valid]}  best "
-                                       "{task.fields[best]}"), console=err_console, transient=False)
-        self.bar.__enter__()
-        self.task, self.seed, self.fields = None, None, {}
+        self.bar, self.task, self.seed, self.fields = None, None, None, {}
         return self
+
+    def _start(self):
+        """The rich display, started at the first event (an input error before it leaves stderr one line)."""
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                TextColumn("loss {task.fields[loss]}  valid CCC {task.fields[valid]}  best "
+                                           "{task.fields[best]}"), console=err_console, transient=False)
+            self.bar.__enter__()
+        return self.bar
 
     def __call__(self, event: dict) -> None:
         kind = event.get("kind")
+        self._start()
         if kind == "plan" and "steps" in event:
             self.bar.console.print(f"--time {_duration(event['seconds'])}: {event['steps']:,} steps per seed "
                                    f"(measured {event['steps_per_second']:.1f} steps/s)", highlight=False)
@@ -261,7 +267,8 @@ class train_live:
                                    highlight=False)
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 def train_result(report, *, as_json: bool = False) -> None:
