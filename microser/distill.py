@@ -130,7 +130,9 @@ class TrainConfig:
     mixup_alpha: float = 0.4  # the mix weight is Beta(alpha, alpha), folded so the crop's own share is >= 0.5
     seed: int = 0
     threads: int | None = 1  # torch intra-op threads during train(); None keeps the current setting
-    device: str = "auto"  # "auto": CUDA when torch sees a GPU, else CPU; "cpu"; "cuda" or "cuda:N" (error if absent)
+    # "cpu"; "auto": CUDA when torch sees a GPU, else CPU; "cuda" or "cuda:N" (an error if absent). CPU by default:
+    # results on a GPU are not bit-reproducible (cuDNN), and callers choose (microser train --device auto).
+    device: str = "cpu"
     eval_batch_seconds: float = 64.0  # audio seconds per batch in predict()
     collapse_std: float = 1e-3  # validation predictions with a smaller std on any target = collapsed
     # Long training (microser.trainer). Off by default: the search's brief runs validate once per epoch and

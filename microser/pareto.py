@@ -238,6 +238,8 @@ def all_rows(study: optuna.Study, *, stage: str = "final") -> list[TrialRow]:
 
 def trial_detail(study: optuna.Study, number: int) -> dict:
     """Everything stored about one trial, JSON-ready (``microser show --trial N``)."""
+    from microser.storage import trained_record
+
     trials = study.get_trials(deepcopy=False)
     match = [t for t in trials if t.number == number]
     if not match:
@@ -254,6 +256,7 @@ def trial_detail(study: optuna.Study, number: int) -> dict:
         "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         "summary": _spec_info(t.user_attrs)[1],
         "final": _final(study, t),
+        "trained": trained_record(study, t),
         "compressed": study.user_attrs.get(f"{COMPRESSED_PREFIX}{t.number}"),
         "user_attrs": {k: (json.loads(v) if k == "spec" and isinstance(v, str) else v)
                        for k, v in t.user_attrs.items()},
