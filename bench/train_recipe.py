@@ -42,6 +42,7 @@ VARIANTS = {
     "crop2": {"crop_seconds": 2.0},                      # longer crops (a batch is cut to its shortest segment)
     "crop2-b8": {"crop_seconds": 2.0, "batch_size": 8},   # the same audio per step as base
     "speed": {"speed_perturb": 0.1},                     # resample by 0.9..1.1: tempo and pitch
+    "speed05": {"speed_perturb": 0.05},                  # resample by 0.95..1.05
     "mixup": {"mixup_prob": 0.5},                        # half the crops mixed with another, targets mixed alike
     "mse0": {"mse_weight": 0.0},                         # 1 - CCC only
     "mse1": {"mse_weight": 1.0},

@@ -512,7 +512,8 @@ def bundle_result(report, *, as_json: bool = False) -> None:
                   f"{'met' if s['size_goal_met'] else 'not met'})", highlight=False)
     floats = card["quantization"]["float_op_counts"]
     console.print(f"float ops: {floats}; parity passed (tolerance {card['parity']['tolerance']})", highlight=False)
-    console.print(f"wrote {report.folder}: {', '.join(report.files)}", highlight=False)
+    console.print(f"weights: {card['source'].get('weights')}; wrote {report.folder}: {', '.join(report.files)}",
+                  highlight=False)
 
 
 def evaluation(result: dict, *, as_json: bool = False) -> None:

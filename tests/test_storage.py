@@ -15,8 +15,8 @@ from optuna.trial import TrialState
 
 from microser.errors import MicroserError
 from microser.storage import (
-    SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, final_record, load_study,
-    load_trial_weights, open_storage, save_weights, worker_tag,
+    SETTINGS_ATTR, STAGES, TRAINED_PREFIX, artifact_store, default_artifacts_dir, fail_dead_trials, final_record,
+    load_study, load_trial_weights, open_storage, save_weights, trained_record, weights_stage, worker_tag,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -82,6 +82,25 @@ def test_weights_round_trip_and_final_stage_record(url, tmp_path):
     assert final_record(study, 0)["ccc"] == {"mean": 0.7}
     assert torch.equal(load_trial_weights(study, 0, stage="final")["w"], final["w"])
     assert torch.equal(load_trial_weights(study, 0, stage="search")["w"], state["w"])
+
+
+def test_weight_stages_load_in_the_order_trained_final_search(url, tmp_path):
+    study, state, store = _study_with_weights(url, tmp_path)
+    assert [weights_stage(study, 0, s) for s in STAGES] == ["search", "search", "search"]
+    final, trained = {"w": state["w"] + 1}, {"w": state["w"] + 2}
+    study.set_user_attr("final:0", {"weights": save_weights(final, store=store, study_or_trial=study, name="f")})
+    assert [weights_stage(study, 0, s) for s in STAGES] == ["final", "final", "search"]
+    study.set_user_attr(f"{TRAINED_PREFIX}0", {"spec": "{}", "ccc": {"mean": 0.8},
+                                               "weights": save_weights(trained, store=store, study_or_trial=study,
+                                                                       name="t")})
+    assert [weights_stage(study, 0, s) for s in STAGES] == ["trained", "final", "search"]
+    assert trained_record(study, 0)["ccc"] == {"mean": 0.8}
+    for stage, expected in zip(STAGES, (trained, final, state)):
+        assert torch.equal(load_trial_weights(study, 0, stage)["w"], expected["w"]), stage
+    assert torch.equal(load_trial_weights(study, 0)["w"], trained["w"])   # the default: the most trained
+    with pytest.raises(MicroserError, match="weights stage 'best' is not known: expected one of trained, final, "
+                                            "search"):
+        weights_stage(study, 0, "best")
 
 
 def test_deleted_or_changed_weights_are_clear_errors(tmp_path):
