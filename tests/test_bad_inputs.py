@@ -415,6 +415,19 @@ def _msg_deleted_weights(tmp_path) -> str:
     return _error(load_trial_weights, study, 0)
 
 
+def _msg_no_gpu(tmp_path) -> str:
+    import torch
+
+    from microser.distill import resolve_device
+
+    real = torch.cuda.is_available
+    torch.cuda.is_available = lambda: False   # as on a machine without a GPU
+    try:
+        return _error(resolve_device, "cuda")
+    finally:
+        torch.cuda.is_available = real
+
+
 MESSAGES = {
     "garbage": lambda p: _msg_audio(p, "garbage"),
     "empty": lambda p: _msg_audio(p, "empty"),
@@ -433,6 +446,7 @@ MESSAGES = {
     "refused storage": _msg_refused_storage,
     "study other objectives": _msg_study_other_objectives,
     "deleted weights": _msg_deleted_weights,
+    "no gpu": _msg_no_gpu,
     "space exhausted": _exhaust,
 }
 
