@@ -45,6 +45,7 @@ from microser.metrics import ccc_report
 
 DEFAULT_EPOCHS = 3
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" names one GPU
+SCHEDULES = ("cosine", "hold")
 CHECKPOINT_FORMAT = "microser-train-checkpoint"
 # Settings that may differ between a checkpoint and the run resuming it: they change speed, not the result
 # (on another thread count or device the floating-point sums may round differently; the run stays valid).
@@ -111,7 +112,13 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 3e-3  # peak learning rate, reached at the end of the warm-up
     weight_decay: float = 1e-2
-    warmup: float = 0.1  # fraction of all steps with a linear warm-up from lr/100; then cosine to 0
+    warmup: float = 0.1  # fraction of all steps with a linear warm-up from lr/100; then the schedule
+    # After the warm-up: "cosine" decays to 0 over exactly the run's steps. "hold" keeps the peak lr until
+    # validation stops improving (`patience`) or the last `decay` fraction of the steps begins, then decays it
+    # (cosine to 0) over decay / (1 - decay) x the steps held, validating on, and stops there: early stopping
+    # that still anneals (long training; a cosine laid out for many steps stops at a high lr).
+    schedule: str = "cosine"
+    decay: float = 0.2
     # 1 - CCC alone collapsed one run in four to a constant output (DESIGN.md); the MSE term
     # keeps a gradient toward the targets' mean and scale when the batch CCC is flat.
     mse_weight: float = 0.5
@@ -141,7 +148,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of the weights (0: off); when on, it is what is
     #                         validated, kept and returned (the first steps use min(decay, (1+t)/(10+t)))
     keep_best: bool = False  # return the validated weights with the best mean CCC instead of the last ones
-    patience: int | None = None  # stop after this many validations in a row without a better mean CCC
+    patience: int | None = None  # stop (schedule "hold": start the decay) after this many validations in a row
+    #                               without a better mean CCC
 
     def __post_init__(self):
         if self.epochs is not None and self.steps is not None:
@@ -181,6 +189,9 @@ class TrainConfig:
                                 "e.g. 0.999")
         if self.patience is not None and self.patience < 1:
             raise MicroserError(f"TrainConfig patience={self.patience}: expected validations >= 1, e.g. 8, or None")
+        if self.schedule not in SCHEDULES or not 0 < self.decay < 1:
+            raise MicroserError(f"TrainConfig schedule={self.schedule!r}, decay={self.decay}: expected a schedule in "
+                                f"{', '.join(SCHEDULES)} and a decay fraction in (0, 1), e.g. 0.2")
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise MicroserError(f"device {self.device!r} is not known: expected auto, cpu, cuda or cuda:N")
 
@@ -216,7 +227,7 @@ class TrainResult:
     config: dict = field(default_factory=dict)
     total_steps: int = 0  # the steps the schedule was laid out for
     best_step: int | None = None  # with keep_best: the step whose weights are returned
-    early_stopped: bool = False  # patience ran out before total_steps
+    early_stopped: bool = False  # patience ended the run before total_steps (after its decay, schedule "hold")
     resumed_at: int | None = None  # the step a checkpoint resumed from (None: started fresh)
     device: str = "cpu"  # where it trained
 
@@ -466,14 +477,21 @@ def _augment_wave(x: torch.Tensor, config: TrainConfig, gen: torch.Generator, ma
     return x
 
 
-def _lr_factor(step: int, total: int, warmup: float) -> float:
+def _lr_factor(step: int, total: int, warmup: float, decay: tuple[int, int] | None = None) -> float:
     """LR multiplier for 0-based ``step``: linear warm-up to 1 over the first ceil(warmup*total) steps, then a
-    cosine from 1 that reaches 0 just after the last step (every one of the ``total`` steps has lr > 0)."""
+    cosine from 1 that reaches 0 just after the last step (every one of the ``total`` steps has lr > 0).
+
+    With ``decay=(start, end)`` (schedule "hold") the factor stays 1 after the warm-up until ``start``, then
+    the cosine runs from ``start`` to ``end`` instead.
+    """
     w = int(math.ceil(warmup * total))
     if step < w:
         return 0.01 + 0.99 * (step + 1) / w
-    rest = max(total - w, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(step - w, rest) / rest))
+    start, end = (w, total) if decay is None else decay
+    if step < start:
+        return 1.0
+    rest = max(end - start, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - start, rest) / rest))
 
 
 def _indices(data: DistillData, given, split: str, need: int) -> np.ndarray:
@@ -587,6 +605,7 @@ class _Loop:
     best_step: int | None = None
     best_state: dict | None = None  # (CPU) the weights validated best, with keep_best
     since_best: int = 0  # validations since the best one
+    decay: tuple | None = None  # schedule "hold": (first, end) step of the lr decay; training ends at its end
     early_stopped: bool = False
     bad_step: int | None = None  # the step whose loss was non-finite (it was not applied)
     elapsed: float = 0.0  # wall seconds of earlier sessions (a resumed run counts on from there)
@@ -609,6 +628,7 @@ class _Loop:
         d = dict(d)
         d["order"] = None if d["order"] is None else d["order"].numpy()
         d["best"] = -math.inf if d["best"] is None else d["best"]
+        d["decay"] = None if d.get("decay") is None else tuple(d["decay"])
         return cls(**d)
 
 
@@ -732,9 +752,9 @@ def train(
         if config.augment and has_frontend and (config.time_masks or config.freq_masks):
             hook = frontend.register_forward_hook(_FrontendMasks(config, gen))
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, config.warmup))
-
-        run = _Loop()
+        hold = config.schedule == "hold"
+        run = _Loop(decay=(total - int(round(config.decay * total)), total) if hold else None)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, config.warmup, run.decay))
         if blob is not None:
             model.load_state_dict(blob["model"])
             opt.load_state_dict(blob["optimizer"])
@@ -804,7 +824,7 @@ def train(
         stopped = False
         pred, pred_step = None, -1  # latest validation predictions (this session) and the step they belong to
         model.train()
-        while run.step < total and not run.finished:
+        while run.step < (run.decay[1] if hold else total) and not run.finished:
             if should_stop is not None and should_stop():
                 stopped = True
                 break
@@ -831,11 +851,17 @@ def train(
                 on_step({"step": run.step, "steps": total, "epoch": run.epoch, "loss": loss,
                          "lr": float(sched.get_last_lr()[0])})
             due = (run.step % config.eval_every == 0) if config.eval_every else run.batch >= per_epoch
-            if due or run.step == total:
+            if due or run.step == (run.decay[1] if hold else total):
                 pred, _ = validate()
                 pred_step = run.step
                 model.train()
-                if config.patience is not None and run.since_best >= config.patience and run.step < total:
+                if config.patience is not None and run.since_best >= config.patience:
+                    if hold and run.step < run.decay[0]:  # anneal from here, then stop
+                        held = run.step
+                        run.decay = (held, min(total, held + max(1, round(config.decay / (1 - config.decay) * held))))
+                    elif not hold and run.step < total:
+                        run.early_stopped = True
+                if hold and run.step >= run.decay[1] and run.step < total:
                     run.early_stopped = True
                 save()
             elif checkpoint is not None and time.perf_counter() - last_save >= checkpoint_seconds:

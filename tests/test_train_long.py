@@ -93,9 +93,32 @@ def test_early_stopping_after_patience_validations_without_a_better_ccc(tones):
     assert result.best_step == 5 and result.collapsed
 
 
+def test_hold_schedule_keeps_the_peak_then_anneals_and_stops_after_a_plateau(tones):
+    from microser.distill import _lr_factor
+
+    # warm-up 2 of 20 steps, hold at the peak until step 12, cosine to 0 at step 16
+    assert [round(_lr_factor(s, 20, 0.1, (12, 16)), 4) for s in range(18)] == [
+        0.505, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
+    # no plateau: the decay is the last `decay` fraction of the steps (here 8 of 40)
+    data = ToneData(n=12, n_train=8)
+    plain = train(_model(), data, TrainConfig(steps=40, batch_size=4, crop_seconds=0.3, eval_every=8, warmup=0.0,
+                                              schedule="hold", decay=0.2, threads=1, device="cpu"))
+    assert [h["lr"] for h in plain.history] == pytest.approx([3e-3, 3e-3, 3e-3, 3e-3 * _lr_factor(32, 40, 0.0, (32, 40)),
+                                                              0.0])
+    assert plain.steps == 40 and not plain.early_stopped
+    # a constant student never improves after its first validation (CCC exactly 0): with patience 3 the decay
+    # starts at step 20 and lasts 0.2 / 0.8 x 20 = 5 steps; the run ends at 25 of 300 steps
+    config = TrainConfig(steps=300, batch_size=8, crop_seconds=0.3, eval_every=5, patience=3, warmup=0.0,
+                         schedule="hold", decay=0.2, keep_best=True, threads=1, device="cpu")
+    result = train(ConstantStudent(), tones, config)
+    assert [h["step"] for h in result.history] == [5, 10, 15, 20, 25]
+    assert [h["lr"] for h in result.history] == pytest.approx([3e-3, 3e-3, 3e-3, 3e-3, 0.0])
+    assert result.early_stopped and result.steps == 25 and result.total_steps == 300
+
+
 def test_stopped_run_resumes_from_its_checkpoint_to_identical_weights(tones, tmp_path):
-    config = TrainConfig(**{**LONG.to_dict(), "noise_snr_db": (15.0, 40.0), "steps": 90, "patience": 3,
-                            "speed_perturb": 0.1, "mixup_prob": 0.5})
+    config = TrainConfig(**{**LONG.to_dict(), "noise_snr_db": (15.0, 40.0), "steps": 90, "patience": 2,
+                            "schedule": "hold", "speed_perturb": 0.1, "mixup_prob": 0.5})
     whole = train(_model(), tones, config)
     calls = iter(range(1000))
     stopped = train(_model(), tones, config, checkpoint=tmp_path / "run.ckpt", should_stop=lambda: next(calls) >= 33)
@@ -192,7 +215,9 @@ def test_long_training_settings_are_checked_in_one_line():
                         ({"mixup_prob": 1.5}, "mixup_prob=1.5"), ({"mixup_alpha": 0}, "mixup_alpha=0"),
                         ({"eval_every": 0}, "eval_every=0: expected steps >= 1"),
                         ({"ema_decay": 1.0}, "ema_decay=1.0: expected 0 \\(off\\) or a decay in"),
-                        ({"patience": 0}, "patience=0: expected validations >= 1")]:
+                        ({"patience": 0}, "patience=0: expected validations >= 1"),
+                        ({"schedule": "step"}, "schedule='step', decay=0.2: expected a schedule in cosine, hold"),
+                        ({"decay": 1.0}, "decay=1.0")]:
         with pytest.raises(MicroserError, match=pattern):
             TrainConfig(**kw)
     config = TrainConfig(eval_every=5, ema_decay=0.99, keep_best=True, patience=4, speed_perturb=0.1, mixup_prob=0.3)
