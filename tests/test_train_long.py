@@ -93,7 +93,7 @@ def test_early_stopping_after_patience_validations_without_a_better_ccc(tones):
     assert result.best_step == 5 and result.collapsed
 
 
-def test_hold_schedule_keeps_the_peak_then_anneals_and_stops_after_a_plateau(tones):
+def test_hold_schedule_keeps_the_peak_then_anneals_and_stops_after_a_plateau(tones, tmp_path):
     from microser.distill import _lr_factor
 
     # warm-up 2 of 20 steps, hold at the peak until step 12, cosine to 0 at step 16
@@ -114,6 +114,13 @@ def test_hold_schedule_keeps_the_peak_then_anneals_and_stops_after_a_plateau(ton
     assert [h["step"] for h in result.history] == [5, 10, 15, 20, 25]
     assert [h["lr"] for h in result.history] == pytest.approx([3e-3, 3e-3, 3e-3, 3e-3, 0.0])
     assert result.early_stopped and result.steps == 25 and result.total_steps == 300
+    # stopped inside the decay and resumed: the decay the checkpoint holds is kept
+    calls = iter(range(1000))
+    train(ConstantStudent(), tones, config, checkpoint=tmp_path / "c.ckpt", should_stop=lambda: next(calls) >= 22)
+    resumed = train(ConstantStudent(), tones, config, checkpoint=tmp_path / "c.ckpt")
+    assert resumed.resumed_at == 22 and resumed.steps == 25 and resumed.early_stopped
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in result.history]
+    assert torch.equal(resumed.state_dict["value"], result.state_dict["value"])
 
 
 def test_stopped_run_resumes_from_its_checkpoint_to_identical_weights(tones, tmp_path):
