@@ -306,10 +306,64 @@ def show_cmd(study: StudyOpt, trial: TrialOpt, storage: StorageOpt = None, json_
     show.trial_full(trial_detail(load_study(study, storage), trial), as_json=json_)
 
 
-# -- compress, export: shrink a trial and hand it to firmware --
-
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", help="Cache folder. Default: the study's cache.")]
 
+
+# -- train: the chosen architecture, to convergence --
+
+from microser.trainer import DEFAULT_STEPS as _DEFAULT_STEPS, EVAL_EVERY as _EVAL_EVERY, \
+    PATIENCE as _PATIENCE  # noqa: E402
+
+
+@app.command("train")
+def train_cmd(
+    study: StudyOpt,
+    trial: TrialOpt,
+    storage: StorageOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help=f"Optimizer steps per seed (batches of 16 x 1 s "
+                     f"crops). Default {_DEFAULT_STEPS:,}: about 15 minutes for a 30k-parameter model on 2 cores; "
+                     "early stopping may end sooner.")] = None,
+    time_: Annotated[Optional[str], typer.Option("--time", help="Train for about this long in all, split over the "
+                     "seeds, instead of --steps: e.g. 15m, 1h30m, 90s (a few steps are timed first).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Train K seeds, keep the best on validation, report the "
+                     "spread.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="First seed (seeds S .. S+K-1).")] = 0,
+    init: Annotated[bool, typer.Option("--init", help="Start from the trial's most trained weights (trained > final "
+                    "> search; the compressed weights with --compressed) instead of from scratch.")] = False,
+    compressed: Annotated[bool, typer.Option("--compressed", help="Train the pruned architecture `microser "
+                          "compress` wrote for this trial.")] = False,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help=f"Steps between validations on the "
+                          f"whole validation split (each saves the checkpoint). Default {_EVAL_EVERY}.")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", help=f"Stop after this many validations without a "
+                        f"better mean CCC; 0: never. Default {_PATIENCE}.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when torch sees a GPU, else CPU), cpu, cuda "
+                      "or cuda:N.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads. Default: every core.")] = None,
+    cache: CacheOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Train one trial's architecture to convergence: EMA, best checkpoint, early stopping, K seeds.
+
+    The result is the trial's "trained" stage, which compress, export and evaluate then use. Killed, the same
+    command continues from its last checkpoint.
+    """
+    from microser import show
+    from microser.durations import parse_duration
+    from microser.storage import load_study
+    from microser.trainer import train_trial
+
+    seconds = parse_duration(time_, what="--time") if time_ is not None else None
+    recipe = {k: v for k, v in {"eval_every": eval_every, "patience": patience}.items() if v is not None}
+    if recipe.get("patience") == 0:
+        recipe["patience"] = None
+    with show.train_live() as progress:
+        report = train_trial(load_study(study, storage), trial, steps=steps, seconds=seconds, seeds=seeds, seed=seed,
+                             init=init, compressed=compressed, device=device, threads=threads, cache=cache,
+                             progress=progress, **recipe)
+    show.train_result(report, as_json=json_)
+
+
+# -- compress, export: shrink a trial and hand it to firmware --
 
 def _keep_float(text: str):
     return "auto" if text == "auto" else [] if text in ("", "none") else [t.strip() for t in text.split(",")]

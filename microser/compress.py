@@ -872,7 +872,7 @@ class CompressReport:
     trial: int
     folder: str
     spec: dict
-    start_weights: str          # "final" | "search"
+    start_weights: str          # "trained" | "final" | "search"
     cache: str
     stages: list[dict]          # measure_stage rows: "trial", "fine-tuned", "pruned"
     prune_history: list[dict]
@@ -900,13 +900,19 @@ def _trial_spec(study, trial: int):
     return t, ArchSpec.from_json(t.user_attrs["spec"])
 
 
-def load_trial_model(study, trial: int, *, stage: str = "final"):
-    """``(model, spec, which weights)`` for a trial: final-stage weights when present, else search weights."""
-    from microser.models.spec import build_model
-    from microser.rungs import final_record, load_trial_weights
+def load_trial_model(study, trial: int, *, stage: str = "trained"):
+    """``(model, spec, which weights)`` for a trial: the first stage it has of trained > final > search.
+
+    ``stage`` is where to start (``microser.rungs.weights_stage``); ``which`` names the stage loaded.
+    Trained weights come with their own spec (a compressed trial's pruned architecture may be trained).
+    """
+    from microser.models.spec import ArchSpec, build_model
+    from microser.rungs import load_trial_weights, trained_record, weights_stage
 
     t, spec = _trial_spec(study, trial)
-    which = "final" if stage == "final" and (final_record(study, t) or {}).get("weights") else "search"
+    which = weights_stage(study, t, stage) or "search"   # no weights at all: load_trial_weights says so
+    if which == "trained" and trained_record(study, t).get("spec"):
+        spec = ArchSpec.from_json(trained_record(study, t)["spec"])
     model = build_model(spec)
     model.load_state_dict(load_trial_weights(study, t, stage=which))
     return model.eval(), spec, which
@@ -919,8 +925,8 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
                    lr: float = FINETUNE_LR, qat_lr: float | None = None, progress=None) -> CompressReport:
     """Fine-tune, prune and quantize one trial; write ``compressed_dir(study, trial)``; record it on the study.
 
-    Steps: load the trial's final-stage weights (search weights if it was not
-    retrained); measure it ("trial" row); fine-tune ``epochs`` more with
+    Steps: load the trial's most trained weights (`microser train`'s, else the
+    final stage's, else the search's; ``start_weights`` says which); measure it ("trial" row); fine-tune ``epochs`` more with
     ``distill.train`` ("fine-tuned" row, skipped when ``epochs`` is 0); if
     ``target_params`` or ``prune_ratio`` is given, prune the body in
     ``steps`` steps with ``finetune_epochs`` (or ``finetune_steps``) of

@@ -1,4 +1,4 @@
-"""Wall-clock durations (``10m``, ``90s``, ``1h30m``, ``600``): the one parser, and the one way to print them."""
+"""Wall-clock durations (``--time 10m``, ``90s``, ``1h30m``, ``600``): the one parser, and the one way to print them."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import re
 
 from microser.errors import MicroserError
 
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms])")
-EXAMPLES = "'10m', '90s', '1h30m' or '600' (seconds)"
+_UNITS = {"h": 3600.0, "min": 60.0, "m": 60.0, "sec": 1.0, "s": 1.0}
+_ORDER = {"h": 0, "min": 1, "m": 1, "sec": 2, "s": 2}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|min|m|sec|s)")
+EXAMPLES = "'10m', '90s', '1.5h', '1h30m' or '600' (seconds)"
 
 
 def parse_duration(text: str | float | int, *, what: str = "duration") -> float:
     """Seconds in ``text``: a number of seconds, or parts ``NUMBER{h,m,s}`` in that order (``1h30m``).
+
+    ``min`` and ``sec`` are accepted for ``m`` and ``s``; spaces are ignored.
 
     >>> parse_duration("10m"), parse_duration("1h30m"), parse_duration("45s"), parse_duration(90)
     (600.0, 5400.0, 45.0, 90.0)
@@ -29,9 +32,9 @@ def parse_duration(text: str | float | int, *, what: str = "duration") -> float:
             seconds = float(s)
         except ValueError:
             parts = _PART.findall(s)
-            units = [u for _, u in parts]
-            if not parts or "".join(n + u for n, u in parts) != s or len(set(units)) != len(units) or \
-                    units != sorted(units, key="hms".index):
+            order = [_ORDER[u] for _, u in parts]
+            if not parts or "".join(n + u for n, u in parts) != s or len(set(order)) != len(order) or \
+                    order != sorted(order):
                 raise MicroserError(f"{what} {text!r} is not understood: expected e.g. {EXAMPLES}") from None
             seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     if not math.isfinite(seconds) or seconds <= 0:

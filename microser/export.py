@@ -603,9 +603,10 @@ def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None
                  tolerance: Tolerance = Tolerance(), keep_float="auto", progress=None) -> BundleReport:
     """Write the bundle of one trial: its compressed model (``compressed=True``) or its trained weights.
 
-    Without ``compressed`` the trial's final-stage weights (else search
-    weights) are exported and quantized here (same quantizer and float split
-    rule as ``microser compress``).
+    Without ``compressed`` the trial's most trained weights (`microser
+    train`'s, else the final stage's, else the search's; the card's
+    ``source.weights`` names the stage) are exported and quantized here (same
+    quantizer and float split rule as ``microser compress``).
     """
     from microser.cache import Cache
     from microser.compress import calibration_crops, load_compressed, load_trial_model, measure_stage

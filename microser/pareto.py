@@ -319,6 +319,8 @@ def all_rows(study: optuna.Study, *, level: str = "auto") -> list[TrialRow]:
 
 def trial_detail(study: optuna.Study, number: int) -> dict:
     """Everything stored about one trial, JSON-ready (``microser show --trial N``): every rung and the final stage."""
+    from microser.rungs import trained_record
+
     trials = study.get_trials(deepcopy=False)
     match = [t for t in trials if t.number == number]
     if not match:
@@ -340,6 +342,7 @@ def trial_detail(study: optuna.Study, number: int) -> dict:
         "summary": _spec_info(t.user_attrs)[1],
         "rungs": {k: v for k, v in rungs.items() if v},
         "final": ev.final(t),
+        "trained": trained_record(study, t),
         "compressed": study.user_attrs.get(f"{COMPRESSED_PREFIX}{t.number}"),
         "user_attrs": {k: (json.loads(v) if k == "spec" and isinstance(v, str) else v)
                        for k, v in t.user_attrs.items()},

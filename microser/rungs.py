@@ -309,26 +309,52 @@ def final_record(study: optuna.Study, trial: FrozenTrial | int) -> dict | None:
     return Evaluations(study).final(trial_of(study, trial))
 
 
-WEIGHT_STAGES = ("final", "search")
+TRAINED_PREFIX = "trained:"  # study user attr "trained:<trial number>": `microser train`'s record
+WEIGHT_STAGES = ("trained", "final", "search")   # a trial's weights, most trained first
 
 
-def load_trial_weights(study: optuna.Study, trial: FrozenTrial | int, stage: str = "final", *,
-                       artifacts: str | Path | None = None) -> dict:
-    """The trial's state dict, checked against its recorded sha256.
+def trained_record(study: optuna.Study, trial: FrozenTrial | int) -> dict | None:
+    """`microser train`'s record for a trial: ``{"spec", "ccc", "test_ccc", "weights", "settings", ...}``, or None."""
+    return study.user_attrs.get(f"{TRAINED_PREFIX}{trial_of(study, trial).number}")
 
-    ``stage="final"`` gives the final stage's weights (its first seed) when the
-    trial reached it and its first-rung weights otherwise; ``stage="search"``
-    always gives the first-rung weights. ``artifacts`` overrides the folder
-    recorded in the study (for a moved study).
+
+def _stage_weights(study: optuna.Study, t: FrozenTrial, stage: str) -> dict | None:
+    if stage == "trained":
+        record = trained_record(study, t)
+    elif stage == "final":
+        record = final_record(study, t)
+    else:
+        return t.user_attrs.get("weights")
+    return (record or {}).get("weights")
+
+
+def weights_stage(study: optuna.Study, trial: FrozenTrial | int, stage: str = "trained") -> str | None:
+    """The first of ``WEIGHT_STAGES`` from ``stage`` downwards whose weights the trial has (None: it has none).
+
+    ``stage="trained"`` (trained > final > search) is what compress, export and evaluate use.
     """
     if stage not in WEIGHT_STAGES:
         raise MicroserError(f"weights stage {stage!r} is not known: expected one of {', '.join(WEIGHT_STAGES)}")
     t = trial_of(study, trial)
-    weights = None
-    if stage == "final":
-        record = final_record(study, t)
-        weights = record.get("weights") if record else None
-    weights = weights or t.user_attrs.get("weights")
+    return next((s for s in WEIGHT_STAGES[WEIGHT_STAGES.index(stage):] if _stage_weights(study, t, s)), None)
+
+
+def load_trial_weights(study: optuna.Study, trial: FrozenTrial | int, stage: str = "trained", *,
+                       artifacts: str | Path | None = None) -> dict:
+    """The trial's state dict, checked against its recorded sha256.
+
+    The weights of the first stage from ``stage`` downwards that the trial has
+    (``weights_stage``): ``"trained"`` gives `microser train`'s weights, else
+    the final stage's (its first seed), else the first rung's; ``"final"``
+    skips trained ones; ``"search"`` always gives the first-rung weights. A
+    trained record may hold another architecture than the trial's (a
+    compressed trial trained): build the model from
+    ``trained_record(...)["spec"]`` then. ``artifacts`` overrides the folder
+    recorded in the study (for a moved study).
+    """
+    t = trial_of(study, trial)
+    which = weights_stage(study, t, stage)
+    weights = _stage_weights(study, t, which) if which else None
     if not weights:
         raise MicroserError(f"trial {t.number} of study {study.study_name!r} has no weights (it was "
                             f"{t.user_attrs.get('rejected') or t.state.name}): pick a trained trial")

@@ -235,6 +235,109 @@ def search_summary(summary, as_json: bool = False) -> None:
                   f"{summary.study}", highlight=False)
 
 
+# ---- train (microser train) ----
+
+
+class train_live:
+    """The live view of `microser.trainer.train_trial`: seed k of K, steps, ETA, train loss, latest and best CCC.
+
+    Use as ``with show.train_live() as cb: train_trial(..., progress=cb)``. One bar per seed; a resumed seed's
+    bar starts at the step its checkpoint held, so the ETA counts only this run's speed. Each validation's
+    line and each seed's result scroll above the bars.
+    """
+
+    def __enter__(self):
+        self.bar, self.task, self.seed, self.fields = None, None, None, {}
+        return self
+
+    def _start(self):
+        """The rich display, started at the first event (an input error before it leaves stderr one line)."""
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                TextColumn("loss {task.fields[loss]}  valid CCC {task.fields[valid]}  best "
+                                           "{task.fields[best]}"), console=err_console, transient=False)
+            self.bar.__enter__()
+        return self.bar
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("kind")
+        self._start()
+        if kind == "plan" and "steps" in event:
+            self.bar.console.print(f"--time {_duration(event['seconds'])}: {event['steps']:,} steps per seed "
+                                   f"(measured {event['steps_per_second']:.1f} steps/s)", highlight=False)
+        elif kind == "plan":
+            self.bar.console.print("timing a few steps to size --time ...", highlight=False)
+        elif kind == "seed":
+            self.seed, self.task = event, None
+            self.fields = {"loss": "-", "valid": "-", "best": "-"}
+        elif kind == "step":
+            self.fields["loss"] = f"{event['loss']:.3f}"
+            if self.task is None:   # created at the first step seen: a resumed run starts where it was
+                description = f"seed {event['seed']} ({self.seed['index'] + 1}/{self.seed['count']})"
+                self.task = self.bar.add_task(description, total=event["steps"], completed=event["step"],
+                                              **self.fields)
+            else:
+                self.bar.update(self.task, completed=event["step"], **self.fields)
+        elif kind == "eval":
+            self.fields["valid"] = f"{event['valid']['mean']:.3f}"
+            self.fields["best"] = f"{event['best']:.3f} @ {event['best_step']}" if event.get("best_step") else "-"
+            if self.task is not None:
+                self.bar.update(self.task, **self.fields)
+        elif kind == "seed_done":
+            test = f", test {event['test_ccc']['mean']:.3f}" if event.get("test_ccc") else ""
+            self.bar.console.print(f"seed {event['seed']}: valid CCC {event['ccc']['mean']:.3f}{test}",
+                                   highlight=False)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def train_result(report, *, as_json: bool = False) -> None:
+    """`microser train`: one row per seed, the kept one, the stage it replaces, where the curves are."""
+    if as_json:
+        print_json(report.to_dict())
+        return
+    from rich.table import Table
+
+    def ccc(d):
+        return "-" if not d else f"{d['mean']:.3f}"
+
+    table = Table("seed", "steps", "best step", "stopped", "A", "D", "V", "valid CCC", "test CCC", "minutes", "",
+                  title=f"study {report.study} trial {report.trial} ({report.source}): {report.summary}",
+                  caption="CCC of the weights each seed kept (best validation, EMA); valid = validation split, "
+                          "test = test split (held-out speakers)")
+    for r in report.seeds:
+        stopped = "early" if r.early_stopped else ("collapsed" if r.collapsed else "")
+        note = "kept" if r.seed == report.kept_seed else ""
+        if r.resumed_at is not None:
+            note += (" (had finished)" if r.resumed_at >= r.steps else f" (resumed at {r.resumed_at:,})")
+        table.add_row(str(r.seed), f"{r.steps:,}/{r.total_steps:,}", "-" if r.best_step is None else f"{r.best_step:,}",
+                      stopped, *_ccc_cells(r.ccc)[:3], ccc(r.ccc), ccc(r.test_ccc), f"{r.train_seconds / 60:.1f}",
+                      note.strip())
+    console.print(table)
+    if len(report.seeds) > 1 and report.spread.get("valid"):
+        parts = [f"{split} {d['min']:.3f}..{d['max']:.3f} (std {d['std']:.3f})"
+                 for split, d in report.spread.items() if d]
+        console.print(f"spread over {len(report.seeds)} seeds: {', '.join(parts)}", highlight=False)
+    if report.before:
+        b = report.before
+        lift = ""
+        if b.get("test_ccc") and report.test_ccc:
+            lift = f" ({report.test_ccc['mean'] - b['test_ccc']['mean']:+.3f} on test)"
+        console.print(f"before: {b['stage']} weights valid {ccc(b['ccc'])}, test {ccc(b.get('test_ccc'))}; now "
+                      f"trained weights valid {ccc(report.ccc)}, test {ccc(report.test_ccc)}{lift}", highlight=False)
+    start = f"from the trial's {report.init} weights" if report.init else "from scratch"
+    console.print(f"trained {start} on {report.device}; stored as the trial's \"trained\" stage (compress, export "
+                  f"and evaluate use it); learning curves {report.curves}", highlight=False)
+    console.print(f"next: microser compress --study {report.study} --trial {report.trial}  or  microser export "
+                  f"--study {report.study} --trial {report.trial} --out bundle", highlight=False)
+
+
 # ---- costs (microser describe) ----
 
 
@@ -463,7 +566,8 @@ def bundle_result(report, *, as_json: bool = False) -> None:
                       + f" ({'within' if probes['passed'] else 'NOT within'} {probes['tolerance']})", highlight=False)
     floats = card["quantization"]["float_op_counts"]
     console.print(f"float ops: {floats}; parity passed (tolerance {card['parity']['tolerance']})", highlight=False)
-    console.print(f"wrote {report.folder}: {', '.join(report.files)}", highlight=False)
+    console.print(f"weights: {card['source'].get('weights')}; wrote {report.folder}: {', '.join(report.files)}",
+                  highlight=False)
 
 
 def evaluation(result: dict, *, as_json: bool = False) -> None:

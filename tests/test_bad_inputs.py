@@ -715,7 +715,7 @@ def _bad_argv(tmp_path: Path, case: str) -> tuple[list[str], str]:
         "--seed -1": (search + ["--seed", "-1"], "--seed -1 is out of range; expected a whole number >= 0 and <= "
                                                  "4294967295: pass e.g. --seed 0"),
         "--time -5": (search + ["--time", "-5"],
-                      "time '-5' must be a positive, finite duration, e.g. '10m', '90s', '1h30m' or '600' (seconds)"),
+                      "time '-5' must be a positive, finite duration, e.g. '10m', '90s', '1.5h', '1h30m' or '600' (seconds)"),
         "--rungs 0": (search + ["--rungs", "0"],
                       "rungs=[0]: expected increasing step counts >= 1, e.g. 60,200,600"),
         "--epochs 0": (search + ["--epochs", "0"],
@@ -1098,6 +1098,19 @@ def _msg_truncated_graph(tmp_path) -> str:
     return _error(evaluate_target, path=tmp_path / "m.onnx", cache=tmp_path / "no-cache")
 
 
+def _msg_no_gpu(tmp_path) -> str:
+    import torch
+
+    from microser.distill import resolve_device
+
+    real = torch.cuda.is_available
+    torch.cuda.is_available = lambda: False   # as on a machine without a GPU
+    try:
+        return _error(resolve_device, "cuda")
+    finally:
+        torch.cuda.is_available = real
+
+
 MESSAGES = {
     "garbage": lambda p: _msg_audio(p, "garbage"),
     "empty": lambda p: _msg_audio(p, "empty"),
@@ -1116,6 +1129,7 @@ MESSAGES = {
     "refused storage": _msg_refused_storage,
     "study other objectives": _msg_study_other_objectives,
     "deleted weights": _msg_deleted_weights,
+    "no gpu": _msg_no_gpu,
     "space exhausted": _exhaust,
     "too short": _msg_too_short,
     "silent after conversion": _msg_converted_silent,

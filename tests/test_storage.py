@@ -15,7 +15,10 @@ from optuna.trial import TrialState
 
 from microser.errors import MicroserError
 from microser.pareto import trial_row
-from microser.rungs import FINAL, Job, RungQueue, final_record, load_trial_weights
+from microser.rungs import (
+    FINAL, TRAINED_PREFIX, WEIGHT_STAGES as STAGES, Job, RungQueue, final_record, load_trial_weights, trained_record,
+    weights_stage,
+)
 from microser.storage import (
     SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, load_study, open_storage, save_weights,
     worker_tag,
@@ -98,6 +101,25 @@ def test_weights_round_trip_and_final_stage_record(url, tmp_path):
     assert record["ccc"]["mean"] == pytest.approx(0.7) and record["ccc_std"]["mean"] == pytest.approx(0.1)
     assert record["test_ccc"]["mean"] == pytest.approx(0.6) and [s["fold"] for s in record["seeds"]] == [0, 1]
     assert torch.equal(load_trial_weights(study, 0, stage="final")["w"], 2 * state["w"])
+
+
+def test_weight_stages_load_in_the_order_trained_final_search(url, tmp_path):
+    study, state, store = _study_with_weights(url, tmp_path)
+    assert [weights_stage(study, 0, s) for s in STAGES] == ["search", "search", "search"]
+    final, trained = {"w": state["w"] + 1}, {"w": state["w"] + 2}
+    study.set_user_attr("final:0", {"weights": save_weights(final, store=store, study_or_trial=study, name="f")})
+    assert [weights_stage(study, 0, s) for s in STAGES] == ["final", "final", "search"]
+    study.set_user_attr(f"{TRAINED_PREFIX}0", {"spec": "{}", "ccc": {"mean": 0.8},
+                                               "weights": save_weights(trained, store=store, study_or_trial=study,
+                                                                       name="t")})
+    assert [weights_stage(study, 0, s) for s in STAGES] == ["trained", "final", "search"]
+    assert trained_record(study, 0)["ccc"] == {"mean": 0.8}
+    for stage, expected in zip(STAGES, (trained, final, state)):
+        assert torch.equal(load_trial_weights(study, 0, stage)["w"], expected["w"]), stage
+    assert torch.equal(load_trial_weights(study, 0)["w"], trained["w"])   # the default: the most trained
+    with pytest.raises(MicroserError, match="weights stage 'best' is not known: expected one of trained, final, "
+                                            "search"):
+        weights_stage(study, 0, "best")
 
 
 def test_deleted_or_changed_weights_are_clear_errors(tmp_path):
