@@ -13,7 +13,8 @@ seed, and prints one row per run and one summary row per cache:
 Goal (issue 10): on ravdess-dev and espeak-emo, 10 minutes or less per run on 2
 cores, and over 3 seeds the pick beats wav2small-ref by >= +0.05 test CCC on
 average, with int8 RAM no larger than its. Results are appended as JSON lines
-to ``--out`` as they come.
+to ``--out`` as they come; the same command again skips the runs already there
+(an interrupted bench resumes) and prints the table over all of them.
 
 Usage::
 
@@ -37,13 +38,15 @@ import time
 from pathlib import Path
 
 
-def run_one(cache: str, seed: int, extra: list[str], where: Path) -> dict:
+def run_one(cache: str, seed: int, extra: list[str], where: Path, log: str | None = None) -> dict:
     command = [sys.executable, "-m", "microser.cli", "search", "--cache", cache, "--budget", "80k-params",
                "--seed", str(seed), "--json", *extra]
     t0 = time.perf_counter()
     done = subprocess.run(command, cwd=where, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "160"})
     wall = time.perf_counter() - t0
+    if log is not None:
+        Path(log).write_text(done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"search failed ({done.returncode}): {done.stderr[-2000:]}")
     summary = json.loads(done.stdout)
@@ -71,13 +74,21 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
           f"command: microser search --cache CACHE --budget 80k-params --seed S --json {args.args}".rstrip())
-    results: dict[str, list[dict]] = {}
-    for spec in args.cache:
-        name, path = spec.split("=", 1)
-        for seed in seeds:
+    caches = [spec.split("=", 1) for spec in args.cache]
+    done = []   # rows of an earlier, interrupted run of the same command: not run again (the bench resumes)
+    if os.path.exists(args.out):
+        done = [r for r in map(json.loads, open(args.out)) if r.get("args") == args.args]
+    results: dict[str, list[dict]] = {name: [] for name, _ in caches}
+    for seed in seeds:                       # seeds outermost: an interrupted bench has every cache at some seeds
+        for name, path in caches:
+            old = [r for r in done if r["cache"] == name and r["seed"] == seed]
+            if old:
+                results[name].append(old[-1])
+                continue
             with tempfile.TemporaryDirectory() as tmp:
-                row = {"cache": name, **run_one(str(Path(path).resolve()), seed, extra, Path(tmp))}
-            results.setdefault(name, []).append(row)
+                row = {"cache": name, **run_one(str(Path(path).resolve()), seed, extra, Path(tmp),
+                                                log=f"{args.out}.{name}-{seed}.log")}   # its live view
+            results[name].append(row)
             with open(args.out, "a") as f:
                 f.write(json.dumps({**row, "args": args.args}) + "\n")
             p, r = row["pick"], row["reference"]
@@ -91,6 +102,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, rows in results.items():
         import numpy as np
+
+        if not rows:
+            continue
 
         pick = np.array([r["pick"]["test"] for r in rows])
         ref = np.array([r["reference"]["test"] for r in rows])

@@ -65,8 +65,8 @@ def main() -> None:
         for line in open(args.out):
             r = json.loads(line)
             done[(r["sampler"], r["seed"])] = r
-    for sampler in args.samplers.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):      # seeds outermost: a cut-short bench compares all
+        for sampler in args.samplers.split(","):
             if (sampler, seed) in done:
                 rows.append(done[(sampler, seed)])
                 continue

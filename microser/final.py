@@ -66,20 +66,23 @@ def run_final_stage(searcher, names) -> None:
     plan = study.user_attrs.get(FINAL_PLAN_ATTR)
     refs = [t.number for t in references(study, names)]
     if plan and all(n in plan["trials"] for n in refs):
-        members = list(plan["trials"])
+        members, steps = list(plan["trials"]), int(plan.get("steps") or f.final_steps)
     else:   # computed on the settled ladder, so every worker that gets here computes the same plan
-        members = final_members(study, searcher.state(), searcher.config.final_k, names)
-        study.set_user_attr(FINAL_PLAN_ATTR, {"trials": members, "steps": f.final_steps, "seeds": f.final_seeds,
+        state = searcher.state()
+        members = final_members(study, state, searcher.config.final_k, names)
+        steps = searcher.final_steps_that_fit(state, members)   # what the time left allows (--time)
+        study.set_user_attr(FINAL_PLAN_ATTR, {"trials": members, "steps": steps, "seeds": f.final_seeds,
                                               "folds": f.folds})
     keys = searcher.queue.taken()
     total = len(members) * f.final_seeds
     for seed in range(f.final_seeds):   # seed-major: every member gets its first seed before any gets a second
         for n in members:
-            job = Job(of=n, rung=FINAL, steps=f.final_steps, seed=seed, fold=seed % f.folds)
+            job = Job(of=n, rung=FINAL, steps=steps, seed=seed, fold=seed % f.folds)
             if job.key not in keys:
                 searcher.queue.enqueue(job)
     searcher.emit("start", "final", f"final stage: {len(members)} trials x {f.final_seeds} seeds = {total} runs of "
-                  f"{f.final_steps} steps" + (f", validation rotating over {f.folds} speaker folds" if f.folds > 1
+                  f"{steps} steps" + (f" (of {f.final_steps} planned: what --time leaves)" if steps < f.final_steps
+                                      else "") + (f", validation rotating over {f.folds} speaker folds" if f.folds > 1
                                               else ""))
     if searcher.config.workers > 1:
         searcher.in_workers("final")
@@ -125,6 +128,8 @@ def summarize(study, settings, url, stale, search_seconds, final_seconds) -> Sea
     ev = Evaluations(study)
     by_number = {t.number: t for t in s.trials}
     plan = study.user_attrs.get(FINAL_PLAN_ATTR) or {"trials": []}
+    if plan.get("steps"):   # the steps the final stage really trained (fewer than planned when time ran short)
+        settings = {**settings, "fidelity": {**settings["fidelity"], "final_steps": plan["steps"]}}
     finals = {n: ev.final(by_number[n]) for n in plan["trials"] if n in by_number}
     candidates = [n for n in plan["trials"] if finals.get(n) and finals[n].get("ccc") and is_feasible(by_number[n])]
     rows = []

@@ -48,7 +48,7 @@ from microser.asha import finalists, promotions
 from microser.budgets import describe_violations, parse_budgets, violations
 from microser.errors import MicroserError
 from microser.pareto import is_feasible
-from microser.fidelity import Fidelity, resolve_fidelity
+from microser.fidelity import FINAL_EVALUATION_SCALE, FINAL_TIME_SHARE, Fidelity, resolve_fidelity
 from microser.samplers import TrialSeededSampler, make_sampler
 from microser.search_config import REJECTED_CCC, SearchConfig, check_same_study, study_settings
 from microser.final import FINAL_PLAN_ATTR, SearchSummary, run_final_stage, summarize
@@ -64,7 +64,6 @@ MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this 
 MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted
 PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
 MAX_FAILURES_IN_A_ROW = 3
-FINAL_EVALUATION_SCALE = 4      # the final stage validates (and tests) on 4x the audio of a rung evaluation
 SEARCH_DONE_ATTR = "search_done"   # study user attr: the search stage ended (time or trials); a rerun goes on
 
 
@@ -79,6 +78,7 @@ class TrainOutcome:
     samples_per_second: float
     steps: int = 0
     collapsed: str | None = None    # the collapse message, when predictions were constant
+    eval_seconds: float = 0.0       # of train_seconds, the time spent validating (the rest is optimizer steps)
     test_ccc: dict | None = None    # test ccc_report, when the split has a test part (final stage)
 
 
@@ -125,6 +125,7 @@ def distill_spec(spec, data, train_config, *, split: Split, progress=None, shoul
     if split.test is not None and len(split.test) >= 2:
         test_ccc = evaluate(model, data, "test", indices=split.test)
     return TrainOutcome(state_dict=result.state_dict, ccc=result.ccc, train_seconds=result.train_seconds,
+                        eval_seconds=float(sum(h.get("eval_seconds", 0.0) for h in result.history)),
                         samples_per_second=result.samples_per_second, steps=result.steps,
                         collapsed=result.collapse_message if result.collapsed else None, test_ccc=test_ccc)
 
@@ -242,7 +243,8 @@ class _Searcher:
 
         f = self.fidelity
         config = TrainConfig(steps=steps, crop_seconds=f.crop_seconds, crops_per_segment=f.crops_per_segment,
-                             batch_size=f.batch_size, seed=seed, threads=self.threads)
+                             batch_size=f.batch_size, seed=seed, threads=self.threads,
+                             eval_every=steps)   # one validation, after the last step: the only one a rung reads
         return self.c.trainer(spec, self.c.data, config, split=split, progress=self._step_progress(label))
 
     def _step_progress(self, label: str):
@@ -255,7 +257,8 @@ class _Searcher:
         return report
 
     def _record(self, outcome: TrainOutcome, weights: dict) -> dict:
-        record = {"ccc": outcome.ccc, "train_seconds": outcome.train_seconds, "steps": outcome.steps,
+        record = {"ccc": outcome.ccc, "train_seconds": outcome.train_seconds,
+                  "eval_seconds": outcome.eval_seconds, "steps": outcome.steps,
                   "samples_per_second": outcome.samples_per_second, "weights": weights}
         if outcome.test_ccc is not None:
             record["test_ccc"] = outcome.test_ccc
@@ -264,15 +267,31 @@ class _Searcher:
         return record
 
     # -- time --
-    def _job_seconds(self, s: Ladder, trial: int | None, steps: int) -> float:
-        """Estimated wall seconds of a job of ``steps`` for ``trial``: the median job overhead (measuring,
-        validation, saving, storage) plus its own measured time per step (else the slowest measured)."""
+    @staticmethod
+    def _per_step(s: Ladder, trial: int | None) -> float:
+        """Seconds per optimizer step of ``trial`` as measured (else the slowest measured so far)."""
         if trial is not None and trial in s.step_seconds:
-            per_step = s.step_seconds[trial]
-        else:
-            known = list(s.step_seconds.values())
-            per_step = max(known) if known else 0.1
-        return s.overhead_seconds + per_step * steps
+            return s.step_seconds[trial]
+        known = list(s.step_seconds.values())
+        return max(known) if known else 0.1
+
+    def _job_seconds(self, s: Ladder, trial: int | None, steps: int, final: bool = False) -> float:
+        """Estimated wall seconds of a job of ``steps`` for ``trial``: the median job overhead (measuring,
+        validation, saving, storage; a final-stage job's when ``final``) plus its own measured time per optimizer
+        step (else the slowest measured)."""
+        return (s.final_overhead_seconds if final else s.overhead_seconds) + self._per_step(s, trial) * steps
+
+    def final_steps_that_fit(self, s: Ladder, members: list[int]) -> int:
+        """Steps of the final stage: the planned ``final_steps``, fewer when ``members`` x seeds would not finish
+        by the deadline at their measured speeds (never below the first rung); with no deadline, as planned."""
+        f = self.fidelity
+        if self.deadline is None or not members:
+            return f.final_steps
+        left = self.deadline - self.c.clock()
+        per_step = f.final_seeds * sum(self._per_step(s, n) for n in members) / self.config.workers
+        fixed = f.final_seeds * len(members) * s.final_overhead_seconds / self.config.workers
+        fit = int((left - fixed) / per_step) // 10 * 10 if per_step > 0 else f.final_steps
+        return max(f.rungs[0], min(f.final_steps, fit))
 
     def _final_members(self, s: Ladder) -> list[int]:
         plan = self.study.user_attrs.get(FINAL_PLAN_ATTR)
@@ -286,20 +305,25 @@ class _Searcher:
         f = self.fidelity
         total = 0.0
         members = self._final_members(s)
+        plan = self.study.user_attrs.get(FINAL_PLAN_ATTR) if self.study.user_attrs.get(SEARCH_DONE_ATTR) else None
+        steps = int((plan or {}).get("steps") or f.final_steps)
         for n in members:
             for seed in range(f.final_seeds):
                 if pending_only and s.final_keys.get(f"{n}/{FINAL}/{seed}") == "COMPLETE":
                     continue
-                total += self._job_seconds(s, n, f.final_steps)
+                total += self._job_seconds(s, n, steps, final=True)
         missing = max(0, self.config.final_k - (len(members) - len(self.config.references)))
-        total += missing * f.final_seeds * self._job_seconds(s, None, f.final_steps)
+        total += missing * f.final_seeds * self._job_seconds(s, None, steps, final=True)
         return total / self.config.workers
 
     def out_of_time(self, s: Ladder, next_seconds: float) -> bool:
-        """True when starting ``next_seconds`` of work would leave too little time for the final stage."""
+        """True when starting ``next_seconds`` of work would leave too little time for the final stage: its
+        estimate at the planned steps, but at most FINAL_TIME_SHARE of ``--time`` (it then trains fewer steps,
+        ``final_steps_that_fit``) so that a slow reference cannot leave no time to search."""
         if self.deadline is None:
             return False
-        return self.c.clock() + next_seconds + self._final_seconds(s) > self.deadline
+        reserve = min(self._final_seconds(s), FINAL_TIME_SHARE * self.config.time)
+        return self.c.clock() + next_seconds + reserve > self.deadline
 
     # -- a new candidate (first rung) --
     def objective(self, trial: optuna.Trial):

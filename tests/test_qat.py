@@ -296,3 +296,10 @@ def test_every_head_exports_int8_after_the_log_mel(norm, pooling, compression, t
     assert after == (["LayerNormalization"] * 2 if norm == "layer" else []), after
     assert exported.torch_vs_int8_max_abs < 1e-3
     assert ("head.pool.q_gram" in [p["name"] for p in exported.points]) == (pooling == "attention+gram")
+    # the generated C runs the QAT graph: its int8 library matches onnxruntime on that graph within PARITY_INT8
+    # (generate compiles it with gcc and raises otherwise), whichever head the graph has
+    from microser.cgen.bundle import generate
+
+    section = generate(tmp_path / "bundle", qat.to_student(qmodel, spec), spec, exported.int8_path,
+                       measure_costs=False, cortex_m4=False)
+    assert section["parity"]["int8"]["max_abs_diff"] <= section["parity"]["int8"]["tolerance"] == 0.01
