@@ -18,7 +18,7 @@ from microser.onnxio import PARITY_TOLERANCE, ort_session, run_onnx
 from microser.cgen import toolchain
 from microser.cgen.emit import emit, library_info, library_prefix
 from microser.cgen.plan import Plan, check_exportable, fft_factors, float_plan
-from microser.cgen.qdq import int8_plan
+from microser.cgen.qdq import float_head_graph, int8_plan
 from microser.cgen.toolchain import (ARM_GCC, GCC_FLAGS, M4_CHUNKS, M4_TOOLS_HINT, QEMU_ARM, compile_driver, measure,
                                      measure_cortex_m4, run_driver)
 
@@ -122,14 +122,20 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
                                                        if spec.frontend.prenorm == "clip" else []),
                "libraries": libs, "parity": {}, "measured": {}}
     audio = check_signal()
-    refs = {}
+    refs, full_graph = {}, {}
     for v in libs:
         if v == "float32":
             with torch.no_grad():
                 refs[v] = (model(torch.from_numpy(audio)[None]).double().numpy()[0], PARITY_F32, "PyTorch")
         else:
-            refs[v] = (run_onnx(ort_session(str(int8_onnx_path)), audio)[0].astype(np.float64), PARITY_INT8,
-                       "onnxruntime int8 graph")
+            full = run_onnx(ort_session(str(int8_onnx_path)), audio)[0].astype(np.float64)
+            as_c = float_head_graph(model, spec, int8_onnx_path)
+            if as_c is None:
+                refs[v] = (full, PARITY_INT8, "onnxruntime int8 graph")
+            else:   # a QAT graph: the C head is float (streaming softmax); the full graph's result is reported too
+                refs[v] = (run_onnx(ort_session(as_c.SerializeToString()), audio)[0].astype(np.float64),
+                           PARITY_INT8, "onnxruntime int8 graph, head without its quantization points")
+                full_graph[v] = full
     host = {}
     if check:
         chunks = [1, 17, 160, 999, 3, 4096]
@@ -143,6 +149,9 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
                 diff = float(np.max(np.abs(got - ref)))
                 section["parity"][v] = {"max_abs_diff": diff, "tolerance": tol, "against": against,
                                         "signal": f"check_signal(), {len(audio)} samples, chunks {chunks} cycled"}
+                full = full_graph.get(v)
+                if full is not None:   # what the head's quantization points of the graph would change
+                    section["parity"][v]["vs_full_graph_max_abs_diff"] = float(np.max(np.abs(got - full)))
                 if not diff <= tol:
                     raise MicroserError(f"C {v} library differs from {against} by {diff:.3g} on the check signal: "
                                         f"expected <= {tol:g}; report the spec ({spec.summary()}) as a cgen bug")

@@ -191,6 +191,63 @@ def _head_input(g: _Graph, plan: Plan) -> str:
     return means[-1].input[0] if len(means) == 1 else _first_head_mean(g, means)
 
 
+def float_head_graph(model, spec, int8_onnx_path) -> onnx.ModelProto | None:
+    """The int8 graph as the C int8 library computes it, when that differs: None for a post-training graph
+    (its head is float already); for a quantization-aware graph (microser.qat quantizes the head too), a copy
+    whose head activations skip their QuantizeLinear/DequantizeLinear pairs.
+
+    The C head is float and streaming (an online softmax over the frames pushed so far): the softmax weights
+    of a QAT graph need the whole clip's scores before they can be rounded, which a streaming head never holds,
+    so the C library runs the head's arithmetic without the graph's head quantization points. Parity is checked
+    against this graph; the difference to the full graph is reported beside it."""
+    shape_only = float_plan(model, spec)
+    g = _Graph(int8_onnx_path)
+    head_in = _head_input(g, shape_only)
+    proto = onnx.load(str(int8_onnx_path))
+    nodes = list(proto.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    ahead = set()    # tensors computed from the head input
+    frontier = [head_in]
+    while frontier:
+        t = frontier.pop()
+        for n in nodes:
+            if t in n.input:
+                for o in n.output:
+                    if o not in ahead:
+                        ahead.add(o)
+                        frontier.append(o)
+    rename, drop = {}, []
+    for n in nodes:
+        if n.op_type == "DequantizeLinear" and n.input[0] in ahead:
+            q = producer.get(n.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                rename[n.output[0]] = q.input[0]
+                drop += [q, n]
+    if not rename:
+        return None
+    outputs = {o.name for o in proto.graph.output}
+    for n in drop:
+        proto.graph.node.remove(n)
+    for n in proto.graph.node:
+        for k, name in enumerate(n.input):
+            while name in rename:
+                name = rename[name]
+            n.input[k] = name
+    for out in list(rename):   # the graph's output was a DequantizeLinear: name the float tensor like it
+        if out in outputs:
+            src = rename[out]
+            while src in rename:
+                src = rename[src]
+            for n in proto.graph.node:
+                for k, name in enumerate(n.output):
+                    if name == src:
+                        n.output[k] = out
+                for k, name in enumerate(n.input):
+                    if name == src:
+                        n.input[k] = out
+    return proto
+
+
 def _first_head_mean(g: _Graph, means) -> str:
     # the head's mean over time reads the last body tensor; front-end ReduceMeans (clip prenorm) read audio
     body_out = [m.input[0] for m in means if g.producer.get(m.input[0]) is not None
