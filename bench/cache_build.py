@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the tiny teachers live with the tests
 
 import torch  # noqa: E402
 
-from microser.cache import build_cache  # noqa: E402
+from microser.cache_build import build_cache
 
 ESPEAK = Path(os.environ.get("MICROSER_ESPEAK_DIR", REPO.parent / "shared" / "data" / "espeak-emo"))
 

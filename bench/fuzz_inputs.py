@@ -87,7 +87,7 @@ class World:
     """A tiny corpus, its cache, a study with one trial (random weights), a bundle, and odd paths."""
 
     def __init__(self, root: Path):
-        from microser.cache import build_cache
+        from microser.cache_build import build_cache
 
         self.root = root
         self.corpus = root / "corpus"

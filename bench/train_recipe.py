@@ -58,7 +58,7 @@ def resolve_model(name: str):
     import optuna
 
     from microser.models.spec import resolve_spec
-    from microser.search import default_space_path
+    from microser.components import default_space_path
     from microser.space import SearchSpace
 
     if name == "pick":

@@ -73,7 +73,7 @@ def cache_build(
 ) -> None:
     """Run the teacher(s) once over every segment of the audio and store audio + A/D/V targets."""
     from microser import show
-    from microser.cache import build_cache
+    from microser.cache_build import build_cache
 
     with show.cache_progress() as progress:
         report = build_cache(audio, teacher, out, max_seconds=max_seconds, overlap_seconds=overlap_seconds,
@@ -457,7 +457,7 @@ def evaluate(
 ) -> None:
     """CCC per dimension of a trial, a compressed trial, a bundle or an ONNX file on a cache split."""
     from microser import show
-    from microser.export import evaluate_target
+    from microser.inference import evaluate_target
     from microser.storage import load_study
 
     loaded = load_study(study, storage) if study else None
@@ -475,7 +475,7 @@ def predict(
 ) -> None:
     """Predict arousal, dominance, valence per audio file (any rate/channels; long files: mean over segments)."""
     from microser import show
-    from microser.export import predict_files
+    from microser.inference import predict_files
 
     show.predictions(predict_files(model, audio, out, int8=int8), as_json=json_)
 

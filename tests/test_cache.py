@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 
 from microser.audio import load_audio, segment_bounds
-from microser.cache import Cache, build_cache, cache_info, verify_cache
+from microser.cache import Cache, cache_info, verify_cache
+from microser.cache_build import build_cache
 from microser.cli import main
 from microser.errors import MicroserError
 from teachers_helpers import hf_reference, onnx_reference, tiny_hf_model, tiny_onnx, write_clip
@@ -212,7 +213,7 @@ def test_existing_cache_with_another_teacher_is_never_mixed(tmp_path):
 _CHILD = """
 import sys, time
 from pathlib import Path
-from microser.cache import build_cache
+from microser.cache_build import build_cache
 marker = Path(sys.argv[3])
 def progress(done, total, seconds):
     marker.write_text(str(done))
@@ -333,7 +334,7 @@ def test_espeak_emo_builds_by_speaker(espeak_dir, tmp_path):
 
 
 def test_long_files_are_read_segment_by_segment_with_the_same_result(tmp_path, monkeypatch):
-    import microser.cache as cache_mod
+    import microser.cache_build as cache_mod
 
     labels = _corpus(tmp_path / "data", n=3, long_seconds=20.0)
     whole = Cache.open(build_cache(labels, [f"csv:{labels}"], tmp_path / "whole").out)

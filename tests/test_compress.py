@@ -11,13 +11,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compress_helpers import INPUT_SECONDS, build_tiny_cache, make_study, tiny_spec
-from microser.compress import (calibration_crops, compress_trial, load_compressed,
-                               load_trial_model, params_of, prune, pruned_spec, quantize_int8,
-                               ratio_for_params, size_accounting)
+from microser.compress import compress_trial, params_of, prune, pruned_spec, ratio_for_params
 from microser.errors import MicroserError
+from microser.loading import load_compressed, load_trial_model
 from microser.metrics import ccc_report
 from microser.models.spec import REFERENCES, build_model
 from microser.onnxio import export_onnx, onnx_ccc, ort_session
+from microser.quantize import calibration_crops, quantize_int8, size_accounting
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
