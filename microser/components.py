@@ -26,7 +26,7 @@ from microser.errors import MicroserError
 from microser.models.spec import build_model
 from microser.samplers import make_sampler
 from microser.search_config import SearchConfig
-from microser.space import SPACES_DIR, SearchSpace
+from microser.space import SearchSpace, space_path
 from microser.splits import Split
 from microser.storage import open_storage, safe_url
 
@@ -80,10 +80,6 @@ class Components:
     clock: Callable[[], float] = time.monotonic  # seconds; the wall-clock budget and job times read it
 
 
-def default_space_path() -> Path:
-    return SPACES_DIR / "default.toml"
-
-
 def open_data(config: SearchConfig, components: Components):
     if components.data is not None:
         return components.data, str(getattr(components.data, "path", "<in-memory>"))
@@ -98,11 +94,11 @@ def open_data(config: SearchConfig, components: Components):
 
 
 def open_space(config: SearchConfig, components: Components) -> tuple[Any, Path]:
+    """The search space and its file (``space.space_path``: a packaged name is its file, so its sha256 is recorded)."""
+    path = space_path(config.space)
     if components.space is not None:
-        return components.space, Path(config.space) if config.space else default_space_path()
-
-    space = SearchSpace.load(config.space or "default")
-    return space, Path(space.path)
+        return components.space, path
+    return SearchSpace.load(path), path
 
 
 def open_study(config: SearchConfig, *, worker: int = 0, create: bool = False) -> optuna.Study:

@@ -218,6 +218,11 @@ def study_settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cach
 def check_same_study(name: str, url: str, old: dict, new: dict) -> None:
     old = {**old, "budgets": canonical_dicts(old.get("budgets") or [])}   # older studies kept budgets as typed
     for key in IDENTITY_KEYS:
+        if key == "space_sha256" and old.get(key) != new.get(key) and old.get("space") == new.get("space"):
+            raise MicroserError(f"study {name!r} in {safe_url(url)} searched the space file {new.get('space')} with "
+                                f"sha256 {_short(old.get(key))}; that file has changed since (now "
+                                f"{_short(new.get(key))}): restore it to resume the study, or pass another --study "
+                                "name to search the new space")
         if old.get(key) != new.get(key):
             raise MicroserError(f"study {name!r} in {safe_url(url)} was created with {key} {_short(old.get(key))}, "
                                 f"this run asks for {_short(new.get(key))}: pass another --study name, or the "

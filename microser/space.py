@@ -56,6 +56,19 @@ from microser.models.spec import FAMILIES, ArchSpec
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DEPTH_RULE = Rule(int, low=1, high=32)
 PER_BLOCK = {"wav2small": ("channels", "pool_after")}
+DEFAULT_SPACE = "default"
+
+
+def space_path(name_or_path: str | Path | None = None) -> Path:
+    """The file a ``--space`` value names: a packaged space's name (``default``, ``wav2small``, ...) is its file in
+    ``SPACES_DIR``; anything else is a path, returned as given. None is the default space.
+
+    The one resolver: the space a search loads and the file whose sha256 its study records are the same file.
+    """
+    path = Path(DEFAULT_SPACE if name_or_path is None else name_or_path)
+    if not path.is_file() and not path.parent.name and (SPACES_DIR / f"{path.stem}.toml").is_file():
+        return SPACES_DIR / f"{path.stem}.toml"
+    return path
 
 
 @dataclass(frozen=True)
@@ -169,9 +182,7 @@ class SearchSpace:
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
         """Read and validate a space file: a path, or the name of a packaged space (``default``, ``wav2small``...)."""
-        path = Path(path)
-        if not path.is_file() and not path.parent.name and (SPACES_DIR / f"{path.stem}.toml").is_file():
-            path = SPACES_DIR / f"{path.stem}.toml"
+        path = space_path(path)
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.toml")))
             raise MicroserError(f"search space {path} does not exist; pass a TOML file or one of: {known}")
