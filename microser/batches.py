@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from microser import SAMPLE_RATE
-from microser.train_config import DistillData, TrainConfig
+from microser.train_config import DistillData, TrainConfig, segment_lengths
 
 
 class AudioBank:
@@ -40,15 +40,6 @@ class AudioBank:
         i = int(self.indices[position])
         crop = getattr(self.data, "crop", None)
         return crop(i, start, length) if crop is not None else np.asarray(self.data.audio(i))[start : start + length]
-
-
-def segment_lengths(data: DistillData, indices) -> np.ndarray:
-    """Samples in each of the segments ``indices``: ``data.lengths(indices)`` when it exists, else read."""
-    indices = np.asarray(indices, dtype=np.int64)
-    lengths = getattr(data, "lengths", None)
-    if lengths is not None:
-        return np.asarray(lengths(indices), dtype=np.int64)
-    return np.array([len(data.audio(int(i))) for i in indices], dtype=np.int64)
 
 
 def span_mask(n: int, size: int, masks: int, fraction: float, gen: torch.Generator) -> torch.Tensor | None:

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from microser import SAMPLE_RATE, TARGETS, checks
+from microser import MIN_SECONDS, SAMPLE_RATE, TARGETS, checks
 from microser.audio import AUDIO_EXTENSIONS, from_int16
 from microser.errors import MicroserError, one_line
-from microser.frontends import MIN_SECONDS
 from microser.teachers import listed, resolve_listed_path, sha256_file
 from microser.train_config import MIN_SPLIT_SEGMENTS
 
@@ -40,7 +39,7 @@ VERSION = 1
 SPLITS = ("train", "valid", "test")
 ITEM_COLUMNS = ("index", "source", "segment", "offset", "length", "start_s", "end_s", "speaker", "split",
                 "source_sha256")
-# The shortest segment a cache holds: the shortest input every microser model accepts (frontends.MIN_SECONDS,
+# The shortest segment a cache holds: the shortest input every microser model accepts (microser.MIN_SECONDS,
 # 0.25 s, above the largest STFT window any spec may have), so a cache serves every search space.
 MIN_SEGMENT_SAMPLES = math.ceil(MIN_SECONDS * SAMPLE_RATE)
 

@@ -29,11 +29,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 import microser
-from microser import SAMPLE_RATE, TARGETS, checks
+from microser import MIN_SECONDS, SAMPLE_RATE, TARGETS, checks
 from microser.audio import audio_info, from_int16, load_audio, read_segment, scan_audio, segment_bounds, to_int16
 from microser.cache import FORMAT, ITEM_COLUMNS, MIN_SEGMENT_SAMPLES, VERSION, Source, items_fingerprint, list_sources
 from microser.errors import MicroserError
-from microser.frontends import MIN_SECONDS
 from microser.teachers import Segment, listed, make_teacher, match_key, sha256_file
 
 _WHOLE_FILE_SECONDS = 600.0  # files up to this long are decoded whole; longer ones segment by segment
@@ -72,7 +71,7 @@ def build_cache(
     target_range: tuple[float, float] = (0.0, 1.0),
     rescale_from: tuple[float, float] | None = None,
     embeddings: bool = False,
-    batch_size: int = 8,
+    teacher_batch_size: int = 8,
     device: str | None = None,
     allow_absolute_paths: bool = False,
     progress: Progress | None = None,
@@ -98,7 +97,7 @@ def build_cache(
             the scale ``rescale_from`` are mapped linearly onto it.
         embeddings: also store the teachers' embeddings (hf, or onnx with a
             hidden-state output), concatenated across teachers.
-        batch_size: segments per teacher call and per journal entry.
+        teacher_batch_size: segments per teacher call and per journal entry.
         progress: called as ``progress(done, total, audio_seconds)`` at the
             start and after each batch (counts include resumed items).
 
@@ -108,8 +107,7 @@ def build_cache(
     """
     t0 = time.perf_counter()
     out = checks.out_folder("--out", out)
-    if batch_size < 1:
-        raise MicroserError(f"batch_size={batch_size} must be >= 1: pass e.g. 8")
+    checks.number("--teacher-batch-size", teacher_batch_size, low=1, integer=True, example=8)
     if not teachers:
         raise MicroserError("no teacher given: pass --teacher SPEC (csv:FILE, hf:NAME_OR_PATH, onnx:FILE or demo)")
     checks.number("--max-seconds", max_seconds, low=0, low_open=True, example=8)
@@ -153,7 +151,7 @@ def build_cache(
         writer = _Writer(out)
         resumed = len(writer.items)
         try:
-            run_seconds = _run(sources, splits, models, writer, settings, batch_size, progress, same)
+            run_seconds = _run(sources, splits, models, writer, settings, teacher_batch_size, progress, same)
         finally:
             writer.close()
         meta = _finalise(out, writer, state, identity, teachers, split_by)

@@ -28,7 +28,8 @@ from microser.samplers import make_sampler
 from microser.search_config import SearchConfig
 from microser.space import SearchSpace, space_path
 from microser.splits import Split
-from microser.storage import open_storage, safe_url
+from microser.storage import open_storage
+from microser.urls import safe_url
 
 PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
 

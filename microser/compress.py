@@ -176,7 +176,7 @@ def prune(model, spec, data, *, ratio: float, steps: int, finetune=None, progres
         raise MicroserError(f"--prune-ratio {ratio} must be in (0, 1): the fraction of channels removed from "
                             "every body block but the last, e.g. 0.3")
     if steps < 1:
-        raise MicroserError(f"pruning steps={steps}: expected >= 1, e.g. 3")
+        raise MicroserError(f"--prune-steps {steps}: expected >= 1, e.g. 3")
     pruned_spec(spec, model)  # refuses families that cannot be rewritten, before any work
     pruner = _pruner(model, ratio, steps)
     history = []
@@ -216,7 +216,7 @@ class CompressReport:
 
 
 def compress_trial(study, trial: int, *, target_params: int | None = None, prune_ratio: float | None = None,
-                   steps: int = 3, epochs: float = 10.0, finetune_epochs: float = 2.0,
+                   prune_steps: int = 3, epochs: float = 10.0, finetune_epochs: float = 2.0,
                    finetune_steps: int | None = None, qat: bool | None = None, cache=None,
                    keep_float: Iterable[str] | str = "auto", seed: int = 0, calibration_crops_n: int = 64,
                    lr: float = FINETUNE_LR, qat_lr: float | None = None, progress=None) -> CompressReport:
@@ -226,7 +226,7 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
     final stage's, else the search's; ``start_weights`` says which); measure it ("trial" row); fine-tune ``epochs`` more with
     ``distill.train`` ("fine-tuned" row, skipped when ``epochs`` is 0); if
     ``target_params`` or ``prune_ratio`` is given, prune the body in
-    ``steps`` steps with ``finetune_epochs`` (or ``finetune_steps``) of
+    ``prune_steps`` steps with ``finetune_epochs`` (or ``finetune_steps``) of
     fine-tuning after each ("pruned" row). Every row so far is measured with
     post-training int8 (PTQ). Then quantization-aware training ("qat" row,
     ``microser.qat``, as long as one post-pruning fine-tuning run, at
@@ -249,8 +249,9 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
     """
     if target_params is not None and prune_ratio is not None:
         raise MicroserError(f"got --target-params {target_params} and --prune-ratio {prune_ratio}: give one of them")
-    _check_compress_values(target_params=target_params, prune_ratio=prune_ratio, steps=steps, epochs=epochs,
-                           finetune_epochs=finetune_epochs, finetune_steps=finetune_steps, seed=seed, lr=lr)
+    _check_compress_values(target_params=target_params, prune_ratio=prune_ratio, prune_steps=prune_steps,
+                           epochs=epochs, finetune_epochs=finetune_epochs, finetune_steps=finetune_steps, seed=seed,
+                           lr=lr)
     settings = study_settings(study)
     cache_path = str(cache or settings["cache"])
     data = Cache.open(cache_path)
@@ -283,7 +284,7 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
             if ratio > 0:
                 finetune = (TrainConfig(steps=finetune_steps, **base) if finetune_steps is not None
                             else TrainConfig(epochs=finetune_epochs, **base) if finetune_epochs > 0 else None)
-                spec, model, history = prune(model, spec, data, ratio=ratio, steps=steps, finetune=finetune,
+                spec, model, history = prune(model, spec, data, ratio=ratio, steps=prune_steps, finetune=finetune,
                                              progress=emit)
                 stages.append(measure_stage("pruned", model, data, tmp / "pruned", crops=crops,
                                             input_seconds=input_seconds, keep_float=keep_float))
@@ -314,7 +315,8 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
     report = CompressReport(
         study=study.study_name, trial=int(trial), folder=str(folder), spec=spec.to_dict(), start_weights=which,
         cache=cache_path, stages=stages, prune_history=history,
-        settings={"target_params": target_params, "prune_ratio": prune_ratio, "steps": steps, "epochs": epochs,
+        settings={"target_params": target_params, "prune_ratio": prune_ratio, "prune_steps": prune_steps,
+                  "epochs": epochs,
                   "finetune_epochs": finetune_epochs, "finetune_steps": finetune_steps, "seed": seed,
                   "keep_float": keep_float, "calibration_crops": len(crops), "input_seconds": input_seconds,
                   "qat": run_qat, "qat_reason": why, "int8_tolerance": INT8_TOLERANCE, **base},
@@ -327,7 +329,7 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
     return report
 
 
-def _check_compress_values(*, target_params, prune_ratio, steps, epochs, finetune_epochs, finetune_steps, seed,
+def _check_compress_values(*, target_params, prune_ratio, prune_steps, epochs, finetune_epochs, finetune_steps, seed,
                            lr) -> None:
     """`compress_trial`'s numbers, refused in one line before the study is read or anything trained."""
     if prune_ratio is not None:
@@ -337,7 +339,7 @@ def _check_compress_values(*, target_params, prune_ratio, steps, epochs, finetun
                                 "from every body block but the last, e.g. --prune-ratio 0.3")
     if target_params is not None:
         checks.number("--target-params", target_params, low=1, integer=True, example=20000)
-    checks.number("--steps", steps, low=1, integer=True, example=3)
+    checks.number("--prune-steps", prune_steps, low=1, integer=True, example=3)
     checks.number("--epochs", epochs, low=0, example=10)
     checks.number("--finetune-epochs", finetune_epochs, low=0, example=2)
     if finetune_steps is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from microser import SAMPLE_RATE, TARGETS, __version__, checks
+from microser import MIN_SECONDS, SAMPLE_RATE, TARGETS, __version__, checks
 from microser.cache import Cache
 from microser.cgen import bundle
 from microser.cgen.bundle import card_markdown
@@ -37,7 +37,6 @@ from microser.cgen.ctext import c_float
 from microser.cgen.plan import check_exportable
 from microser.distill import predict
 from microser.errors import MicroserError
-from microser.frontends import MIN_SECONDS
 from microser.graph import strip_graph
 from microser.loading import load_compressed, load_trial_model
 from microser.measure import measure_stage

@@ -56,9 +56,9 @@ from microser.ladder import Ladder, read_ladder, references
 from microser.rungs import FINAL, Job, RungQueue
 from microser.splits import Split, bounded, speaker_folds
 from microser.storage import (
-    SETTINGS_ATTR, artifact_store, default_artifacts_dir, default_storage_url,
-    fail_dead_trials, heartbeat_seconds, heartbeats_on, safe_url, save_weights, worker_tag,
+    SETTINGS_ATTR, artifact_store, fail_dead_trials, heartbeat_seconds, heartbeats_on, save_weights, worker_tag,
 )
+from microser.urls import default_artifacts_dir, default_storage_url, safe_url
 
 MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this space
 MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted

@@ -64,6 +64,15 @@ class InMemoryData:
         return self._audio[i][start : start + length]
 
 
+def segment_lengths(data: DistillData, indices) -> np.ndarray:
+    """Samples in each of the segments ``indices``: ``data.lengths(indices)`` when it exists, else read."""
+    indices = np.asarray(indices, dtype=np.int64)
+    lengths = getattr(data, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths(indices), dtype=np.int64)
+    return np.array([len(data.audio(int(i))) for i in indices], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of one brief training run; frozen, JSON-able through ``to_dict()``."""

@@ -192,7 +192,7 @@ def test_pruning_refuses_a_family_whose_spec_cannot_hold_pruned_widths():
 
 def test_compress_trial_writes_the_folder_records_it_and_reports_every_stage(tiny):
     study = tiny["study"]
-    report = compress_trial(study, 0, prune_ratio=0.3, steps=1, epochs=0, finetune_epochs=0.5, keep_float=[],
+    report = compress_trial(study, 0, prune_ratio=0.3, prune_steps=1, epochs=0, finetune_epochs=0.5, keep_float=[],
                             qat=False)
     assert [s["stage"] for s in report.stages] == ["trial", "pruned"]
     trial_row, pruned_row = report.stages

@@ -145,7 +145,7 @@ def test_a_compressed_trial_trains_its_pruned_architecture(tiny, tmp_path):
     from microser.loading import load_compressed
 
     study, _ = _fresh_study(tiny, tmp_path)
-    compress_trial(study, 0, prune_ratio=0.5, steps=1, epochs=0, finetune_epochs=0, keep_float=[],
+    compress_trial(study, 0, prune_ratio=0.5, prune_steps=1, epochs=0, finetune_epochs=0, keep_float=[],
                    calibration_crops_n=4)
     _, pruned, _, _ = load_compressed(study, 0)
     assert pruned.to_json() != tiny_spec().to_json()

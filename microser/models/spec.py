@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from microser import MIN_SECONDS
 from microser.errors import MicroserError
-from microser.frontends import MIN_SECONDS, Frontend, FrontendSpec
+from microser.frontends import Frontend, FrontendSpec
 from microser.models import mobilenet, wav2small
 from microser.models.mobilenet import MobileNetBody
 from microser.models.wav2small import Wav2SmallBody
