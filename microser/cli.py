@@ -283,6 +283,8 @@ RungOpt = Annotated[str, typer.Option("--rung", help="The one fidelity the front
                                      "(e.g. 600), 'final' (the final stage, mean over seeds), 'first' (every "
                                      "candidate) or 'auto' (the highest level at least 3 feasible trials reached).")]
 TrialOpt = Annotated[int, typer.Option("--trial", help="Trial number (see `microser trials`).")]
+WideOpt = Annotated[bool, typer.Option("--wide", help="Every column, each line as long as it needs (the default "
+                                       "fits 80 columns: mean CCC, params, int8 RAM, the architecture).")]
 
 
 @app.command()
@@ -292,6 +294,7 @@ def pareto(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the 3-panel front plot (PNG/PDF/SVG).")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write the same plot as interactive HTML.")] = None,
     rung: RungOpt = "auto",
+    wide: WideOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Show the feasible Pareto-optimal trials of a study at one fidelity (references below), with plots."""
@@ -307,17 +310,18 @@ def pareto(
         plot_front(report, plot)
     if html:
         plot_front_html(report, html)
-    show.pareto_front(report, as_json=json_, files=tuple(str(f) for f in (plot, html) if f))
+    show.pareto_front(report, as_json=json_, files=tuple(str(f) for f in (plot, html) if f), wide=wide)
 
 
 @app.command("trials")
-def trials_cmd(study: StudyOpt, storage: StorageOpt = None, rung: RungOpt = "auto", json_: JsonOpt = False) -> None:
+def trials_cmd(study: StudyOpt, storage: StorageOpt = None, rung: RungOpt = "auto", wide: WideOpt = False,
+               json_: JsonOpt = False) -> None:
     """List every trial of a study: state, CCC at every rung it reached, costs, rejected reason, reference."""
     from microser import show
     from microser.pareto import all_rows
     from microser.storage import load_study
 
-    show.trials_table(all_rows(load_study(study, storage), level=rung), as_json=json_)
+    show.trials_table(all_rows(load_study(study, storage), level=rung), as_json=json_, wide=wide)
 
 
 @app.command("show")
