@@ -39,7 +39,7 @@ from microser.distill import evaluate, train
 from microser.errors import MicroserError
 from microser.loading import compressed_dir, load_trial_model
 from microser.measure import measure_stage, qat_stage
-from microser.models.spec import build_model
+from microser.models.spec import FAMILIES, build_model
 from microser.models.wav2small import FrameLayerNorm
 from microser.onnxio import export_onnx
 from microser.pareto import COMPRESSED_PREFIX
@@ -96,11 +96,11 @@ def _pruner(model, ratio: float, steps: int):
 def pruned_spec(spec, model):
     """The ArchSpec of a pruned model: the family's per-block channels read from ``model.body``.
 
-    Only the Wav2Small family describes its body by per-block channels;
-    other families raise MicroserError (their pruned module would have to be
-    kept as a module, which microser does not store).
+    Only a family the registry marks ``prunable`` (``models.spec.FAMILIES``: Wav2Small) describes its body by
+    per-block channels; other families raise MicroserError (their pruned module would have to be kept as a
+    module, which microser does not store).
     """
-    if spec.family != "wav2small":
+    if not FAMILIES[spec.family].prunable:
         raise MicroserError(f"pruning is not available for family {spec.family!r}: its spec cannot describe "
                             "pruned per-layer widths; compress it without --target-params/--prune-ratio "
                             "(int8 quantization only)")
@@ -262,8 +262,8 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
     folder = compressed_dir(study, trial)
     crops = calibration_crops(data, seconds=input_seconds, max_crops=calibration_crops_n, seed=seed)
     fidelity = settings.get("fidelity") or {}
-    base = dict(crop_seconds=fidelity.get("crop_seconds") or 2.0, batch_size=fidelity.get("batch_size") or 32,
-                seed=seed, lr=lr)
+    base = dict(crop_seconds=fidelity.get("crop_seconds") or TrainConfig.crop_seconds,   # the study's recipe,
+                batch_size=fidelity.get("batch_size") or TrainConfig.batch_size, seed=seed, lr=lr)  # else the default
     emit = progress or (lambda event: None)
     stages, history = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,10 +292,10 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
         ptq = stages[-1]
         ptq_drop = ptq["ccc_fp32_onnx"]["mean"] - ptq["ccc_int8_onnx"]["mean"]
         if qat is None:
-            run_qat = ptq_drop > INT8_TOLERANCE and spec.family == "wav2small"
+            run_qat = ptq_drop > INT8_TOLERANCE and FAMILIES[spec.family].qat
             why = (f"auto: post-training int8 lost {ptq_drop:.4f} of validation CCC "
                    f"{'>' if ptq_drop > INT8_TOLERANCE else '<='} {INT8_TOLERANCE}"
-                   + ("" if spec.family == "wav2small" else f"; family {spec.family} has no QAT"))
+                   + ("" if FAMILIES[spec.family].qat else f"; family {spec.family} has no QAT"))
         else:
             run_qat, why = bool(qat), "--qat" if qat else "--no-qat"
         if run_qat:

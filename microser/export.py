@@ -41,7 +41,7 @@ from microser.graph import strip_graph
 from microser.loading import load_compressed, load_trial_model
 from microser.measure import measure_stage
 from microser.metrics import ccc_report
-from microser.onnxio import onnx_predict, ort_session, run_onnx
+from microser.onnxio import INPUT_NAME, OUTPUT_NAME, PARITY_TOLERANCE, onnx_predict, ort_session, run_onnx
 from microser.quantize import calibration_crops, classify_nodes, probe_agreement, size_accounting
 from microser.storage import study_settings
 
@@ -57,7 +57,7 @@ class Tolerance:
     split each.
     """
 
-    fp32_max_abs: float = 1e-4
+    fp32_max_abs: float = PARITY_TOLERANCE   # the exporter's own check (microser.onnxio)
     int8_ccc_drop: float = 0.02
 
 
@@ -160,7 +160,7 @@ class BundleReport:
 def _contract(data, input_seconds: float) -> dict:
     meta = getattr(data, "meta", {}) or {}
     return {
-        "input_name": "audio", "output_name": "adv", "sample_rate": SAMPLE_RATE,
+        "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "sample_rate": SAMPLE_RATE,
         "expected_samples": int(round(input_seconds * SAMPLE_RATE)),
         "min_samples": int(round(MIN_SECONDS * SAMPLE_RATE)),
         "max_samples": int(round(float(meta.get("max_seconds") or input_seconds) * SAMPLE_RATE)),

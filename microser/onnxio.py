@@ -67,7 +67,7 @@ def export_onnx(
     5. doc strings stripped (node names are kept);
     6. if ``check``: onnxruntime against PyTorch on random audio of batch 2 at
        two lengths (``sample_seconds`` and 1.37x that), max abs difference
-       <= 1e-4, else :class:`MicroserError` naming the difference.
+       <= ``PARITY_TOLERANCE`` (1e-4), else :class:`MicroserError` naming the difference.
 
     Args:
         model: a module mapping float32 audio ``(B, T)`` to ``(B, D)``.

@@ -66,7 +66,7 @@ from microser import SAMPLE_RATE
 from microser.errors import MicroserError
 from microser.frontends import Frontend
 from microser.graph import constants
-from microser.models.spec import build_model
+from microser.models.spec import FAMILIES, build_model
 from microser.models.wav2small import FrameLayerNorm
 from microser.onnxio import export_onnx, ort_session, run_onnx
 from microser.quantize import extreme_crops, floor_qparams
@@ -197,7 +197,7 @@ class WeightFakeQuant(nn.Module):
 
 def check_qat(spec) -> None:
     """MicroserError unless ``spec``'s family has quantization points (Wav2Small)."""
-    if spec.family != "wav2small":
+    if not FAMILIES[spec.family].qat:
         raise MicroserError(f"quantization-aware training is not available for family {spec.family!r}: its model "
                             "has no quantization points; compress it without --qat (post-training int8)")
 

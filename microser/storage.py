@@ -107,7 +107,7 @@ def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorag
                                 "backup, or pass another --storage to start afresh") from None
     engine_kwargs: dict[str, Any] = {}
     if kind == "sqlite":
-        path = Path(url[len("sqlite:///"):])
+        path = file_of(url)
         if path.parent != Path(""):
             path.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}   # writers wait for the lock instead of failing
