@@ -87,7 +87,7 @@ def spec_near_80k(tmp: Path, seed: int = 0) -> ArchSpec:
 def measure_spec(name: str, spec: ArchSpec, tmp: Path, model=None, crops=None) -> list[dict]:
     model = model if model is not None else calibrated(spec)
     export_onnx(model, tmp / f"{name}.onnx")
-    from microser.compress import quantize_int8
+    from microser.quantize import quantize_int8
 
     crops = crops if crops is not None else [bundle.check_signal(1.0, seed=10 + k) for k in range(4)]
     quantize_int8(tmp / f"{name}.onnx", crops, tmp / f"{name}.int8.onnx")
@@ -175,8 +175,8 @@ def sample_specs(n: int, tmp: Path, seed: int = 1) -> None:
 def trained_ccc(trained: Path, cache_path: str, tmp: Path) -> None:
     """Test-split CCC of the C int8 library vs the int8 ONNX graph for the trained prenorm-running model."""
     from microser.cache import Cache
-    from microser.compress import calibration_crops, quantize_int8
     from microser.metrics import ccc_report
+    from microser.quantize import calibration_crops, quantize_int8
 
     data = Cache.open(cache_path)
     for weights in sorted(trained.glob("running-s*.pt")):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the tiny teachers live with the tests
 
 import torch  # noqa: E402
 
-from microser.cache import build_cache  # noqa: E402
+from microser.cache_build import build_cache
 
 ESPEAK = Path(os.environ.get("MICROSER_ESPEAK_DIR", REPO.parent / "shared" / "data" / "espeak-emo"))
 
@@ -92,7 +92,7 @@ def run(label: str, audio: Path, teacher: str, out: Path, batch_size: int) -> di
     t0 = time.perf_counter()
     make_teacher(teacher, audio=audio)
     load = time.perf_counter() - t0
-    r = build_cache(audio, [teacher], out, batch_size=batch_size, allow_absolute_paths=True)
+    r = build_cache(audio, [teacher], out, teacher_batch_size=batch_size, allow_absolute_paths=True)
     return {"teacher": label, "clips": r.n_sources, "items": r.n_items, "audio_s": r.run_audio_seconds,
             "wall_s": r.elapsed_seconds, "load_s": load, "rtf": r.rtf,
             "rtf_run": max(r.elapsed_seconds - load, 0.0) / r.run_audio_seconds}

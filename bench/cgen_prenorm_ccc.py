@@ -68,9 +68,10 @@ import numpy as np
 import torch
 
 from microser.cache import Cache
-from microser.distill import TrainConfig, evaluate, train
+from microser.distill import evaluate, train
 from microser.frontends import PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR, Prenorm
 from microser.models.spec import REFERENCES, ArchSpec, build_model
+from microser.train_config import TrainConfig
 
 # variant name -> (spec prenorm, (n0, v0) of "running" or None)
 VARIANTS = {"clip": ("clip", None), "running": ("running", (PRENORM_PRIOR_COUNT, PRENORM_PRIOR_VAR)),

@@ -22,12 +22,11 @@ import onnx
 import torch
 
 from microser.cache import Cache
-from microser.compress import (calibration_crops, keep_float_candidates, quantize_int8,
-                               size_accounting)
 from microser.costs import count_params
-from microser.export import strip_graph
+from microser.graph import strip_graph
 from microser.models.spec import build_model, resolve_spec
 from microser.onnxio import export_onnx, onnx_ccc
+from microser.quantize import calibration_crops, keep_float_candidates, quantize_int8, size_accounting
 
 
 def main() -> None:
@@ -49,7 +48,8 @@ def main() -> None:
     if args.weights:
         model.load_state_dict(torch.load(args.weights, weights_only=True))
     if args.train_epochs:
-        from microser.distill import TrainConfig, train
+        from microser.distill import train
+        from microser.train_config import TrainConfig
 
         t0 = time.perf_counter()
         result = train(model, data, TrainConfig(epochs=args.train_epochs, seed=0))
@@ -93,7 +93,7 @@ def main() -> None:
         # For the record: what the pooling head costs in int8 (quantize_int8 never does this; measured only).
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        from microser.compress import _AudioReader
+        from microser.quantize import _AudioReader
 
         named = onnx.load(str(fp32))
         head_q = tmp / "head-int8.onnx"

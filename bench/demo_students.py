@@ -35,8 +35,9 @@ def _run(job: tuple[str, int, float, str]) -> dict:
     import torch
 
     from microser.cache import Cache
-    from microser.distill import TrainConfig, evaluate, train
+    from microser.distill import evaluate, train
     from microser.models.spec import build_model
+    from microser.train_config import TrainConfig
 
     torch.set_num_threads(1)
     cache = Cache.open(cache_dir)

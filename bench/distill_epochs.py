@@ -52,7 +52,8 @@ def main():
 
     import torch
 
-    from microser.distill import TrainConfig, train
+    from microser.distill import train
+    from microser.train_config import TrainConfig
 
     data, data_name = load_data(args)
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}

@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from microser.distill import InMemoryData
+from microser.train_config import InMemoryData
 
 VARIANTS = {
     "default": {},
@@ -89,8 +89,9 @@ def main():
 
     import torch
 
-    from microser.distill import TrainConfig, train
+    from microser.distill import train
     from microser.models.spec import REFERENCES, build_model
+    from microser.train_config import TrainConfig
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from microser.distill import InMemoryData
+from microser.train_config import InMemoryData
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,8 @@ def _worker(model_name, args, threads, n_trials, seed0, barrier, results):
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    from microser.distill import TrainConfig, train
+    from microser.distill import train
+    from microser.train_config import TrainConfig
 
     torch.set_num_threads(threads)
     data, _ = load_data(args)
@@ -174,7 +175,7 @@ def main():
     _, data_name = load_data(args)
     print(f"machine: {platform.node()} {platform.machine()}, {len(os.sched_getaffinity(0))} usable CPUs "
           f"(of {os.cpu_count()}), load average at start {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
-    print(f"data: {data_name}; {args.epochs:g} epoch(s) per trial, microser.distill.TrainConfig defaults otherwise")
+    print(f"data: {data_name}; {args.epochs:g} epoch(s) per trial, microser.train_config.TrainConfig defaults otherwise")
     print(f"{'model':<15} {'params':>7} {'mode':>5} {'trials':>6} {'wall s':>7} {'s/trial':>8} {'trials/h':>9} {'vs 1x1':>7}")
     for name in args.models.split(","):
         params = sum(p.numel() for p in make_model(name).parameters())

@@ -3,7 +3,7 @@
 Draws architectures within the budget from a search space (``SearchSpace.sample``),
 adds wav2small-ref and the space's warm starts, and trains each at every step
 count of ``--steps`` (the search's rungs and its final stage), for every seed,
-with the search's recipe (``microser.search.distill_spec``: 1 s crops, batches of
+with the search's recipe (``microser.components.distill_spec``: 1 s crops, batches of
 16, validation on the bounded validation subset, test on the test split). Prints
 one row per architecture and, for every step count, the Spearman correlation of
 the seed-mean validation CCC with the seed-mean validation and test CCC at the
@@ -57,7 +57,7 @@ def architectures(space, n: int, budget: str, seed: int) -> list[tuple[str, obje
 
     from microser.budgets import describe_violations, parse_budgets
     from microser.models.spec import REFERENCES
-    from microser.search import measure_spec
+    from microser.components import measure_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     specs = [("wav2small-ref", REFERENCES["wav2small-ref"])]
@@ -93,11 +93,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from microser.cache import Cache
-    from microser.distill import TrainConfig
-    from microser.search import distill_spec
+    from microser.components import distill_spec
     from microser.search_config import SearchConfig
     from microser.space import SearchSpace
     from microser.splits import Split, bounded
+    from microser.train_config import TrainConfig
 
     torch.set_num_threads(args.threads)
     data = Cache.open(args.cache)

@@ -87,7 +87,7 @@ class World:
     """A tiny corpus, its cache, a study with one trial (random weights), a bundle, and odd paths."""
 
     def __init__(self, root: Path):
-        from microser.cache import build_cache
+        from microser.cache_build import build_cache
 
         self.root = root
         self.corpus = root / "corpus"
@@ -240,7 +240,7 @@ BASE = {  # valid arguments, so a draw can get past the first check; drawn optio
     "demo": lambda w, t: ["--out", str(t / "demo"), "--clips", "6", "--speakers", "3"],
 }
 # option -> valid values that only mean more work: held at the base value when the draw is valid
-HELD = {"search": {"trials", "final_k", "references", "workers"}, "compress": {"epochs", "steps", "finetune_epochs"},
+HELD = {"search": {"trials", "final_k", "references", "workers"}, "compress": {"epochs", "prune_steps", "finetune_epochs"},
         "demo": {"clips", "speakers"}}
 
 

@@ -4,8 +4,8 @@
         --train-steps 2000 --qat-steps 400
 
 For every cache and seed: train wav2small-ref from scratch (distill.train, its default recipe, ``--train-steps``
-optimizer steps), export it (fp32 ONNX), quantize it post-training (compress.quantize_int8: front-end and pooling
-head float) and quantization-aware (compress.qat_stage: every operator after the log-mel int8, ``--qat-steps``
+optimizer steps), export it (fp32 ONNX), quantize it post-training (quantize.quantize_int8: front-end and pooling
+head float) and quantization-aware (measure.qat_stage: every operator after the log-mel int8, ``--qat-steps``
 steps at qat.QAT_LR), and score each graph on the cache's test split (one whole segment per run, CCC over the split).
 Prints one row per run, then per cache the means over seeds and the issue-11 goals: QAT int8 test CCC within 0.01
 of fp32, and the stripped int8 file <= 1.1 x params + 4096 bytes (params: microser.costs.count_params).
@@ -26,14 +26,15 @@ import onnx
 import torch
 
 from microser.cache import Cache
-from microser.compress import (calibration_crops, classify_nodes, probe_agreement, qat_stage, quantize_int8,
-                               size_accounting)
 from microser.costs import count_params
-from microser.distill import TrainConfig, train
-from microser.export import strip_graph
+from microser.distill import train
+from microser.graph import strip_graph
+from microser.measure import qat_stage
 from microser.models.spec import build_model, resolve_spec
 from microser.onnxio import export_onnx, onnx_ccc
 from microser.qat import QAT_LR
+from microser.quantize import calibration_crops, classify_nodes, probe_agreement, quantize_int8, size_accounting
+from microser.train_config import TrainConfig
 
 
 def stripped_size(path: Path, params: int) -> dict:

@@ -30,7 +30,8 @@ from collections import defaultdict
 
 import torch
 
-from microser.search import Components, distill_spec, measure_spec, run_search
+from microser.components import Components, distill_spec, measure_spec
+from microser.search import run_search
 from microser.search_config import SearchConfig
 
 

@@ -58,11 +58,10 @@ def resolve_model(name: str):
     import optuna
 
     from microser.models.spec import resolve_spec
-    from microser.search import default_space_path
     from microser.space import SearchSpace
 
     if name == "pick":
-        space = SearchSpace.load(default_space_path())
+        space = SearchSpace.load("default")
         return space.suggest(optuna.trial.FixedTrial(space.warm_starts[1]))
     return resolve_spec("wav2small-ref" if name == "ref" else name)
 

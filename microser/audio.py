@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError, one_line
@@ -204,15 +202,19 @@ def _resample(data: np.ndarray, sample_rate: int) -> np.ndarray:
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if sample_rate == SAMPLE_RATE:
         return np.ascontiguousarray(mono, dtype=np.float32)
+    import torch  # heavy: loaded only when a file needs resampling, so reading a cache (cache info) stays light
+
     with torch.inference_mode():
         y = _resampler(int(sample_rate))(torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)))
     return y.numpy()
 
 
 @functools.lru_cache(maxsize=8)
-def _resampler(sample_rate: int) -> torchaudio.transforms.Resample:
+def _resampler(sample_rate: int):
     """torchaudio's sinc resampler to 16 kHz with its kernel computed once per source rate (it costs more than
     applying it to a few seconds of audio); same output as ``torchaudio.functional.resample``."""
+    import torchaudio  # heavy, as torch in _resample
+
     return torchaudio.transforms.Resample(sample_rate, SAMPLE_RATE)
 
 

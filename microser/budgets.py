@@ -30,7 +30,10 @@ from dataclasses import dataclass
 
 from microser.errors import MicroserError
 
-# metric name in a budget string -> key in microser.costs.Costs.to_dict()
+# The cost keys a trial records (microser.costs.Costs.to_dict()) that budgets, objectives and fronts name.
+COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs", "instr")
+DEFAULT_OBJECTIVES = ("params", "ram_bytes")   # minimised beside mean CCC unless --objectives says otherwise
+# metric name in a budget string -> its cost key
 METRICS: dict[str, str] = {"params": "params", "macs": "macs", "onnx": "onnx_bytes", "ram": "ram_bytes",
                           "instr": "instr"}
 _COUNT_SUFFIXES = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3}

@@ -1,14 +1,41 @@
-"""The `microser` command line: one short function per command (parse, call the library, print)."""
+"""The `microser` command line: one short function per command (parse, call the library, print).
+
+Imports at the top are light (no torch, no optuna), so `microser --help` and `microser cache info` start fast;
+each command imports the library it calls.
+"""
 
 from __future__ import annotations
 
+import enum
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from microser.budgets import BUDGET_HELP
+from microser.cache import SPLITS
 from microser.errors import MicroserError
+from microser.search_config import FOLDS, RAM_MODES, SAMPLERS
+from microser.search_config import SearchConfig as _SC
+from microser.trainer import DEFAULT_STEPS as _DEFAULT_STEPS
+from microser.trainer import EVAL_EVERY as _EVAL_EVERY
+from microser.trainer import PATIENCE as _PATIENCE
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """A str Enum of ``values`` (taken from the module that defines them), so `--help` lists the choices."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+RamMode = _choices("RamMode", RAM_MODES)
+Sampler = _choices("Sampler", SAMPLERS)
+Split = _choices("Split", SPLITS)
+Folds = _choices("Folds", FOLDS)
+
+
+def _value(choice: enum.Enum | None) -> str | None:
+    return None if choice is None else choice.value
 
 app = typer.Typer(
     help="Find, compress and export micro speech-emotion-recognition models for hearing-aid firmware.",
@@ -34,7 +61,7 @@ StorageOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-RamModeOpt = Annotated[str, typer.Option("--ram-mode", help="offline: peak activations of the whole-clip graph; "
+RamModeOpt = Annotated[RamMode, typer.Option("--ram-mode", help="offline: peak activations of the whole-clip graph; "
                                          "streaming: state + arena of the generated C library (wav2small family), "
                                          "independent of the clip length.")]
 
@@ -68,18 +95,20 @@ def cache_build(
     rescale_from: Annotated[Optional[str], typer.Option("--rescale-from", help="Map CSV labels from LO,HI onto the target range.")] = None,
     embeddings: Annotated[bool, typer.Option("--embeddings", help="Also store the teacher's pooled hidden states.")] = False,
     split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the train/valid/test split.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per teacher call.")] = 8,
+    teacher_batch_size: Annotated[int, typer.Option("--teacher-batch-size", help="Segments per teacher call (and "
+                                  "per journal entry of the resumable build).")] = 8,
     allow_absolute_paths: Annotated[bool, typer.Option("--allow-absolute-paths", help="Let CSV paths leave the CSV's folder.")] = False,
 ) -> None:
     """Run the teacher(s) once over every segment of the audio and store audio + A/D/V targets."""
     from microser import show
-    from microser.cache import build_cache
+    from microser.cache_build import build_cache
 
     with show.cache_progress() as progress:
         report = build_cache(audio, teacher, out, max_seconds=max_seconds, overlap_seconds=overlap_seconds,
                              split_seed=split_seed, target_range=_pair(target_range, "--target-range"),
                              rescale_from=_pair(rescale_from, "--rescale-from"), embeddings=embeddings,
-                             batch_size=batch_size, allow_absolute_paths=allow_absolute_paths, progress=progress)
+                             teacher_batch_size=teacher_batch_size, allow_absolute_paths=allow_absolute_paths,
+                             progress=progress)
     show.cache_built(report)
 
 
@@ -136,7 +165,7 @@ def describe(
     spec: Annotated[str, typer.Argument(help="Reference name (wav2small-ref, mobilenetv3-s, mobilenetv4-s), "
                                         "spec JSON or a .json file.")],
     input_seconds: InputSeconds = 1.0,
-    ram_mode: RamModeOpt = "offline",
+    ram_mode: RamModeOpt = RamMode.offline,
     json_: JsonOpt = False,
 ) -> None:
     """Print every cost of one architecture: params, MACs, ONNX bytes, peak RAM (int8 and fp32)."""
@@ -144,10 +173,8 @@ def describe(
     from microser.costs import measure_report
 
     checks.number("--input-seconds", input_seconds, high=checks.MAX_INPUT_SECONDS, example=1)  # > 0: costs.py
-    if ram_mode not in ("offline", "streaming"):
-        raise MicroserError(f"--ram-mode {ram_mode!r}: expected offline or streaming")
     streaming = None
-    if ram_mode == "streaming":  # before the slow offline measurement: a MobileNet spec fails fast
+    if ram_mode is RamMode.streaming:  # before the slow offline measurement: a MobileNet spec fails fast
         from microser.cgen.ram import streaming_report
 
         streaming = streaming_report(spec, input_seconds)
@@ -155,9 +182,6 @@ def describe(
 
 
 # -- search --
-
-from microser.budgets import BUDGET_HELP  # noqa: E402
-from microser.search_config import SearchConfig as _SC  # noqa: E402
 
 
 def _csv(text: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -189,8 +213,8 @@ def search(
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads per worker. Default: "
                                                    "cores / workers.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help=f"Sampler and training seed. Default {_SC.seed}.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="tpe (multivariate TPE) | tpe-group | nsga2 | gp "
-                       "| random. Default tpe (bench/samplers.py).")] = None,
+    sampler: Annotated[Optional[Sampler], typer.Option("--sampler", help="tpe is multivariate TPE (bench/samplers.py "
+                       f"compares them). Default {_SC.sampler}.")] = None,
     objectives: Annotated[Optional[str], typer.Option("--objectives", help="Costs minimised beside mean CCC, "
                           "comma-separated from params, ram_bytes, onnx_bytes, macs, instr (int8 C instructions per "
                           "second of audio). Default params,ram_bytes: fp32 "
@@ -223,15 +247,15 @@ def search(
                             "epochs of the cache.")] = None,
     final_seeds: Annotated[Optional[int], typer.Option("--final-seeds", help=f"Seeds per final-stage trial "
                            f"(mean and spread reported). Default {_SC.final_seeds}.")] = None,
-    folds: Annotated[Optional[str], typer.Option("--folds", help="auto: with few validation speakers, each "
+    folds: Annotated[Optional[Folds], typer.Option("--folds", help="auto: with few validation speakers, each "
                      "final seed validates on other speakers (folds by speaker; test untouched); none: the "
-                     "cache's split only. Default auto.")] = None,
+                     f"cache's split only. Default {_SC.folds}.")] = None,
     references: Annotated[Optional[str], typer.Option("--references", help="Comma-separated reference models "
                           "trained with the same recipe, outside budgets: wav2small-ref, mobilenetv3-s, "
                           "mobilenetv4-s or spec JSON files; '' for none. Default wav2small-ref.")] = None,
-    ram_mode: Annotated[Optional[str], typer.Option("--ram-mode", help="offline (default): ram budgets and "
-                        "objectives use the whole-clip int8 activation peak; streaming: the generated C library's "
-                        "state + arena (wav2small; MobileNet keeps its offline peak).")] = None,
+    ram_mode: Annotated[Optional[RamMode], typer.Option("--ram-mode", help="offline: ram budgets and objectives "
+                        "use the whole-clip int8 activation peak; streaming: the generated C library's state + arena "
+                        f"(wav2small; MobileNet keeps its offline peak). Default {_SC.ram_mode}.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Search architectures for the best CCC within budgets (Optuna multi-objective, successive halving), then
@@ -243,11 +267,11 @@ def search(
     cfg = SearchConfig.load(
         config, budgets=tuple(budget) if budget else None, cache=cache, space=space, time=time, trials=trials,
         study=study, storage=storage, artifacts=artifacts, workers=workers, threads=threads, seed=seed,
-        sampler=sampler, objectives=_csv(objectives), rungs=rungs, eta=eta, epochs=epochs,
+        sampler=_value(sampler), objectives=_csv(objectives), rungs=rungs, eta=eta, epochs=epochs,
         crop_seconds=crop_seconds, crops_per_segment=crops_per_segment, batch_size=batch_size,
         valid_seconds=valid_seconds, input_seconds=input_seconds, final_k=final_k, final_steps=final_steps,
-        final_epochs=final_epochs, final_seeds=final_seeds, folds=folds, references=_csv(references),
-        ram_mode=ram_mode)
+        final_epochs=final_epochs, final_seeds=final_seeds, folds=_value(folds), references=_csv(references),
+        ram_mode=_value(ram_mode))
     with show.search_live() as progress:
         summary = run_search(cfg, progress=progress)
     show.search_summary(summary, as_json=json_)
@@ -259,6 +283,8 @@ RungOpt = Annotated[str, typer.Option("--rung", help="The one fidelity the front
                                      "(e.g. 600), 'final' (the final stage, mean over seeds), 'first' (every "
                                      "candidate) or 'auto' (the highest level at least 3 feasible trials reached).")]
 TrialOpt = Annotated[int, typer.Option("--trial", help="Trial number (see `microser trials`).")]
+WideOpt = Annotated[bool, typer.Option("--wide", help="Every column, each line as long as it needs (the default "
+                                       "fits 80 columns: mean CCC, params, int8 RAM, the architecture).")]
 
 
 @app.command()
@@ -268,6 +294,7 @@ def pareto(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the 3-panel front plot (PNG/PDF/SVG).")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write the same plot as interactive HTML.")] = None,
     rung: RungOpt = "auto",
+    wide: WideOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Show the feasible Pareto-optimal trials of a study at one fidelity (references below), with plots."""
@@ -283,17 +310,18 @@ def pareto(
         plot_front(report, plot)
     if html:
         plot_front_html(report, html)
-    show.pareto_front(report, as_json=json_, files=tuple(str(f) for f in (plot, html) if f))
+    show.pareto_front(report, as_json=json_, files=tuple(str(f) for f in (plot, html) if f), wide=wide)
 
 
 @app.command("trials")
-def trials_cmd(study: StudyOpt, storage: StorageOpt = None, rung: RungOpt = "auto", json_: JsonOpt = False) -> None:
+def trials_cmd(study: StudyOpt, storage: StorageOpt = None, rung: RungOpt = "auto", wide: WideOpt = False,
+               json_: JsonOpt = False) -> None:
     """List every trial of a study: state, CCC at every rung it reached, costs, rejected reason, reference."""
     from microser import show
     from microser.pareto import all_rows
     from microser.storage import load_study
 
-    show.trials_table(all_rows(load_study(study, storage), level=rung), as_json=json_)
+    show.trials_table(all_rows(load_study(study, storage), level=rung), as_json=json_, wide=wide)
 
 
 @app.command("show")
@@ -310,9 +338,6 @@ CacheOpt = Annotated[Optional[str], typer.Option("--cache", help="Cache folder. 
 
 
 # -- train: the chosen architecture, to convergence --
-
-from microser.trainer import DEFAULT_STEPS as _DEFAULT_STEPS, EVAL_EVERY as _EVAL_EVERY, \
-    PATIENCE as _PATIENCE  # noqa: E402
 
 
 @app.command("train")
@@ -378,10 +403,12 @@ def compress(
                              "params (ONNX initializer elements) <= K.")] = None,
     prune_ratio: Annotated[Optional[float], typer.Option("--prune-ratio", help="Prune this fraction of the channels "
                            "of every body block but the last (0..1).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Iterative pruning steps, fine-tuned after each.")] = 3,
-    epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs before pruning (0: none).")] = 10.0,
-    finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs after each "
-                               "pruning step and of quantization-aware training.")] = 2.0,
+    prune_steps: Annotated[int, typer.Option("--prune-steps", help="Iterative pruning steps, fine-tuned after "
+                           "each (--finetune-epochs or --finetune-steps).")] = 3,
+    epochs: Annotated[float, typer.Option("--epochs", help="Epochs of fine-tuning the trial's weights before "
+                      "pruning, at --lr (0: none).")] = 10.0,
+    finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", help="Epochs of each fine-tuning after a "
+                               "pruning step, and of quantization-aware training.")] = 2.0,
     finetune_steps: Annotated[Optional[int], typer.Option("--finetune-steps", help="Optimizer steps of each "
                               "fine-tuning after a pruning step and of quantization-aware training (instead of "
                               "--finetune-epochs).")] = None,
@@ -405,7 +432,8 @@ def compress(
 
     with show.step_progress() as progress:
         report = compress_trial(load_study(study, storage), trial, target_params=target_params,
-                                prune_ratio=prune_ratio, steps=steps, epochs=epochs, finetune_epochs=finetune_epochs,
+                                prune_ratio=prune_ratio, prune_steps=prune_steps, epochs=epochs,
+                                finetune_epochs=finetune_epochs,
                                 finetune_steps=finetune_steps, qat=qat, cache=cache,
                                 keep_float=_keep_float(keep_float), seed=seed, lr=lr, progress=progress)
     show.compress_result(report, as_json=json_)
@@ -452,17 +480,17 @@ def evaluate(
     compressed: Annotated[bool, typer.Option("--compressed", help="The trial's compressed model.")] = False,
     cache: Annotated[Optional[str], typer.Option("--cache", help="Cache folder. Default: the study's "
                      "or the bundle's cache (required for a bare .onnx).")] = None,
-    split: Annotated[str, typer.Option("--split", help="train | valid | test.")] = "test",
+    split: Annotated[Split, typer.Option("--split", help="The cache split scored.")] = Split.test,
     json_: JsonOpt = False,
 ) -> None:
     """CCC per dimension of a trial, a compressed trial, a bundle or an ONNX file on a cache split."""
     from microser import show
-    from microser.export import evaluate_target
+    from microser.inference import evaluate_target
     from microser.storage import load_study
 
     loaded = load_study(study, storage) if study else None
     show.evaluation(evaluate_target(study=loaded, trial=trial, compressed=compressed, path=model, cache=cache,
-                                    split=split), as_json=json_)
+                                    split=split.value), as_json=json_)
 
 
 @app.command()
@@ -475,7 +503,7 @@ def predict(
 ) -> None:
     """Predict arousal, dominance, valence per audio file (any rate/channels; long files: mean over segments)."""
     from microser import show
-    from microser.export import predict_files
+    from microser.inference import predict_files
 
     show.predictions(predict_files(model, audio, out, int8=int8), as_json=json_)
 

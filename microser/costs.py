@@ -42,6 +42,7 @@ import torch
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
+from microser.graph import constant_sizes, generated_tensors
 from microser.onnxio import export_onnx, ort_session
 
 # ---- the record every trial stores ----
@@ -168,28 +169,6 @@ def _load(onnx_model) -> onnx.ModelProto:
     return onnx.load(path)
 
 
-def _constant_tensors(graph: onnx.GraphProto) -> dict[str, tuple[int, int]]:
-    """``name -> (elements, onnx dtype)`` of initializers and Constant-node outputs."""
-    out = {t.name: (int(np.prod(t.dims, dtype=np.int64)), t.data_type) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type != "Constant":
-            continue
-        for attr in node.attribute:
-            if attr.name in ("value", "sparse_value"):
-                t = attr.t if attr.name == "value" else attr.sparse_tensor.values
-                dims = attr.t.dims if attr.name == "value" else attr.sparse_tensor.dims
-                out[node.output[0]] = (int(np.prod(dims, dtype=np.int64)), t.data_type)
-            elif attr.name == "value_float":
-                out[node.output[0]] = (1, onnx.TensorProto.FLOAT)
-            elif attr.name == "value_floats":
-                out[node.output[0]] = (len(attr.floats), onnx.TensorProto.FLOAT)
-            elif attr.name == "value_int":
-                out[node.output[0]] = (1, onnx.TensorProto.INT64)
-            elif attr.name == "value_ints":
-                out[node.output[0]] = (len(attr.ints), onnx.TensorProto.INT64)
-    return out
-
-
 def count_params(onnx_model) -> int:
     """Elements of every stored constant tensor (initializers and Constant nodes) of an ONNX graph, int64 ones excepted.
 
@@ -209,21 +188,7 @@ def count_params(onnx_model) -> int:
         onnx_model: ``onnx.ModelProto``, serialized bytes or a file path.
     """
     graph = _load(onnx_model).graph
-    return sum(n for n, dtype in _constant_tensors(graph).values() if dtype != onnx.TensorProto.INT64)
-
-
-def generated_tensors(graph: onnx.GraphProto) -> set[str]:
-    """Outputs of nodes whose inputs are all constant (directly or through other such nodes): generated tables.
-
-    They depend on no input, so firmware computes them once at start-up (or
-    keeps them in flash); the RAM plan treats them like weights.
-    """
-    constant = set(_constant_tensors(graph)) | {""}
-    out: set[str] = set()
-    for node in graph.node:
-        if node.op_type != "Constant" and node.input and all(i in constant or i in out for i in node.input):
-            out.update(o for o in node.output if o)
-    return out
+    return sum(n for n, dtype in constant_sizes(graph).values() if dtype != onnx.TensorProto.INT64)
 
 
 # ---- MACs ----
@@ -419,7 +384,7 @@ def ram_plan(onnx_model, input_samples: int, *, int8: bool = True) -> RamPlan:
     inputs (also for elementwise ops such as ReLU); at a node's step its
     inputs and outputs are all live. Placement is ideal (no fragmentation).
     Weights (initializers, Constant nodes) and tables generated from them
-    (:func:`generated_tensors`: the Hann window, the mel matrix) are excluded:
+    (:func:`microser.graph.generated_tensors`: the Hann window, the mel matrix) are excluded:
     they sit in flash or are made once at start-up.
 
     Bytes per element: in the int8 plan (``int8=True``, the deployment
@@ -442,7 +407,7 @@ def ram_plan(onnx_model, input_samples: int, *, int8: bool = True) -> RamPlan:
     """
     proto = _load(onnx_model)
     graph = proto.graph
-    constants = set(_constant_tensors(graph))
+    constants = set(constant_sizes(graph))
     generated = generated_tensors(graph)
     inputs = [i.name for i in graph.input if i.name not in constants]
     nodes = [n for n in graph.node if n.op_type != "Constant" and not (set(n.output) <= generated)]

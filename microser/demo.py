@@ -488,7 +488,8 @@ def ensure_demo_cache(root=None, *, progress=None, **gen_kwargs) -> Path:
     replaced, and the cache built from it is removed first, so the cache
     always describes the corpus beside it. An interrupted build resumes.
     """
-    from microser.cache import Cache, build_cache
+    from microser.cache import Cache
+    from microser.cache_build import build_cache
 
     root = Path(root) if root is not None else default_demo_dir()
     kwargs = {"n_clips": 1000, "n_speakers": 24, "seed": 0, **gen_kwargs}

@@ -3,7 +3,7 @@
 ``export_trial(study, trial, out)`` writes::
 
     model.onnx         fp32 graph, node names and doc strings stripped, tensors renamed t0, t1, ...
-    model.int8.onnx    int8 QDQ graph (microser.compress.quantize_int8), stripped the same way
+    model.int8.onnx    int8 QDQ graph (microser.quantize.quantize_int8), stripped the same way
     model.h            model.int8.onnx as `const unsigned char[]`, its length, the input/output contract
     model_card.json    architecture, costs, CCC (test and validation, fp32 and int8), teacher, cache,
     MODEL_CARD.md      split, what was quantized and what stays float (and why), how to run it
@@ -11,18 +11,14 @@
 
 The export refuses (MicroserError, nothing half-written is left as a bundle)
 when parity is worse than ``Tolerance``. ``c=True`` adds the C library made by
-``microser.cgen.bundle.generate`` (when that module exists).
+``microser.cgen.bundle.generate``.
 
-Using a model: :func:`evaluate_target` (CCC of a trial, a compressed trial, a
-bundle or an ONNX file on a cache split) and :func:`predict_files` (A/D/V per
-audio file, long files segmented like the cache, mean over segments).
+Reading a bundle back (``evaluate``, ``predict``) is ``microser.inference``.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import importlib.util
 import json
 import os
 import shutil
@@ -33,9 +29,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from microser import SAMPLE_RATE, TARGETS, __version__, checks
+from microser import MIN_SECONDS, SAMPLE_RATE, TARGETS, __version__, checks
+from microser.cache import Cache
+from microser.cgen import bundle
+from microser.cgen.bundle import card_markdown
 from microser.cgen.ctext import c_float
+from microser.cgen.plan import check_exportable
+from microser.distill import predict
 from microser.errors import MicroserError
+from microser.graph import strip_graph
+from microser.loading import load_compressed, load_trial_model
+from microser.measure import measure_stage
+from microser.metrics import ccc_report
+from microser.onnxio import INPUT_NAME, OUTPUT_NAME, PARITY_TOLERANCE, onnx_predict, ort_session, run_onnx
+from microser.quantize import calibration_crops, classify_nodes, probe_agreement, size_accounting
+from microser.storage import study_settings
 
 
 @dataclass(frozen=True)
@@ -49,100 +57,8 @@ class Tolerance:
     split each.
     """
 
-    fp32_max_abs: float = 1e-4
+    fp32_max_abs: float = PARITY_TOLERANCE   # the exporter's own check (microser.onnxio)
     int8_ccc_drop: float = 0.02
-
-
-# ---- stripping ----
-
-_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-# Attribute values that equal the ONNX default (opset 17), so a bundle can leave them out; "ones"/"zeros" mean
-# a list of 1s / 0s of any length.
-_DEFAULT_ATTRS = {
-    "Conv": {"dilations": "ones", "group": 1, "pads": "zeros", "strides": "ones"},
-    "MaxPool": {"ceil_mode": 0, "dilations": "ones", "pads": "zeros", "strides": "ones", "storage_order": 0},
-    "Gemm": {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0},
-    "ReduceMean": {"keepdims": 1}, "ReduceSum": {"keepdims": 1, "noop_with_empty_axes": 0},
-    "Reshape": {"allowzero": 0}, "Flatten": {"axis": 1}, "Gather": {"axis": 0}, "STFT": {"onesided": 1},
-    "Softmax": {"axis": -1}, "DequantizeLinear": {"axis": 1}, "QuantizeLinear": {"axis": 1, "saturate": 1},
-}
-
-
-def _is_default(op_type: str, attr: onnx.AttributeProto) -> bool:
-    default = _DEFAULT_ATTRS.get(op_type, {}).get(attr.name, None)
-    if default is None:
-        return False
-    if attr.type == onnx.AttributeProto.INTS:
-        values = list(attr.ints)
-        return (default == "ones" and all(v == 1 for v in values)) or (default == "zeros" and not any(values))
-    if attr.type == onnx.AttributeProto.INT:
-        return attr.i == default
-    if attr.type == onnx.AttributeProto.FLOAT:
-        return attr.f == default
-    return False
-
-
-def strip_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with node names, doc strings, metadata, default-valued attributes and unused opset domains
-    removed, and inner tensors renamed ``0``, ``1``, ... ``Z``, ``10``, ...
-
-    The graph input and output keep their names (``audio``, ``adv``) and the
-    node order is unchanged, so node ``k`` of the stripped graph is node ``k``
-    of the named one (the model card lists float ops by that index).
-    """
-    from microser.onnxio import strip_doc_strings
-
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    graph = proto.graph
-    keep = {i.name for i in graph.input} | {o.name for o in graph.output}
-    names: dict[str, str] = {}
-    skipped: list[str] = []
-
-    def short(name: str) -> str:
-        if not name or name in keep:
-            return name
-        if name not in names:
-            while True:  # base-62 names: 1 character for the first 62 tensors, 2 for the next 3844
-                k, text = len(names) + len(skipped), ""
-                while True:
-                    text = _ALPHABET[k % 62] + text
-                    k //= 62
-                    if not k:
-                        break
-                if text not in keep:
-                    break
-                skipped.append(text)
-            names[name] = text
-        return names[name]
-
-    for t in graph.initializer:
-        t.name = short(t.name)
-    for n in graph.node:
-        n.ClearField("name")
-        n.ClearField("doc_string")
-        defaults = [a for a in n.attribute if _is_default(n.op_type, a)]
-        for a in defaults:
-            n.attribute.remove(a)
-        for k, name in enumerate(n.input):
-            n.input[k] = short(name)
-        for k, name in enumerate(n.output):
-            n.output[k] = short(name)
-    del graph.value_info[:]
-    used_domains = {n.domain for n in graph.node}  # the quantizer declares every domain it knows of
-    kept = [o for o in proto.opset_import if o.domain in used_domains or o.domain in ("", "ai.onnx")]
-    del proto.opset_import[:]
-    proto.opset_import.extend(kept)
-    graph.name = "microser"
-    del proto.metadata_props[:]
-    proto.producer_name = "microser"
-    proto.producer_version = __version__
-    strip_doc_strings(proto)
-    for n in graph.node:  # an explicitly empty string still costs two bytes per node
-        n.ClearField("doc_string")
-    for field in ("doc_string",):
-        proto.ClearField(field)
-        graph.ClearField(field)
-    return proto
 
 
 # ---- C header ----
@@ -186,8 +102,6 @@ def c_header(int8_bytes: bytes, contract: dict) -> str:
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> dict:
     """How closely outputs ``a`` follow ``b``: max abs, RMSE, cosine and CCC per target."""
-    from microser.metrics import ccc_report
-
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     cos = float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
     return {"max_abs": float(np.abs(a - b).max()), "rmse": float(np.sqrt(((a - b) ** 2).mean())),
@@ -196,10 +110,6 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 def parity_report(model, fp32_path, int8_path, data, *, tolerance: Tolerance = Tolerance()) -> dict:
     """fp32 ONNX vs PyTorch and int8 vs fp32 on the validation and test splits; ``passed`` and ``failures``."""
-    from microser.onnxio import onnx_predict
-    from microser.distill import predict
-    from microser.metrics import ccc_report
-
     report: dict = {"tolerance": asdict(tolerance), "splits": {}, "failures": []}
     for split in ("valid", "test"):
         idx = np.asarray(data.split_indices(split), dtype=np.int64)
@@ -248,11 +158,9 @@ class BundleReport:
 
 
 def _contract(data, input_seconds: float) -> dict:
-    from microser.frontends import MIN_SECONDS
-
     meta = getattr(data, "meta", {}) or {}
     return {
-        "input_name": "audio", "output_name": "adv", "sample_rate": SAMPLE_RATE,
+        "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "sample_rate": SAMPLE_RATE,
         "expected_samples": int(round(input_seconds * SAMPLE_RATE)),
         "min_samples": int(round(MIN_SECONDS * SAMPLE_RATE)),
         "max_samples": int(round(float(meta.get("max_seconds") or input_seconds) * SAMPLE_RATE)),
@@ -273,7 +181,7 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
         data: the cache (``microser.cache.Cache``): validation and test
             splits for CCC and parity, meta for the teacher and contract.
         fp32_named, int8_named: the named graphs (``onnxio.export_onnx`` and
-            ``compress.quantize_int8`` outputs).
+            ``quantize.quantize_int8`` outputs).
         quant: ``QuantReport.to_dict()`` of ``int8_named``.
         costs: params, trainable_params, macs, ram_bytes, ram_bytes_fp32, input_seconds.
         source: where the model came from (study, trial, weights, compressed folder).
@@ -295,8 +203,6 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
         raise MicroserError(f"C export is not available for family {spec.family!r}: this version's microser.cgen "
                             "has no generate(bundle_dir, model, spec, int8_onnx_path); export without --c")
     if c:
-        from microser.cgen.plan import check_exportable
-
         check_exportable(spec)  # mobilenet: refused before any work
     fp32_named, int8_named = Path(fp32_named), Path(int8_named)
     parity = parity_report(model, fp32_named, int8_named, data, tolerance=tolerance)
@@ -325,8 +231,6 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
 def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named: Path, quant: dict, costs: dict,
                   source: dict, parity: dict, c: bool) -> BundleReport:
     """Every bundle file in ``out`` (a fresh folder)."""
-    from microser.compress import classify_nodes, probe_agreement, size_accounting
-
     named_int8 = onnx.load(str(int8_named))
     stripped = {"model.onnx": strip_graph(onnx.load(str(fp32_named))), "model.int8.onnx": strip_graph(named_int8)}
     for name, proto in stripped.items():
@@ -398,8 +302,6 @@ def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named:
     if c:  # the C library and its measured flash/RAM/instructions go into the card's "c" section
         card["c"] = _c_generator()(out, model, spec, int8_named)
         (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
-        from microser.cgen.bundle import card_markdown
-
         (out / "MODEL_CARD.md").write_text(model_card_markdown(card) + "\n" + card_markdown(card["c"]))
         files.append("C library (microser.cgen)")
     return BundleReport(folder=str(out), files=files, card=card, parity=parity)
@@ -436,12 +338,8 @@ def _replace_folder(new: Path, final: Path) -> None:
 
 
 def _c_generator():
-    """``microser.cgen.bundle.generate`` when this installation has it, else None."""
-    if importlib.util.find_spec("microser.cgen.bundle") is None:
-        return None
-    from microser.cgen import bundle
-
-    return getattr(bundle, "generate", None)
+    """The C library generator, ``microser.cgen.bundle.generate`` (a test replaces it to see the refusal)."""
+    return bundle.generate
 
 
 def _counts(ops: list[dict]) -> dict[str, int]:
@@ -453,8 +351,6 @@ def _counts(ops: list[dict]) -> dict[str, int]:
 
 def _check_stripped(named: onnx.ModelProto, stripped_path: Path) -> None:
     """The stripped graph must compute exactly what the named one does."""
-    from microser.onnxio import ort_session, run_onnx
-
     x = np.random.default_rng(0).uniform(-0.5, 0.5, (1, SAMPLE_RATE)).astype(np.float32)
     a = run_onnx(ort_session(named), x)
     b = run_onnx(ort_session(str(stripped_path)), x)
@@ -608,10 +504,6 @@ def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None
     ``source.weights`` names the stage) are exported and quantized here (same
     quantizer and float split rule as ``microser compress``).
     """
-    from microser.cache import Cache
-    from microser.compress import calibration_crops, load_compressed, load_trial_model, measure_stage
-    from microser.storage import study_settings
-
     check_bundle_out(out)   # before the work: a file, an unwritable place or a foreign folder is refused now
     checks.number("--tolerance", tolerance.int8_ccc_drop, low=0, example=0.02)
     settings = study_settings(study)
@@ -646,155 +538,3 @@ def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None
         emit({"kind": "stage", "stage": "bundle"})
         return export_bundle(model, spec, out, data=data, fp32_named=fp32, int8_named=int8, quant=quant,
                              costs=costs, source=source, tolerance=tolerance, c=c)
-
-
-# ---- using a model ----
-
-
-def _bundle_paths(path: Path, int8: bool) -> Path:
-    if path.is_dir():
-        f = path / ("model.int8.onnx" if int8 else "model.onnx")
-        if not f.is_file():
-            raise MicroserError(f"bundle {path} has no {f.name}: expected a folder written by `microser export`")
-        return f
-    if path.suffix != ".onnx" or not path.is_file():
-        raise MicroserError(f"{path} is neither a bundle folder nor an .onnx file: pass one of those")
-    return path
-
-
-def _graph_session(path: Path):
-    """An onnxruntime session for a bundle's graph; MicroserError when the file does not load (truncated, edited)."""
-    from microser.errors import one_line
-    from microser.onnxio import ort_session
-
-    try:
-        return ort_session(str(path))
-    except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-        raise MicroserError(f"{path} does not load in onnxruntime ({one_line(e, 120)}): the file is truncated or not "
-                            "an ONNX graph; export the bundle again with `microser export`") from None
-
-
-def _read_card(folder: Path) -> dict | None:
-    """A bundle's model_card.json (None when the folder has none); MicroserError when it is not a JSON object."""
-    card = folder / "model_card.json"
-    if not card.is_file():
-        return None
-    try:
-        value = json.loads(checks.read_text(card, "model card"))
-    except ValueError as e:
-        raise MicroserError(f"model card {card} is not valid JSON ({e}): export the bundle again with "
-                            "`microser export`") from None
-    if not isinstance(value, dict):
-        raise MicroserError(f"model card {card} is not a JSON object: export the bundle again with `microser export`")
-    return value
-
-
-def evaluate_target(*, study=None, trial: int | None = None, compressed: bool = False, path=None, cache=None,
-                    split: str = "test") -> dict:
-    """CCC per target on a cache split for a trial, a compressed trial, a bundle folder or an ONNX file.
-
-    Returns ``{"target", "cache", "split", "segments", "results": {name: ccc_report}}`` with results for
-    every graph or model the target holds (``pytorch``; ``fp32``/``int8`` ONNX).
-    """
-    from microser.cache import Cache
-    from microser.compress import load_compressed, load_trial_model
-    from microser.onnxio import onnx_ccc
-    from microser.distill import evaluate
-
-    results: dict[str, dict] = {}
-    if path is not None and (study is not None or trial is not None):
-        raise MicroserError(f"evaluate got a model path ({path}) and --study/--trial: pass one of them (a bundle or "
-                            "ONNX file, or --study with --trial)")
-    if path is not None:
-        path = Path(path)
-        graphs = {"fp32": _bundle_paths(path, False), "int8": _bundle_paths(path, True)} if path.is_dir() \
-            else {"onnx": _bundle_paths(path, False)}
-        sessions = {name: _graph_session(g) for name, g in graphs.items()}
-        if cache is None:
-            card = _read_card(path) if path.is_dir() else None
-            cache = ((card or {}).get("data") or {}).get("cache")
-            if not cache:
-                raise MicroserError(f"{path}: pass --cache CACHE_DIR to evaluate an ONNX file (only bundles record "
-                                    "their cache)")
-        data = Cache.open(cache)
-        for name, session in sessions.items():
-            results[name] = onnx_ccc(session, data, split)
-        target = str(path)
-    else:
-        if study is None or trial is None:
-            raise MicroserError("evaluate needs a bundle/ONNX path or --study with --trial: pass one of them")
-        from microser.storage import study_settings
-
-        data = Cache.open(cache or study_settings(study)["cache"])
-        if compressed:
-            model, spec, folder, _ = load_compressed(study, trial)
-            results["pytorch"] = evaluate(model, data, split)
-            results["fp32"] = onnx_ccc(folder / "model.onnx", data, split)
-            results["int8"] = onnx_ccc(folder / "model.int8.onnx", data, split)
-            target = f"study {study.study_name} trial {trial} (compressed)"
-        else:
-            model, spec, which = load_trial_model(study, trial)
-            results["pytorch"] = evaluate(model, data, split)
-            target = f"study {study.study_name} trial {trial} ({which} weights)"
-    return {"target": target, "cache": str(getattr(data, "path", cache)), "split": split,
-            "segments": int(len(data.split_indices(split))), "results": results}
-
-
-def predict_files(model_path, audio, out, *, int8: bool = False, max_seconds: float | None = None,
-                  overlap_seconds: float | None = None) -> dict:
-    """A/D/V for every audio file, written to ``out`` (CSV: path, arousal, dominance, valence, segments).
-
-    Any rate or channel count (``microser.audio``: mono mix, resampled to 16
-    kHz). Files longer than ``max_seconds`` are cut into segments exactly as
-    the cache did (``microser.audio.segment_bounds``; defaults from the
-    bundle's card, else 8 s with 1 s overlap) and the outputs are the mean
-    over segments. A file shorter than the model's minimum input (the card's
-    ``min_samples``, 0.25 s) is zero-padded at the end to that length. A file
-    that cannot be used (unreadable, empty, NaN, silent) is listed in the
-    result's ``skipped`` with its reason and the others go on; when every file
-    is skipped, MicroserError.
-    """
-    from microser.audio import check_audio, read_segment, segment_bounds
-    from microser.cache import list_sources
-    from microser.onnxio import run_onnx
-
-    out = checks.out_file("--out", out)
-    model_path = Path(model_path)
-    graph = _bundle_paths(model_path, int8)
-    card = _read_card(model_path) if model_path.is_dir() else None
-    contract = (card or {}).get("contract") or {}
-    if max_seconds is None:
-        max_seconds = contract.get("max_samples", 8 * SAMPLE_RATE) / SAMPLE_RATE
-    if overlap_seconds is None:
-        overlap_seconds = contract.get("segment_overlap_seconds")
-        overlap_seconds = 1.0 if overlap_seconds is None else float(overlap_seconds)
-    overlap_seconds = min(overlap_seconds, max_seconds / 2)
-    min_samples = int(contract.get("min_samples", 0))
-    session = _graph_session(graph)
-    rows, skipped = [], []
-    for source in list_sources(audio, allow_absolute_paths=True)[0]:
-        path = source.path
-        try:
-            info = check_audio(path)
-            bounds = segment_bounds(info.n_samples, max_seconds, overlap_seconds)
-            outs = []
-            for start, end in bounds:
-                x = read_segment(info, start, end)
-                if len(x) < min_samples:
-                    x = np.pad(x, (0, min_samples - len(x)))
-                outs.append(run_onnx(session, x[None])[0])
-        except MicroserError as e:  # listed with its reason; the other files go on
-            skipped.append({"path": str(path), "reason": str(e).removeprefix(f"{path}: ")})
-            continue
-        mean = np.mean(outs, axis=0)
-        rows.append({"path": str(path), **{t: float(v) for t, v in zip(TARGETS, mean)}, "segments": len(bounds)})
-    if not rows:
-        raise MicroserError(f"none of the {len(skipped)} audio file(s) could be used (first: {skipped[0]['path']}: "
-                            f"{skipped[0]['reason']}): fix the audio, then predict again")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", *TARGETS, "segments"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return {"model": str(graph), "out": str(out), "files": len(rows), "int8": int8, "max_seconds": max_seconds,
-            "overlap_seconds": overlap_seconds, "rows": rows, "skipped": skipped}

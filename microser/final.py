@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import optuna
 
-from microser.fidelity import Fidelity
 from microser.asha import finalists
+from microser.fidelity import Fidelity
 from microser.ladder import read_ladder, references
 from microser.pareto import is_feasible, non_dominated
 from microser.rungs import FINAL, Evaluations, Job, RungQueue
-from microser.storage import safe_url
+from microser.urls import safe_url
 
 FINAL_PLAN_ATTR = "final_plan"     # study user attr: finalists, steps, seeds, folds of the final stage
 

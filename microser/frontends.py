@@ -75,7 +75,7 @@ stream by firmware exactly as written here:
 
 The output is ``(B, 1, frames, n_mels)``. Models built on a front-end accept
 any ``T >= frontend_min_samples(spec)``; the model contract promises
-``MIN_SECONDS = 0.25`` s (4000 samples), which covers every spec this module
+``microser.MIN_SECONDS = 0.25`` s (4000 samples), which covers every spec this module
 accepts (n_fft <= 2048).
 
 This module also holds the tiny field-rule helpers that every spec dataclass
@@ -96,7 +96,6 @@ from torch import nn
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
 
-MIN_SECONDS = 0.25  # every model accepts any input at least this long (4000 samples)
 PRENORM_EPS = 1e-7
 PRENORM_PRIOR_COUNT = 0.0  # "running": prior pseudo-samples (none: measured no better, see the docstring)
 PRENORM_PRIOR_VAR = 0.0  # "running": their variance; their mean is 0

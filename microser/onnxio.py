@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
+from microser.graph import constants, generated_tensors, strip_doc_strings
 from microser.metrics import ccc_report
 
 INPUT_NAME = "audio"
@@ -66,7 +67,7 @@ def export_onnx(
     5. doc strings stripped (node names are kept);
     6. if ``check``: onnxruntime against PyTorch on random audio of batch 2 at
        two lengths (``sample_seconds`` and 1.37x that), max abs difference
-       <= 1e-4, else :class:`MicroserError` naming the difference.
+       <= ``PARITY_TOLERANCE`` (1e-4), else :class:`MicroserError` naming the difference.
 
     Args:
         model: a module mapping float32 audio ``(B, T)`` to ``(B, D)``.
@@ -162,7 +163,7 @@ def generate_tables(proto: onnx.ModelProto, tables) -> onnx.ModelProto:
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph
     constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    consts = {name: arr for name, arr in _constants(graph).items()
+    consts = {name: arr for name, arr in constants(graph).items()
               if name in constant_nodes or name in {t.name for t in graph.initializer}}
     new_nodes, new_inits = [], []
     for table in tables:
@@ -199,8 +200,6 @@ def restore_generated_tables(reference: onnx.ModelProto, proto: onnx.ModelProto)
     constant is put back (first in the graph, with its scalar inputs) and the
     stored copy removed, so the table is made, not stored, again.
     """
-    from microser.costs import generated_tensors
-
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph
     generated = generated_tensors(reference.graph)
@@ -266,31 +265,7 @@ def _table_nodes(table, base: str, output: str) -> tuple[list, list]:
     raise MicroserError(f"generated table op {table.op!r} is unknown: expected MelWeightMatrix or HannWindow")
 
 
-def strip_doc_strings(proto: onnx.ModelProto) -> None:
-    """Remove every doc string (model, graph, nodes, value infos) in place; names are kept."""
-    proto.doc_string = ""
-    graph = proto.graph
-    graph.doc_string = ""
-    for node in graph.node:
-        node.doc_string = ""
-    for info in list(graph.input) + list(graph.output) + list(graph.value_info) + list(graph.initializer):
-        info.doc_string = ""
-
-
 # ---- BatchNorm folding ----
-
-
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers, Constant-node outputs with a tensor value and Identity aliases of either, by name."""
-    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    out[node.output[0]] = numpy_helper.to_array(attr.t)
-        elif node.op_type == "Identity" and node.input[0] in out:  # the exporter aliases equal constants
-            out[node.output[0]] = out[node.input[0]]
-    return out
 
 
 def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -306,7 +281,7 @@ def fold_batchnorm(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph = proto.graph
     if not any(n.op_type == "BatchNormalization" for n in graph.node):
         return proto
-    consts = _constants(graph)
+    consts = constants(graph)
     producer = {o: node for node in graph.node for o in node.output}
     n_uses: dict[str, int] = {}
     for node in graph.node:

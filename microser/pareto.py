@@ -25,13 +25,12 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from microser.budgets import COST_KEYS, DEFAULT_OBJECTIVES
 from microser.errors import MicroserError
 from microser.rungs import FINAL, Evaluations
 from microser.storage import worker_gone
 
 COMPRESSED_PREFIX = "compressed:"  # study user attr "compressed:<trial>": where `microser compress` wrote
-COST_KEYS = ("params", "ram_bytes", "onnx_bytes", "macs", "instr")
-DEFAULT_OBJECTIVES = ("params", "ram_bytes")
 MIN_FRONT_TRIALS = 3   # "auto" shows the highest level at least this many feasible trials reached
 # The plot's three panels: cost key, axis label.
 PANELS = (("params", "parameters (ONNX initializer elements)"),

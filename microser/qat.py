@@ -1,6 +1,6 @@
 """Quantization-aware fine-tuning (QAT): fake int8 through the whole network after the log-mel, and its QDQ graph.
 
-The int8 contract is the one of post-training int8 (``microser.compress``),
+The int8 contract is the one of post-training int8 (``microser.quantize``),
 extended to every operator after the front-end's log-mel:
 
 * weights of every Conv and of the Linear head: int8, **symmetric per output
@@ -16,11 +16,11 @@ extended to every operator after the front-end's log-mel:
 * ranges ``lo, hi``: MinMax calibration of the float model (after BatchNorm
   folding) on calibration crops of the training split plus the input domain's
   two extremes (digital silence and a crop driven into full-scale clipping,
-  ``compress.extreme_crops``); during the fine-tuning the ranges keep growing
+  ``quantize.extreme_crops``); during the fine-tuning the ranges keep growing
   to cover what each point sees in training (running MinMax), so the last
   step trains with the exported scales. The log-mel's lower bound is the
   front-end's floor (``10 log10(floor)``), exactly on code -128
-  (``compress.floor_qparams``), so silence is always in range and exact; the
+  (``quantize.floor_qparams``), so silence is always in range and exact; the
   output's range is widened by its own width on both sides
   (``OUTPUT_WIDEN``: outputs past the targets on clipping stay representable);
 * silence anchor (:class:`SilenceAnchor`): the fine-tuning loss also keeps the
@@ -60,9 +60,16 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 from torch import nn
+from torch.nn.utils import parametrize
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
+from microser.frontends import Frontend
+from microser.graph import constants
+from microser.models.spec import FAMILIES, build_model
+from microser.models.wav2small import FrameLayerNorm
+from microser.onnxio import export_onnx, ort_session, run_onnx
+from microser.quantize import extreme_crops, floor_qparams
 
 QMIN, QMAX = -128, 127  # int8 activations
 WMAX = 127  # int8 weights use -127..127 (symmetric)
@@ -131,10 +138,8 @@ class FakeQuant(nn.Module):
 
     def qparams(self) -> tuple[float, int]:
         """Scale and zero point of :meth:`range`; with ``lo_fixed`` < 0 (the log-mel floor) the floor is exactly on
-        the grid (``compress.floor_qparams``)."""
+        the grid (``quantize.floor_qparams``)."""
         if self.lo_fixed is not None and self.lo_fixed < 0:
-            from microser.compress import floor_qparams
-
             return floor_qparams(*self.range())
         return qparams(*self.range())
 
@@ -192,7 +197,7 @@ class WeightFakeQuant(nn.Module):
 
 def check_qat(spec) -> None:
     """MicroserError unless ``spec``'s family has quantization points (Wav2Small)."""
-    if spec.family != "wav2small":
+    if not FAMILIES[spec.family].qat:
         raise MicroserError(f"quantization-aware training is not available for family {spec.family!r}: its model "
                             "has no quantization points; compress it without --qat (post-training int8)")
 
@@ -215,10 +220,6 @@ def fold_batchnorm_(model) -> None:
 def prepare(model, spec) -> nn.Module:
     """A copy of a trained Student ready for QAT: BatchNorm folded, a FakeQuant at every ``q_*`` point (observing),
     every Conv/Linear weight fake-quantized. Calibrate it with :func:`calibrate` before training."""
-    from torch.nn.utils import parametrize
-
-    from microser.frontends import Frontend
-
     check_qat(spec)
     qmodel = copy.deepcopy(model).eval()
     fold_batchnorm_(qmodel)
@@ -240,8 +241,6 @@ def prepare(model, spec) -> nn.Module:
 
 
 def _reads_layernorm(block) -> bool:
-    from microser.models.wav2small import FrameLayerNorm
-
     return isinstance(getattr(block, "norm", None), FrameLayerNorm)
 
 
@@ -300,10 +299,8 @@ class SilenceAnchor:
 
 
 def calibrate(qmodel, crops: Sequence[np.ndarray]) -> None:
-    """MinMax ranges of every quantization point over ``crops`` and ``compress.extreme_crops(crops)`` (float
+    """MinMax ranges of every quantization point over ``crops`` and ``quantize.extreme_crops(crops)`` (float
     network, batch of one each), then freeze them and switch fake quantization on."""
-    from microser.compress import extreme_crops
-
     set_mode(qmodel, "observe")
     qmodel.eval()
     crops = [np.asarray(c, np.float32).reshape(-1) for c in crops]
@@ -326,8 +323,6 @@ def to_student(qmodel, spec) -> nn.Module:
     made an exact identity plus the folded bias (mean 0, gamma 1, and a
     variance whose float32 sum with eps is exactly 1).
     """
-    from microser.models.spec import build_model
-
     student = build_model(spec)
     # the float (latent) weights; removing the parametrizations instead would change the shared module class
     state = {k.replace(".parametrizations.weight.original", ".weight"): v.detach().clone()
@@ -373,8 +368,6 @@ def export_int8(qmodel, spec, fp32_path, int8_path, *, sample_seconds: float = 1
     weights), then :func:`quantize_weights`. Both exports go through the plain
     Student: no weight parametrization is traced.
     """
-    from microser.onnxio import export_onnx
-
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     student = to_student(qmodel, spec)
     export_onnx(student, fp32_path, sample_seconds=sample_seconds)
@@ -398,8 +391,6 @@ def export_int8(qmodel, spec, fp32_path, int8_path, *, sample_seconds: float = 1
 
 
 def _torch_vs_graph(qmodel, proto, n: int) -> float:
-    from microser.onnxio import ort_session, run_onnx
-
     x = torch.rand(2, n, generator=torch.Generator().manual_seed(1)) - 0.5
     with torch.no_grad():
         want = qmodel.eval()(x).numpy()
@@ -419,12 +410,10 @@ def quantize_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     QuantizeLinear with zero point -128 is removed. The QuantizeLinear and
     DequantizeLinear of one point share one scale and zero point initializer.
     """
-    from microser.onnxio import _constants
-
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph
     _share_qparams(graph)
-    consts = _constants(graph)
+    consts = constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
     new_inits, new_nodes = [], []
@@ -503,9 +492,7 @@ def _share_qparams(graph: onnx.GraphProto) -> None:
 
 
 def _fold_relus(graph: onnx.GraphProto) -> None:
-    from microser.onnxio import _constants
-
-    consts = _constants(graph)
+    consts = constants(graph)
     consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:

@@ -31,14 +31,13 @@ split, and calls it a win only when the margin exceeds its spread over seeds.
 from __future__ import annotations
 
 import hashlib
-import math
 import multiprocessing
 import os
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -46,107 +45,26 @@ from optuna.trial import TrialState
 
 from microser.asha import finalists, promotions
 from microser.budgets import describe_violations, parse_budgets, violations
+from microser.components import Components, SearchEvent, TrainOutcome, open_data, open_space, open_study, probe_budgets
 from microser.errors import MicroserError
 from microser.pareto import is_feasible
 from microser.fidelity import FINAL_EVALUATION_SCALE, FINAL_TIME_SHARE, Fidelity, resolve_fidelity
-from microser.samplers import TrialSeededSampler, make_sampler
+from microser.samplers import TrialSeededSampler
 from microser.search_config import REJECTED_CCC, SearchConfig, check_same_study, study_settings
 from microser.final import FINAL_PLAN_ATTR, SearchSummary, run_final_stage, summarize
 from microser.ladder import Ladder, read_ladder, references
 from microser.rungs import FINAL, Job, RungQueue
 from microser.splits import Split, bounded, speaker_folds
 from microser.storage import (
-    SETTINGS_ATTR, artifact_store, default_artifacts_dir, default_storage_url,
-    fail_dead_trials, heartbeat_seconds, heartbeats_on, open_storage, safe_url, save_weights, worker_tag,
+    SETTINGS_ATTR, artifact_store, fail_dead_trials, heartbeat_seconds, heartbeats_on, save_weights, worker_tag,
 )
+from microser.urls import default_artifacts_dir, default_storage_url, safe_url
 
 MAX_REJECTIONS_IN_A_ROW = 200   # then the budget is called impossible for this space
 MAX_DUPLICATES_IN_A_ROW = 100   # draws that repeat an earlier trial; then the space is called exhausted
-PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
 MAX_FAILURES_IN_A_ROW = 3
 SEARCH_DONE_ATTR = "search_done"   # study user attr: the search stage ended (time or trials); a rerun goes on
 
-
-
-@dataclass
-class TrainOutcome:
-    """What a trainer returns for one candidate."""
-
-    state_dict: dict
-    ccc: dict                       # validation ccc_report (whole subset)
-    train_seconds: float
-    samples_per_second: float
-    steps: int = 0
-    collapsed: str | None = None    # the collapse message, when predictions were constant
-    eval_seconds: float = 0.0       # of train_seconds, the time spent validating (the rest is optimizer steps)
-    test_ccc: dict | None = None    # test ccc_report, when the split has a test part (final stage)
-
-
-@dataclass
-class SearchEvent:
-    """What the progress callback receives (rendered by ``microser.show.search_live``)."""
-
-    kind: str                 # "start" | "measure" | "train" | "epoch" | "trial" | "rejected" | "final" | "done"
-    stage: str                # "references" | "search" | "final"
-    trained: int              # candidates trained at the first rung (all workers)
-    rungs: list[int]          # trials completed at each rung
-    rejected: int
-    best_ccc: float | None    # best mean validation CCC of a feasible trial at the highest rung reached
-    eta_seconds: float | None  # until the command ends (search stage + final stage)
-    message: str = ""
-    final_done: int = 0
-    final_total: int = 0
-
-
-# ---- the default components (tests inject fakes with the same signatures) ----
-
-
-def measure_spec(spec, input_seconds: float) -> dict:
-    """Every cost of ``spec`` at ``input_seconds`` (``microser.costs.measure_costs``), plus the duration."""
-    from microser.costs import measure_costs
-
-    costs = measure_costs(spec, input_seconds=input_seconds).to_dict()
-    return {**costs, "input_seconds": input_seconds}
-
-
-def distill_spec(spec, data, train_config, *, split: Split, progress=None, should_stop=None) -> TrainOutcome:
-    """Build ``spec`` (torch seeded with the config's seed), distil it on ``split``, score validation (and test)."""
-    import torch
-
-    from microser.distill import evaluate, train
-    from microser.models.spec import build_model
-
-    torch.manual_seed(train_config.seed)
-    model = build_model(spec)
-    result = train(model, data, train_config, train_idx=split.train, valid_idx=split.valid, progress=progress,
-                   should_stop=should_stop)
-    model.load_state_dict(result.state_dict)
-    test_ccc = None
-    if split.test is not None and len(split.test) >= 2:
-        test_ccc = evaluate(model, data, "test", indices=split.test)
-    return TrainOutcome(state_dict=result.state_dict, ccc=result.ccc, train_seconds=result.train_seconds,
-                        eval_seconds=float(sum(h.get("eval_seconds", 0.0) for h in result.history)),
-                        samples_per_second=result.samples_per_second, steps=result.steps,
-                        collapsed=result.collapse_message if result.collapsed else None, test_ccc=test_ccc)
-
-
-@dataclass
-class Components:
-    """The pieces a search calls; defaults are the real ones, tests swap in fakes."""
-
-    trainer: Callable = distill_spec
-    measure: Callable = measure_spec
-    space: Any = None          # an object with .suggest(trial) -> ArchSpec; None: load config.space
-    data: Any = None           # a Cache; None: open config.cache (or the demo cache)
-    resolve_reference: Callable | None = None   # name -> ArchSpec; None: microser.models.spec.resolve_spec
-    load_spec: Callable | None = None           # JSON -> ArchSpec; None: ArchSpec.from_json
-    clock: Callable[[], float] = time.monotonic  # seconds; the wall-clock budget and job times read it
-
-
-def default_space_path() -> Path:
-    from microser.space import SPACES_DIR
-
-    return SPACES_DIR / "default.toml"
 
 
 def _threads(config: SearchConfig) -> int:
@@ -239,7 +157,7 @@ class _Searcher:
         return self._splits[key]
 
     def train(self, spec, steps: int, seed: int, split: Split, label: str) -> TrainOutcome:
-        from microser.distill import TrainConfig
+        from microser.train_config import TrainConfig
 
         f = self.fidelity
         config = TrainConfig(steps=steps, crop_seconds=f.crop_seconds, crops_per_segment=f.crops_per_segment,
@@ -525,67 +443,6 @@ def _trial_line(t: optuna.trial.FrozenTrial) -> str:
 # ---- the whole search ----
 
 
-def _open_data(config: SearchConfig, components: Components):
-    if components.data is not None:
-        return components.data, str(getattr(components.data, "path", "<in-memory>"))
-    from microser.cache import Cache
-
-    if config.cache is None:
-        from microser.demo import ensure_demo_cache
-
-        path = Path(ensure_demo_cache())
-    else:
-        path = Path(config.cache)
-    return Cache.open(path), str(path.resolve())
-
-
-def _open_space(config: SearchConfig, components: Components) -> tuple[Any, Path]:
-    if components.space is not None:
-        return components.space, Path(config.space) if config.space else default_space_path()
-    from microser.space import SearchSpace
-
-    space = SearchSpace.load(config.space or "default")
-    return space, Path(space.path)
-
-
-def open_study(config: SearchConfig, *, worker: int = 0, create: bool = False) -> optuna.Study:
-    """Open (or, with ``create``, create) the study named by ``config`` with this worker's sampler."""
-    name = config.study_name
-    storage = open_storage(config.storage, name)
-    directions = ["maximize"] + ["minimize"] * len(config.objectives)
-    sampler = make_sampler(config)
-    try:
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    except KeyError:
-        if not create:
-            raise MicroserError(f"study {name!r} is not in {safe_url(config.storage or '')}: start the search "
-                                "first") from None
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
-                                load_if_exists=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(["ccc_mean", *config.objectives])
-    return study
-
-
-def _probe_budgets(config, budgets, space, measure, space_path: Path) -> None:
-    """MicroserError when none of ``PROBE_DRAWS`` random candidates fits the budgets (nothing trained yet)."""
-    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=config.seed))
-    smallest = {b.metric: math.inf for b in budgets}
-    for _ in range(PROBE_DRAWS):
-        trial = probe.ask()
-        costs = measure(space.suggest(trial))
-        if not describe_violations(budgets, costs):
-            return
-        for b in budgets:
-            smallest[b.metric] = min(smallest[b.metric], float(costs[b.metric]))
-        probe.tell(trial, 0.0)
-    seen = ", ".join(f"{k} {int(v)}" for k, v in smallest.items())
-    raise MicroserError(f"budget {', '.join(b.text for b in budgets)} looks impossible: none of {PROBE_DRAWS} "
-                        f"candidates drawn from {space_path} fits (smallest seen: {seen}); raise the budget or "
-                        "use a space with smaller models (--space)")
-
-
 def _worker_main(config_dict: dict, worker: int, threads: int, seconds_left: float | None, mode: str) -> None:
     """Entry point of a spawned worker process: the search stage (``mode="search"``) or draining final jobs."""
     import torch
@@ -594,8 +451,8 @@ def _worker_main(config_dict: dict, worker: int, threads: int, seconds_left: flo
     torch.set_num_threads(threads)
     config = SearchConfig.from_dict(config_dict)
     components = Components()
-    components.data, _ = _open_data(config, components)
-    components.space, _ = _open_space(config, components)
+    components.data, _ = open_data(config, components)
+    components.space, _ = open_space(config, components)
     from microser.models.spec import ArchSpec
 
     components.load_spec = ArchSpec.from_json
@@ -649,11 +506,11 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     budgets = parse_budgets(config.budgets)
     threads = _threads(config)
     torch.set_num_threads(threads)
-    c.data, cache_path = _open_data(config, c)
+    c.data, cache_path = open_data(config, c)
     from microser.cache import require_trainable
 
     require_trainable(c.data)   # cache verify's checks, segment lengths, split sizes: before any study or trial
-    c.space, space_path = _open_space(config, c)
+    c.space, space_path = open_space(config, c)
     if c.resolve_reference is None or c.load_spec is None:
         from microser.models.spec import ArchSpec, resolve_spec
 
@@ -684,7 +541,7 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
                   + (f"; failed {len(stale)} trial(s) of a stopped run: {stale}" if stale else ""))
     s = searcher.state()
     if budgets and s.counts["trained"] == 0 and not any(is_feasible(t) for t in s.trials):
-        _probe_budgets(config, budgets, c.space, searcher.measure, space_path)
+        probe_budgets(config, budgets, c.space, searcher.measure, space_path)
 
     done = study.user_attrs.get(SEARCH_DONE_ATTR)
     t_search = c.clock()

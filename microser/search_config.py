@@ -16,16 +16,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from microser import __version__, checks
-from microser.budgets import Budget, canonical, canonical_dicts, parse_budgets
+from microser import MIN_SECONDS, __version__, checks
+from microser.budgets import COST_KEYS, DEFAULT_OBJECTIVES, Budget, canonical, canonical_dicts, parse_budgets
 from microser.durations import parse_duration
 from microser.errors import MicroserError
-from microser.pareto import COST_KEYS, DEFAULT_OBJECTIVES
 from microser.fidelity import Fidelity
-from microser.storage import check_storage_url, check_study_name, safe_url
+from microser.urls import check_storage_url, check_study_name, safe_url
 
 REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
 SAMPLERS = ("tpe", "tpe-group", "nsga2", "gp", "random")
+RAM_MODES = ("offline", "streaming")   # ram_bytes: the whole-clip int8 peak, or the C library's state + arena
+FOLDS = ("auto", "none")
 # Settings that define what a study's numbers mean: a study resumed with any of these changed is refused.
 IDENTITY_KEYS = ("objectives", "budgets", "input_seconds", "cache_fingerprint", "space_sha256", "fidelity",
                  "ram_mode")
@@ -95,10 +96,10 @@ class SearchConfig:
                     or list(self.rungs) != sorted(set(self.rungs)):
                 raise MicroserError(f"rungs={list(self.rungs)}: expected increasing step counts >= 1, e.g. 60,200,600")
         parse_budgets(self.budgets)
-        if self.ram_mode not in ("offline", "streaming"):
-            raise MicroserError(f"ram_mode {self.ram_mode!r}: expected 'offline' or 'streaming'")
-        if self.folds not in ("auto", "none"):
-            raise MicroserError(f"folds {self.folds!r}: expected 'auto' or 'none'")
+        if self.ram_mode not in RAM_MODES:
+            raise MicroserError(f"ram_mode {self.ram_mode!r}: expected one of {', '.join(RAM_MODES)}")
+        if self.folds not in FOLDS:
+            raise MicroserError(f"folds {self.folds!r}: expected one of {', '.join(FOLDS)}")
         check_study_name(self.study_name)
         if self.storage is not None:
             check_storage_url(self.storage)
@@ -107,8 +108,6 @@ class SearchConfig:
 
     def _check_values(self) -> None:
         """Types and ranges of every value (a config file bypasses the CLI's types), as one-line errors."""
-        from microser.frontends import MIN_SECONDS
-
         for f in fields(self):
             value, option = getattr(self, f.name), "--" + f.name.replace("_", "-")
             if f.name != "rungs" and isinstance(f.default, tuple) and not (
@@ -218,6 +217,11 @@ def study_settings(config: SearchConfig, budgets: tuple[Budget, ...], data, cach
 def check_same_study(name: str, url: str, old: dict, new: dict) -> None:
     old = {**old, "budgets": canonical_dicts(old.get("budgets") or [])}   # older studies kept budgets as typed
     for key in IDENTITY_KEYS:
+        if key == "space_sha256" and old.get(key) != new.get(key) and old.get("space") == new.get("space"):
+            raise MicroserError(f"study {name!r} in {safe_url(url)} searched the space file {new.get('space')} with "
+                                f"sha256 {_short(old.get(key))}; that file has changed since (now "
+                                f"{_short(new.get(key))}): restore it to resume the study, or pass another --study "
+                                "name to search the new space")
         if old.get(key) != new.get(key):
             raise MicroserError(f"study {name!r} in {safe_url(url)} was created with {key} {_short(old.get(key))}, "
                                 f"this run asks for {_short(new.get(key))}: pass another --study name, or the "

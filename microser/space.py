@@ -55,7 +55,19 @@ from microser.models.spec import FAMILIES, ArchSpec
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DEPTH_RULE = Rule(int, low=1, high=32)
-PER_BLOCK = {"wav2small": ("channels", "pool_after")}
+DEFAULT_SPACE = "default"
+
+
+def space_path(name_or_path: str | Path | None = None) -> Path:
+    """The file a ``--space`` value names: a packaged space's name (``default``, ``wav2small``, ...) is its file in
+    ``SPACES_DIR``; anything else is a path, returned as given. None is the default space.
+
+    The one resolver: the space a search loads and the file whose sha256 its study records are the same file.
+    """
+    path = Path(DEFAULT_SPACE if name_or_path is None else name_or_path)
+    if not path.is_file() and not path.parent.name and (SPACES_DIR / f"{path.stem}.toml").is_file():
+        return SPACES_DIR / f"{path.stem}.toml"
+    return path
 
 
 @dataclass(frozen=True)
@@ -169,9 +181,7 @@ class SearchSpace:
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
         """Read and validate a space file: a path, or the name of a packaged space (``default``, ``wav2small``...)."""
-        path = Path(path)
-        if not path.is_file() and not path.parent.name and (SPACES_DIR / f"{path.stem}.toml").is_file():
-            path = SPACES_DIR / f"{path.stem}.toml"
+        path = space_path(path)
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.toml")))
             raise MicroserError(f"search space {path} does not exist; pass a TOML file or one of: {known}")
@@ -202,11 +212,11 @@ class SearchSpace:
                 raise MicroserError(f"key '{name}': table given but family {name!r} is not in 'family'; "
                                     "add it to family or remove the table")
         for name in names:
-            body_cls = FAMILIES[name][0]
+            body_cls = FAMILIES[name].body
             table = raw.get(name, {})
             if not isinstance(table, dict):
                 raise MicroserError(f"key '{name}': expected a table [{name}], got {type(table).__name__}")
-            per_block = set(PER_BLOCK.get(name, ()))
+            per_block = set(FAMILIES[name].per_block)
             extra = {"depth": DEPTH_RULE} if per_block else {}
             parsed = _parse_table(name, {k: v for k, v in table.items() if k not in per_block}, body_cls, extra)
             for key in sorted(per_block & set(table)):
@@ -266,7 +276,7 @@ class SearchSpace:
     @staticmethod
     def _check_depth(name: str, parsed: dict[str, Param]) -> None:
         """Per-block fields against depth: a fixed channel list fixes the depth; pool indices must exist."""
-        if name not in PER_BLOCK:
+        if not FAMILIES[name].per_block:
             return
         channels, depth, pools = parsed.get("channels"), parsed.get("depth"), parsed.get("pool_after")
         fixed_list = channels is not None and channels.kind == "fixed" and isinstance(channels.value, tuple)
@@ -279,7 +289,7 @@ class SearchSpace:
         if fixed_list:
             min_depth = len(channels.value)
         elif depth is None:
-            min_depth = len(FAMILIES[name][0]().channels)
+            min_depth = len(FAMILIES[name].body().channels)
         else:
             min_depth = depth.value if depth.kind == "fixed" else min(depth.choices or (depth.low,))
         if pools is not None and pools.kind == "fixed" and (
@@ -294,28 +304,29 @@ class SearchSpace:
         params = self.bodies[family]
         body: dict[str, Any] = {}
         depth = None
-        if family in PER_BLOCK:
+        per_block = FAMILIES[family].per_block
+        if per_block:
             channels = params.get("channels")
             if "depth" in params:
                 depth = params["depth"].suggest(trial, f"{family}.depth")
             elif channels is not None and channels.kind == "fixed" and isinstance(channels.value, tuple):
                 depth = len(channels.value)
             else:
-                depth = len(FAMILIES[family][0]().channels)
+                depth = len(FAMILIES[family].body().channels)
         for key, p in params.items():
             if key == "depth":
                 continue
-            if key in PER_BLOCK.get(family, ()) and not (p.kind == "fixed" and isinstance(p.value, tuple)):
+            if key in per_block and not (p.kind == "fixed" and isinstance(p.value, tuple)):
                 values = [p.suggest(trial, f"{family}.{key}.{i}") for i in range(depth)]
                 body[key] = tuple(i for i, v in enumerate(values) if v) if key == "pool_after" else tuple(values)
             else:
                 body[key] = p.suggest(trial, f"{family}.{key}")
-        if family in PER_BLOCK and "channels" not in body:
-            body["channels"] = FAMILIES[family][0]().channels[:1] * depth
-        if family in PER_BLOCK and "pool_after" not in body:
-            body["pool_after"] = tuple(i for i in FAMILIES[family][0]().pool_after if i < depth)
+        if per_block and "channels" not in body:
+            body["channels"] = FAMILIES[family].body().channels[:1] * depth
+        if per_block and "pool_after" not in body:
+            body["pool_after"] = tuple(i for i in FAMILIES[family].body().pool_after if i < depth)
         try:
-            return ArchSpec(family, FrontendSpec(**frontend), FAMILIES[family][0](**body))
+            return ArchSpec(family, FrontendSpec(**frontend), FAMILIES[family].body(**body))
         except MicroserError as e:
             raise MicroserError(f"{self.path}: trial {trial.number} drew an invalid spec ({e}); "
                                 "narrow the ranges in the space file") from None

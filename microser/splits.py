@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from microser import SAMPLE_RATE
-from microser.distill import segment_lengths
+from microser.train_config import segment_lengths
 
 
 @dataclass(frozen=True)

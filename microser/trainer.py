@@ -50,7 +50,7 @@ PROBE_STEPS = 40          # steps timed to turn a --time budget into steps
 def train_config(*, steps: int | None = None, seed: int = 0, threads: int | None = None, device: str = "auto",
                  **overrides) -> TrainConfig:
     """The long-training recipe of `microser train` (``steps`` default ``DEFAULT_STEPS``), with ``overrides``."""
-    from microser.distill import TrainConfig
+    from microser.train_config import TrainConfig
 
     base = dict(steps=steps or DEFAULT_STEPS, crop_seconds=1.0, crops_per_segment=2, batch_size=16,
                 eval_every=EVAL_EVERY, ema_decay=EMA_DECAY, keep_best=True, patience=PATIENCE,
@@ -125,7 +125,7 @@ def _cores() -> int:
 
 def _resolve(study, trial: int, *, compressed: bool, init: bool):
     """(spec, source, initial state dict or None, init stage or None) of a trial, checked before any training."""
-    from microser.compress import load_compressed, load_trial_model
+    from microser.loading import load_compressed, load_trial_model
     from microser.models.spec import ArchSpec
     from microser.rungs import trial_of as _trial, weights_stage
 
@@ -149,8 +149,8 @@ def _resolve(study, trial: int, *, compressed: bool, init: bool):
 
 def _before(study, trial: int, data, compressed: bool) -> dict | None:
     """Validation and test CCC of the weights compress/export would have used before this training."""
-    from microser.compress import load_compressed, load_trial_model
     from microser.distill import evaluate
+    from microser.loading import load_compressed, load_trial_model
     from microser.rungs import weights_stage
 
     if compressed:

@@ -58,7 +58,7 @@ def write_corpus(folder: Path, *, n_speakers: int = 8, per_speaker: int = 6, see
 
 
 def build_tiny_cache(folder: Path) -> Path:
-    from microser.cache import build_cache
+    from microser.cache_build import build_cache
 
     labels = write_corpus(folder / "corpus")
     build_cache(labels, [f"csv:{labels}"], folder / "cache")
@@ -70,12 +70,13 @@ def make_study(folder: Path, cache: Path, *, epochs: float = 6.0, budgets=("200k
     """A sqlite study with one trained trial per spec (and optionally a reference trial)."""
     import optuna
 
-    from microser.costs import measure_costs
-    from microser.distill import TrainConfig, train
-    from microser.models.spec import build_model
-    from microser.storage import SETTINGS_ATTR, artifact_store, open_storage, save_weights
     from microser.budgets import parse_budgets, violations
     from microser.cache import Cache
+    from microser.costs import measure_costs
+    from microser.distill import train
+    from microser.models.spec import build_model
+    from microser.storage import SETTINGS_ATTR, artifact_store, open_storage, save_weights
+    from microser.train_config import TrainConfig
 
     url = f"sqlite:///{folder}/s.db"
     study = optuna.create_study(study_name="s", storage=open_storage(url, "s"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microser.search import Components, TrainOutcome
+from microser.components import Components, TrainOutcome
 from microser.search_config import SearchConfig
 
 

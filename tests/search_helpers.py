@@ -29,7 +29,7 @@ pooling = "attention"
 def build_tiny_search_root(root: Path, n_clips: int) -> Path:
     """``n_clips`` short clips of 6 speakers with random A/D/V labels, cached (``root/cache``) through the csv
     teacher, plus ``root/space.toml`` holding TINY_SPACE."""
-    from microser.cache import build_cache
+    from microser.cache_build import build_cache
 
     rng = np.random.default_rng(0)
     rows = []

@@ -22,7 +22,8 @@ import soundfile as sf
 from optuna.trial import TrialState
 
 from microser.audio import audio_info, load_audio
-from microser.cache import Cache, build_cache
+from microser.cache import Cache
+from microser.cache_build import build_cache
 from microser.cli import main
 from microser.errors import MicroserError
 from teachers_helpers import write_clip
@@ -216,7 +217,7 @@ def test_8k_and_48k_files_are_cached_at_16k_with_the_right_lengths(tmp_path):
 
 _HOUR_CHILD = """
 import json, resource, sys
-from microser.cache import build_cache
+from microser.cache_build import build_cache
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 report = build_cache(sys.argv[1], ["csv:" + sys.argv[2]], sys.argv[3], max_seconds=30.0, overlap_seconds=0.0)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -474,7 +475,7 @@ def test_search_refuses_a_cache_with_segments_shorter_than_the_model_minimum(tmp
     sf.write(tmp_path / "d" / "short.wav", 0.3 * np.sin(np.arange(160) / 3), 16000, subtype="PCM_16")
     teacher = _labels(tmp_path / "d" / "all.csv", [(f"c{k}.wav", f"s{k}", 0.5, 0.5, 0.5) for k in range(4)]
                       + [("short.wav", "s9", 0.5, 0.5, 0.5)])
-    with mock.patch("microser.cache.MIN_SEGMENT_SAMPLES", 1):     # a cache as older microser versions built it
+    with mock.patch("microser.cache_build.MIN_SEGMENT_SAMPLES", 1):     # a cache as older microser versions built it
         build_cache(tmp_path / "d", [f"csv:{teacher}"], tmp_path / "c")
     short = [it for it in Cache.open(tmp_path / "c").items if it["source"] == "short.wav"][0]
     message, trainer = _search_on(tmp_path, tmp_path / "c")
@@ -1092,7 +1093,7 @@ def _msg_foreign_out(tmp_path) -> str:
 
 
 def _msg_truncated_graph(tmp_path) -> str:
-    from microser.export import evaluate_target
+    from microser.inference import evaluate_target
 
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12")
     return _error(evaluate_target, path=tmp_path / "m.onnx", cache=tmp_path / "no-cache")

@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 
 from microser.audio import load_audio, segment_bounds
-from microser.cache import Cache, build_cache, cache_info, verify_cache
+from microser.cache import Cache, cache_info, verify_cache
+from microser.cache_build import build_cache
 from microser.cli import main
 from microser.errors import MicroserError
 from teachers_helpers import hf_reference, onnx_reference, tiny_hf_model, tiny_onnx, write_clip
@@ -61,7 +62,7 @@ def _same_cache(a: Path, b: Path) -> None:
 
 def test_round_trip(tmp_path):
     labels = _corpus(tmp_path / "data")
-    report = build_cache(labels, [f"csv:{labels}"], tmp_path / "c", batch_size=5)
+    report = build_cache(labels, [f"csv:{labels}"], tmp_path / "c", teacher_batch_size=5)
     cache = Cache.open(tmp_path / "c")
     long_segments = segment_bounds(20 * 16000, 8.0, 1.0)
     assert len(cache) == report.n_items == 12 + len(long_segments) == 15
@@ -94,7 +95,7 @@ def test_round_trip(tmp_path):
     build_cache(labels, [f"csv:{labels}"], tmp_path / "c3", split_seed=5)
     assert Cache.open(tmp_path / "c3").fingerprint != cache.fingerprint
     # building again into a complete cache with the same identity does nothing
-    again = build_cache(labels, [f"csv:{labels}"], tmp_path / "c", batch_size=5)
+    again = build_cache(labels, [f"csv:{labels}"], tmp_path / "c", teacher_batch_size=5)
     assert again.run_audio_seconds == 0 and again.n_items == 15
 
 
@@ -212,18 +213,18 @@ def test_existing_cache_with_another_teacher_is_never_mixed(tmp_path):
 _CHILD = """
 import sys, time
 from pathlib import Path
-from microser.cache import build_cache
+from microser.cache_build import build_cache
 marker = Path(sys.argv[3])
 def progress(done, total, seconds):
     marker.write_text(str(done))
     time.sleep(0.15)
-build_cache(sys.argv[1], ["csv:" + sys.argv[1]], sys.argv[2], batch_size=2, progress=progress)
+build_cache(sys.argv[1], ["csv:" + sys.argv[1]], sys.argv[2], teacher_batch_size=2, progress=progress)
 """
 
 
 def test_killed_build_resumes_to_the_same_cache(tmp_path):
     labels = _corpus(tmp_path / "data", n=24)
-    ref = build_cache(labels, [f"csv:{labels}"], tmp_path / "ref", batch_size=2)
+    ref = build_cache(labels, [f"csv:{labels}"], tmp_path / "ref", teacher_batch_size=2)
     marker = tmp_path / "done.txt"
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(labels), str(tmp_path / "c"), str(marker)],
                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -239,7 +240,7 @@ def test_killed_build_resumes_to_the_same_cache(tmp_path):
     with pytest.raises(MicroserError, match="interrupted build .* run the same `microser cache build` command again"):
         Cache.open(tmp_path / "c")
     seen = []
-    resumed = build_cache(labels, [f"csv:{labels}"], tmp_path / "c", batch_size=2,
+    resumed = build_cache(labels, [f"csv:{labels}"], tmp_path / "c", teacher_batch_size=2,
                           progress=lambda d, t, s: seen.append(d))
     assert 6 <= resumed.resumed_items < ref.n_items and seen[0] == resumed.resumed_items
     _same_cache(tmp_path / "ref", tmp_path / "c")
@@ -248,7 +249,7 @@ def test_killed_build_resumes_to_the_same_cache(tmp_path):
 
 def test_torn_writes_after_the_last_journal_line_are_discarded(tmp_path):
     labels = _corpus(tmp_path / "data", n=10)
-    build_cache(labels, [f"csv:{labels}"], tmp_path / "ref", batch_size=3)
+    build_cache(labels, [f"csv:{labels}"], tmp_path / "ref", teacher_batch_size=3)
 
     class Stop(Exception):
         pass
@@ -258,7 +259,7 @@ def test_torn_writes_after_the_last_journal_line_are_discarded(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        build_cache(labels, [f"csv:{labels}"], tmp_path / "c", batch_size=3, progress=stop_after_two_batches)
+        build_cache(labels, [f"csv:{labels}"], tmp_path / "c", teacher_batch_size=3, progress=stop_after_two_batches)
     out = tmp_path / "c"
     with open(out / "audio.i16.part", "ab") as f:  # a batch that was being written when the power went
         f.write(b"\x01\x02" * 999)
@@ -266,7 +267,7 @@ def test_torn_writes_after_the_last_journal_line_are_discarded(tmp_path):
         f.write(b"\x00" * 7)
     with open(out / "journal.jsonl", "ab") as f:
         f.write(b'{"items": [{"sourc')
-    build_cache(labels, [f"csv:{labels}"], out, batch_size=3)
+    build_cache(labels, [f"csv:{labels}"], out, teacher_batch_size=3)
     _same_cache(tmp_path / "ref", out)
 
 
@@ -290,7 +291,7 @@ def test_corrupt_cache_fails_on_open_and_verify_names_the_problem(tmp_path):
 def test_hf_teacher_cache_equals_a_direct_forward_pass(tmp_path):
     labels = _corpus(tmp_path / "data", n=5, long_seconds=6.0)
     folder = tiny_hf_model(tmp_path / "hf")
-    c = Cache.open(build_cache(labels, [f"hf:{folder}"], tmp_path / "c", embeddings=True, batch_size=4,
+    c = Cache.open(build_cache(labels, [f"hf:{folder}"], tmp_path / "c", embeddings=True, teacher_batch_size=4,
                                max_seconds=4.0, overlap_seconds=0.5).out)
     clips = [c.audio(i) for i in range(len(c))]
     want_t, want_e = hf_reference(folder, clips)
@@ -333,7 +334,7 @@ def test_espeak_emo_builds_by_speaker(espeak_dir, tmp_path):
 
 
 def test_long_files_are_read_segment_by_segment_with_the_same_result(tmp_path, monkeypatch):
-    import microser.cache as cache_mod
+    import microser.cache_build as cache_mod
 
     labels = _corpus(tmp_path / "data", n=3, long_seconds=20.0)
     whole = Cache.open(build_cache(labels, [f"csv:{labels}"], tmp_path / "whole").out)

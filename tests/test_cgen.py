@@ -72,8 +72,8 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref_int8(tmp_path_factory):
     """wav2small-ref (prenorm running): fp32 ONNX, int8 QDQ graph (microser.compress) and the compiled int8 driver."""
-    from microser.compress import quantize_int8
     from microser.onnxio import export_onnx, ort_session
+    from microser.quantize import quantize_int8
 
     spec = SPECS["ref-running"]
     model = sensitive_model(spec)

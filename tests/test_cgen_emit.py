@@ -13,7 +13,7 @@ import torch
 from cgen_helpers import signal, spec_from
 from microser.cgen.bundle import bundle_files
 from microser.cgen.emit import emit
-from microser.cgen.plan import TAP_ALIGN_DSP, TAP_ALIGN_PORTABLE, float_plan, fft_points
+from microser.cgen.plan import TAP_ALIGN_DSP, TAP_ALIGN_PORTABLE, fft_points, float_plan
 from microser.cgen.qdq import int8_plan
 from microser.cgen.ram import state_bytes, state_members
 from microser.models.spec import ArchSpec, build_model
@@ -37,8 +37,8 @@ def _model(spec):
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
     """float32 plans of REF and CLIP, and REF's int8 plan read from its real int8 QDQ graph (no C compiler)."""
-    from microser.compress import quantize_int8
     from microser.onnxio import export_onnx
+    from microser.quantize import quantize_int8
 
     d = tmp_path_factory.mktemp("emit")
     ref = _model(REF)

@@ -11,13 +11,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compress_helpers import INPUT_SECONDS, build_tiny_cache, make_study, tiny_spec
-from microser.compress import (calibration_crops, compress_trial, load_compressed,
-                               load_trial_model, params_of, prune, pruned_spec, quantize_int8,
-                               ratio_for_params, size_accounting)
+from microser.compress import compress_trial, params_of, prune, pruned_spec, ratio_for_params
 from microser.errors import MicroserError
+from microser.loading import load_compressed, load_trial_model
 from microser.metrics import ccc_report
 from microser.models.spec import REFERENCES, build_model
 from microser.onnxio import export_onnx, onnx_ccc, ort_session
+from microser.quantize import calibration_crops, quantize_int8, size_accounting
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -192,7 +192,7 @@ def test_pruning_refuses_a_family_whose_spec_cannot_hold_pruned_widths():
 
 def test_compress_trial_writes_the_folder_records_it_and_reports_every_stage(tiny):
     study = tiny["study"]
-    report = compress_trial(study, 0, prune_ratio=0.3, steps=1, epochs=0, finetune_epochs=0.5, keep_float=[],
+    report = compress_trial(study, 0, prune_ratio=0.3, prune_steps=1, epochs=0, finetune_epochs=0.5, keep_float=[],
                             qat=False)
     assert [s["stage"] for s in report.stages] == ["trial", "pruned"]
     trial_row, pruned_row = report.stages

@@ -8,21 +8,12 @@ import torch
 from torch import nn
 
 from microser import SAMPLE_RATE
-from microser.distill import (
-    InMemoryData,
-    TrainConfig,
-    TrainResult,
-    _FrontendMasks,
-    _lr_factor,
-    ccc_loss,
-    collapse_check,
-    evaluate,
-    predict,
-    train,
-)
+from microser.batches import FrontendMasks
+from microser.distill import _lr_factor, ccc_loss, collapse_check, evaluate, predict, train
 from microser.errors import MicroserError
 from microser.metrics import ccc, ccc_report
 from microser.models.spec import REFERENCES, build_model
+from microser.train_config import InMemoryData, TrainConfig, TrainResult
 
 
 class ToneData(InMemoryData):
@@ -173,7 +164,7 @@ def test_constant_model_is_reported_collapsed():
 
 def test_frequency_and_time_masks_apply_in_training_only_and_the_hook_is_removed():
     cfg = TrainConfig(time_masks=2, time_mask_fraction=0.5, freq_masks=2, freq_mask_fraction=0.5)
-    masks = _FrontendMasks(cfg, torch.Generator().manual_seed(0))
+    masks = FrontendMasks(cfg, torch.Generator().manual_seed(0))
     module = nn.Identity()
     x = torch.arange(2 * 1 * 10 * 8, dtype=torch.float32).view(2, 1, 10, 8)
     module.train()

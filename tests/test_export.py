@@ -15,10 +15,12 @@ from onnx import numpy_helper
 
 from compress_helpers import build_tiny_cache, make_study
 from microser.audio import load_audio, segment_bounds
-from microser.compress import classify_nodes, load_trial_model
 from microser.errors import MicroserError
-from microser.export import Tolerance, evaluate_target, export_bundle, export_trial, predict_files
+from microser.export import Tolerance, export_bundle, export_trial
+from microser.inference import evaluate_target, predict_files
+from microser.loading import load_trial_model
 from microser.onnxio import ort_session
+from microser.quantize import classify_nodes
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -125,7 +127,7 @@ def test_export_refuses_a_broken_int8_graph(bundle, tmp_path):
     model, spec, _ = load_trial_model(study, 0)
     fp32 = export_onnx(model, tmp_path / "model.onnx")
     # take the named int8 graph the bundle came from: rebuild it, then break it
-    from microser.compress import calibration_crops, quantize_int8
+    from microser.quantize import calibration_crops, quantize_int8
 
     data = Cache.open(bundle["cache"])
     quant = quantize_int8(fp32, calibration_crops(data, seconds=0.5, max_crops=8), tmp_path / "good.int8.onnx",

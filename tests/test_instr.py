@@ -58,8 +58,8 @@ def test_instr_is_recorded_in_the_costs_and_inf_without_an_int8_library():
 
 def _int8_library(spec: ArchSpec, where: Path, model=None) -> Path:
     """The real int8 deployment of ``spec`` (exported, quantized by microser.compress, generated) in ``where``."""
-    from microser.compress import quantize_int8
     from microser.onnxio import export_onnx
+    from microser.quantize import quantize_int8
 
     model = model if model is not None else sensitive_model(spec)
     export_onnx(model, where / "m.onnx")
@@ -118,13 +118,13 @@ def test_a_search_under_an_instr_budget_returns_only_candidates_whose_int8_c_mee
     int8 C library, built from its trained weights, is measured with callgrind within 15% of the budget."""
     import torch
 
-    from microser.compress import calibration_crops, quantize_int8
+    from microser.cache import Cache
     from microser.onnxio import export_onnx
+    from microser.quantize import calibration_crops, quantize_int8
+    from microser.rungs import load_trial_weights
     from microser.search import run_search
     from microser.search_config import SearchConfig
-    from microser.rungs import load_trial_weights
     from microser.storage import load_study
-    from microser.cache import Cache
     from search_helpers import build_tiny_search_root
 
     root = build_tiny_search_root(tmp_path / "tiny", 24)

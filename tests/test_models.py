@@ -183,3 +183,28 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(spec):
     assert got.shape == (3, 3)
     assert np.abs(got - want).max() <= 1e-4
     assert want.std(0).max() > 1e-4  # the outputs depend on the input: the comparison means something
+
+
+@pytest.mark.parametrize("name", ["wav2small-ref", "mobilenetv3-s"])
+def test_family_abilities_on_the_registry_decide_pruning_qat_and_c_export(name):
+    """Every place that asks what a family can do reads the registry's facts (no comparisons of family names)."""
+    from microser.cgen.plan import check_exportable, int8_c_unavailable
+    from microser.cgen.ram import streaming_costs
+    from microser.compress import pruned_spec
+    from microser.models.spec import FAMILIES
+    from microser.qat import check_qat
+
+    spec = REFERENCES[name]
+    family = FAMILIES[spec.family]
+    model = build_model(spec)
+    for able, check in ((family.c_export, lambda: check_exportable(spec)), (family.qat, lambda: check_qat(spec)),
+                        (family.prunable, lambda: pruned_spec(spec, model))):
+        if able:
+            check()
+        else:
+            with pytest.raises(MicroserError, match=spec.family):
+                check()
+    assert (int8_c_unavailable(spec) is None) == family.c_export
+    costs = streaming_costs(spec, {"ram_bytes": 123}, input_seconds=1.0)
+    assert costs["ram_bytes_offline"] == 123 and (costs["ram_mode"] == "streaming") == family.c_export
+    assert family.per_block == (("channels", "pool_after") if spec.family == "wav2small" else ())

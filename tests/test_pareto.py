@@ -179,3 +179,67 @@ def test_plotting_a_study_without_points_is_a_clear_error(tmp_path):
     with pytest.raises(MicroserError, match=r"study 'empty' has no feasible trial .*1 failed"):
         plot_front(front_report(empty), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+_LONG = "w2s 13x7 k3 bn pool@2 att+gram | stft64/32 m26 log clip"   # wav2small-ref's summary, 55 characters
+
+
+def _stored_with_long_summaries(study, tmp_path) -> str:
+    url = f"sqlite:///{tmp_path}/hand.db"
+    stored = optuna.create_study(storage=url, study_name="hand", directions=study.directions)
+    for key, value in study.user_attrs.items():
+        stored.set_user_attr(key, value)
+    trials = study.trials
+    for t in trials:
+        if "summary" in t.user_attrs:
+            t.user_attrs["summary"] = f"{_LONG} #{t.number}"
+    stored.add_trials(trials)
+    return url
+
+
+def _cli_at_80_columns(*argv) -> list[str]:
+    """``microser ARGV`` in a fresh process, stdout piped, COLUMNS=80: its lines."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    code = "import sys; from microser.cli import main; main(sys.argv[1:])"
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=repo, capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "80", "PYTHONPATH": str(repo)})
+    return out.stdout.splitlines()
+
+
+def _row_lines(lines: list[str], number: int) -> list[str]:
+    """Trial ``number``'s row: the line whose first cell is the number, and the folded lines below it."""
+    def first_cell(line: str) -> str:
+        return line.split("│")[1].strip() if line.startswith("│") else "?"
+
+    start = next(k for k, line in enumerate(lines) if first_cell(line) == str(number))
+    end = next((k for k in range(start + 1, len(lines)) if first_cell(lines[k]) != ""), len(lines))
+    return lines[start:end]
+
+
+def test_pareto_and_trials_stay_readable_at_80_columns_and_wide_shows_every_column(study, tmp_path):
+    url = _stored_with_long_summaries(study, tmp_path)
+    cccs = {0: .50, 1: .60, 3: .70, 5: .72, 8: .66}
+    lines = _cli_at_80_columns("pareto", "--study", "hand", "--storage", url, "--rung", "first")
+    assert max(len(line) for line in lines) <= 80
+    for number, ccc in cccs.items():     # the front and the reference: CCC whole, with 3 decimals, on the row
+        row = _row_lines(lines, number)
+        assert f" {ccc:.3f} " in row[0], row
+        assert "w2s 13x7" in "".join(row), row    # the architecture folds in words' worth, not a character a line
+    assert "reference wav2small-ref" in "\n".join(lines)
+    lines = _cli_at_80_columns("trials", "--study", "hand", "--storage", url, "--rung", "first")
+    assert max(len(line) for line in lines) <= 80
+    for number in range(9):              # every trial with a summary: its CCC on its row (rejected: none)
+        ccc = {2: .55, 4: .65, 7: .99}.get(number, cccs.get(number))
+        row = _row_lines(lines, number)
+        assert (f" {ccc:.3f} " if ccc else " COMPLETE │     - │") in row[0], row
+        assert "w2s 13x7" in "".join(row), row
+    assert "over budget: params 50000 > 10000" in " ".join(line.strip("│ ") for line in lines)
+    wide = _cli_at_80_columns("pareto", "--study", "hand", "--storage", url, "--rung", "first", "--wide")
+    header = next(line for line in wide if "ONNX KB" in line)
+    assert all(name in header for name in ("family", "A", "D", "V", "MACs", "train s"))
+    assert any(f"{_LONG} #3" in line for line in wide)   # every column whole: the summary on one line

@@ -39,7 +39,7 @@ def test_workers_started_alike_draw_different_candidates(tmp_path):
     """Workers on many hosts run the same command (same seed); each trial must still draw its own candidate."""
     from dataclasses import replace
 
-    from microser.search import open_study
+    from microser.components import open_study
     from microser.search_config import SearchConfig
 
     config = SearchConfig(study="s", storage=f"sqlite:///{tmp_path}/a.db", sampler="random", seed=5)

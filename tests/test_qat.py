@@ -13,14 +13,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress_helpers import INPUT_SECONDS, build_tiny_cache, make_study
 from microser import qat
-from microser.compress import (PROBE_TOLERANCE, calibration_crops, classify_nodes, compress_trial, extreme_crops,
-                               floor_qparams, load_compressed, load_trial_model, probe_agreement, probe_signals,
-                               quantize_int8)
+from microser.compress import compress_trial
 from microser.errors import MicroserError
 from microser.frontends import FrontendSpec, energy_floor
+from microser.loading import load_compressed, load_trial_model
 from microser.models.spec import REFERENCES, ArchSpec, build_model
 from microser.models.wav2small import Wav2SmallBody
 from microser.onnxio import export_onnx, onnx_ccc, ort_session, run_onnx
+from microser.quantize import (PROBE_TOLERANCE, calibration_crops, classify_nodes, extreme_crops, floor_qparams,
+                               probe_agreement, probe_signals, quantize_int8)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -40,7 +41,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_qat(tiny, tmp_path_factory):
     """The tiny trained trial after 30 QAT steps, and its float and int8 graphs."""
-    from microser.distill import TrainConfig, train
+    from microser.distill import train
+    from microser.train_config import TrainConfig
 
     out = tmp_path_factory.mktemp("qat-export")
     model, spec, _ = load_trial_model(tiny["study"], 0)
@@ -199,7 +201,8 @@ def test_silence_quiet_noise_and_clipping_agree_in_int8_and_fp32(which, tiny, tr
                                                  ("window", "log")])
 def test_probes_agree_for_every_front_end(prenorm, compression, tiny, tmp_path):
     """Post-training int8 of models on each prenorm, log and PCEN (trained briefly, so the outputs depend on the input)."""
-    from microser.distill import TrainConfig, train
+    from microser.distill import train
+    from microser.train_config import TrainConfig
 
     spec = ArchSpec("wav2small", FrontendSpec(prenorm=prenorm, n_fft=128, hop=64, n_mels=12, compression=compression),
                     Wav2SmallBody(channels=(6, 6), kernel=3, norm="batch", pool_after=(0,), pooling="attention+gram"))

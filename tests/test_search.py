@@ -353,3 +353,26 @@ def test_warm_starts_of_the_space_are_the_first_trials_of_a_new_study(tmp_path):
     enqueued = [t.params["width"] for t in load_study("s", f"sqlite:///{tmp_path}/s.db").get_trials()
                 if "fixed_params" in t.system_attrs]
     assert enqueued == [7, 12]
+
+
+def test_a_packaged_space_records_its_sha256_and_a_changed_one_refuses_the_resume(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    import microser.space as space_mod
+
+    spaces = tmp_path / "spaces"                     # a copy of the packaged spaces, to change one of them
+    shutil.copytree(space_mod.SPACES_DIR, spaces)
+    monkeypatch.setattr(space_mod, "SPACES_DIR", spaces)
+    config = fake_config(tmp_path, space="wav2small", trials=1, final_k=0, references=())
+    run_search(config, components=fake_components(FakeTrainer()))
+    settings = _study(tmp_path).user_attrs["config"]
+    packaged = spaces / "wav2small.toml"
+    assert settings["space"] == str(packaged)
+    assert settings["space_sha256"] == hashlib.sha256(packaged.read_bytes()).hexdigest()
+    run_search(config, components=fake_components(FakeTrainer()))        # the same file: the study resumes
+    packaged.write_text(packaged.read_text().replace("[[warm_start]]", "# edited\n[[warm_start]]", 1))
+    with pytest.raises(MicroserError, match=r"searched the space file .*wav2small\.toml with sha256 "
+                                            r"\w{12}\.\.\.; that file has changed since .*restore it") as e:
+        run_search(config, components=fake_components(FakeTrainer()))
+    assert "\n" not in str(e.value)

@@ -11,7 +11,8 @@ import optuna
 import pytest
 import torch
 
-from microser.cache import Cache, build_cache
+from microser.cache import Cache
+from microser.cache_build import build_cache
 from microser.errors import MicroserError
 from microser.teachers import make_teacher
 from teachers_helpers import tiny_hf_model, write_clip

@@ -15,14 +15,11 @@ from optuna.trial import TrialState
 
 from microser.errors import MicroserError
 from microser.pareto import trial_row
-from microser.rungs import (
-    FINAL, TRAINED_PREFIX, WEIGHT_STAGES as STAGES, Job, RungQueue, final_record, load_trial_weights, trained_record,
-    weights_stage,
-)
-from microser.storage import (
-    SETTINGS_ATTR, artifact_store, default_artifacts_dir, fail_dead_trials, load_study, open_storage, save_weights,
-    worker_tag,
-)
+from microser.rungs import (FINAL, TRAINED_PREFIX, WEIGHT_STAGES as STAGES, Job, RungQueue, final_record,
+                            load_trial_weights, trained_record, weights_stage)
+from microser.storage import (SETTINGS_ATTR, artifact_store, fail_dead_trials, load_study, open_storage, save_weights,
+                              worker_tag)
+from microser.urls import default_artifacts_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from microser.distill import (
-    TrainConfig, _AudioBank, _draw_batch, _EMA, _mix, _resample, evaluate, resolve_device, train,
-)
+from microser.batches import AudioBank, draw_batch, mix, resample
+from microser.checkpoint import EMA
+from microser.distill import evaluate, resolve_device, train
+from microser.train_config import TrainConfig
 from compress_helpers import tiny_spec
 from microser.errors import MicroserError
 from microser.models.spec import build_model
@@ -40,7 +41,7 @@ def long_run(tones):
 
 def test_ema_follows_the_recursion_with_its_warm_up_and_copies_integer_buffers():
     model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
-    ema = _EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9)
     expected = model[0].weight.detach().clone().numpy()
     for t in range(5):
         with torch.no_grad():
@@ -178,18 +179,18 @@ def test_device_auto_falls_back_to_cpu_and_a_missing_gpu_is_one_line(monkeypatch
 
 def test_resampling_is_linear_interpolation_at_pixel_centres():
     x = np.sin(np.arange(110) * 0.3).astype(np.float32)
-    got = _resample(x, 100).numpy()  # 110 samples squeezed into 100: a 1.1x speed-up
+    got = resample(x, 100).numpy()  # 110 samples squeezed into 100: a 1.1x speed-up
     positions = np.clip((np.arange(100) + 0.5) * 110 / 100 - 0.5, 0, 109)
     np.testing.assert_allclose(got, np.interp(positions, np.arange(110), x), atol=1e-5)  # float32 positions
-    assert np.array_equal(_resample(x, 110).numpy(), x)  # no speed change: the crop as it is
+    assert np.array_equal(resample(x, 110).numpy(), x)  # no speed change: the crop as it is
 
 
 def test_speed_perturbation_reads_longer_or_shorter_spans_and_resamples_them(tones):
     config = TrainConfig(crop_seconds=0.3, speed_perturb=0.2, gain_db=0, noise_prob=0, time_masks=0, freq_masks=0)
-    bank = _AudioBank(tones, tones.split_indices("train"))
+    bank = AudioBank(tones, tones.split_indices("train"))
     pos = np.arange(6)
     targets = torch.from_numpy(tones.targets[tones.split_indices("train")])
-    x, y = _draw_batch(bank, targets, pos, config, np.random.default_rng(5), torch.Generator(), False)
+    x, y = draw_batch(bank, targets, pos, config, np.random.default_rng(5), torch.Generator(), False)
     assert x.shape == (6, 4800) and torch.equal(y, targets[pos])
     rng = np.random.default_rng(5)  # the same draws by hand: factor, then start
     factors = rng.uniform(0.8, 1.2, 6)
@@ -197,7 +198,7 @@ def test_speed_perturbation_reads_longer_or_shorter_spans_and_resamples_them(ton
     starts = rng.integers(0, bank.lengths[pos] - sources + 1)
     for b in range(6):
         span = tones.audio(b)[starts[b]:starts[b] + sources[b]]
-        np.testing.assert_allclose(x[b].numpy(), _resample(span, 4800).numpy())
+        np.testing.assert_allclose(x[b].numpy(), resample(span, 4800).numpy())
     assert len(set(sources)) > 1  # factors differ per crop
 
 
@@ -205,7 +206,7 @@ def test_mixup_mixes_crops_and_targets_with_the_same_weight_and_keeps_the_own_sh
     x = torch.arange(4 * 5, dtype=torch.float32).view(4, 5)
     y = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.2, 0.4, 0.6], [0.9, 0.1, 0.5]])
     config = TrainConfig(mixup_prob=1.0, mixup_alpha=0.4)
-    mx, my = _mix(x, y, config, np.random.default_rng(3))
+    mx, my = mix(x, y, config, np.random.default_rng(3))
     rng = np.random.default_rng(3)  # the same draws by hand: who is mixed, with whom, how much
     on, partner, w = rng.random(4) < 1.0, rng.permutation(4), rng.beta(0.4, 0.4, 4)
     w = np.maximum(w, 1 - w)
@@ -213,7 +214,7 @@ def test_mixup_mixes_crops_and_targets_with_the_same_weight_and_keeps_the_own_sh
     for b in range(4):
         np.testing.assert_allclose(mx[b].numpy(), w[b] * x[b].numpy() + (1 - w[b]) * x[partner[b]].numpy(), rtol=1e-6)
         np.testing.assert_allclose(my[b].numpy(), w[b] * y[b].numpy() + (1 - w[b]) * y[partner[b]].numpy(), rtol=1e-6)
-    nx, ny = _mix(x, y, TrainConfig(mixup_prob=0.0), np.random.default_rng(3))
+    nx, ny = mix(x, y, TrainConfig(mixup_prob=0.0), np.random.default_rng(3))
     assert torch.equal(nx, x) and torch.equal(ny, y)
 
 

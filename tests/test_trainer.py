@@ -18,9 +18,9 @@ import torch
 from compress_helpers import build_tiny_cache, make_study, tiny_spec
 from microser import trainer
 from microser.cli import main
-from microser.compress import load_trial_model
 from microser.distill import evaluate
 from microser.errors import MicroserError
+from microser.loading import load_trial_model
 from microser.rungs import TRAINED_PREFIX, load_trial_weights, trained_record, weights_stage
 from microser.storage import load_study
 from microser.trainer import train_config, train_trial, trained_dir
@@ -80,7 +80,7 @@ def test_two_seeds_keep_the_best_on_validation_and_become_the_trained_stage(tiny
     assert set(study.user_attrs) >= {f"{TRAINED_PREFIX}0"}
     # what compress/export used before: the search weights, scored on the same splits
     assert report.before["stage"] == "search" and report.before["ccc"] == evaluate(search_model, data, "valid")
-    from microser.export import evaluate_target
+    from microser.inference import evaluate_target
 
     target = evaluate_target(study=study, trial=0, split="test")
     assert target["target"] == "study s trial 0 (trained weights)" and target["results"]["pytorch"] == report.test_ccc
@@ -141,10 +141,11 @@ def test_init_starts_from_the_trials_most_trained_weights(tiny, tmp_path):
 
 
 def test_a_compressed_trial_trains_its_pruned_architecture(tiny, tmp_path):
-    from microser.compress import compress_trial, load_compressed
+    from microser.compress import compress_trial
+    from microser.loading import load_compressed
 
     study, _ = _fresh_study(tiny, tmp_path)
-    compress_trial(study, 0, prune_ratio=0.5, steps=1, epochs=0, finetune_epochs=0, keep_float=[],
+    compress_trial(study, 0, prune_ratio=0.5, prune_steps=1, epochs=0, finetune_epochs=0, keep_float=[],
                    calibration_crops_n=4)
     _, pruned, _, _ = load_compressed(study, 0)
     assert pruned.to_json() != tiny_spec().to_json()

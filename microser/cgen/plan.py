@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from microser.errors import MicroserError
 from microser.frontends import energy_floor, hann_window, mel_matrix, num_frames
+from microser.models.spec import FAMILIES, families_that
 from microser.models.wav2small import MEANSTD_EPS, band_counts, halve
 
 # int8 conv columns are padded with zero taps (zero weights) to the kernel's step: 4 taps for the dual-MAC kernel
@@ -96,15 +96,16 @@ class Plan:
 
 def check_exportable(spec) -> None:
     """MicroserError unless ``spec`` can be exported to C (the wav2small family)."""
-    if spec.family != "wav2small":
-        raise MicroserError(f"spec family {spec.family!r}: C export supports the wav2small family; "
-                            "mobilenet specs export ONNX only (use the bundle's model.onnx / model.int8.onnx)")
+    if not FAMILIES[spec.family].c_export:
+        raise MicroserError(f"spec family {spec.family!r}: C export supports the {families_that('c_export')} "
+                            f"family; {spec.family} specs export ONNX only (use the bundle's model.onnx / "
+                            "model.int8.onnx)")
 
 
 def int8_c_unavailable(spec) -> str | None:
     """Why ``spec`` gets no int8 C library (so no instruction count), or None when it does."""
-    if spec.family != "wav2small":
-        return f"the {spec.family} family has no C export (wav2small only)"
+    if not FAMILIES[spec.family].c_export:
+        return f"the {spec.family} family has no C export ({families_that('c_export')} only)"
     if spec.body.norm == "layer":
         return "the int8 C library does not support body.norm 'layer' (use 'batch' or 'none')"
     return None

@@ -1,4 +1,4 @@
-"""The int8 plan: scales, zero points and int8 weights read from the int8 QDQ ONNX graph of microser.compress.
+"""The int8 plan: scales, zero points and int8 weights read from an int8 QDQ graph (microser.quantize, microser.qat).
 
 Body convs are matched to the graph's k x k Conv nodes in graph order, max-pools to its MaxPool nodes, the head
 input to the input of the attention score conv (or the head's mean); names are not needed (bundle graphs have
@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from microser.errors import MicroserError
-from microser.frontends import energy_floor
 from microser.cgen.plan import Plan, float_plan
+from microser.errors import MicroserError
 
 
 class _Graph:
@@ -25,7 +24,7 @@ class _Graph:
         self.path = Path(path)
         if not self.path.is_file():
             raise MicroserError(f"int8 ONNX model {self.path} does not exist: expected the file written by "
-                                "microser.compress.quantize_int8")
+                                "microser.quantize.quantize_int8")
         g = onnx.load(str(self.path)).graph
         self.nodes = list(g.node)
         self.init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -57,7 +56,7 @@ class _Graph:
         zp = np.asarray(self.init[n.input[2]])
         if scale.size != 1 or zp.dtype != np.int8:
             raise MicroserError(f"{self.path}: activation {name!r} is quantized with shape {scale.shape} / "
-                                f"{zp.dtype}: expected per-tensor int8 (microser.compress.quantize_int8)")
+                                f"{zp.dtype}: expected per-tensor int8 (microser.quantize.quantize_int8)")
         return float(scale.reshape(())), int(zp.reshape(()))
 
     def weight(self, name: str) -> np.ndarray:
@@ -119,7 +118,7 @@ def int8_plan(model, spec, int8_onnx_path) -> Plan:
         if st.int8 and st.relu:
             raise MicroserError(f"{int8_onnx_path}: a Relu follows quantized conv {node.output[0]!r}: expected "
                                 "asymmetric activations, whose QuantizeLinear clamp is the ReLU "
-                                "(microser.compress.ACTIVATION_SYMMETRIC = False)")
+                                "(microser.quantize.ACTIVATION_SYMMETRIC = False)")
     for st, node in zip(pool_stages, pools):
         consumers_of[st.src] = node.input[0]
     if spec.frontend.compression == "log":

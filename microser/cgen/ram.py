@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
 from microser.frontends import pcen_taps
-from microser.models.spec import resolve_spec
+from microser.models.spec import FAMILIES, resolve_spec
 from microser.cgen.plan import Plan, fft_points, head_features, shape_plan
 
 
@@ -157,7 +157,7 @@ def streaming_costs(spec, costs: dict, input_seconds: float) -> dict:
     """
     out = dict(costs)
     out["ram_bytes_offline"] = costs.get("ram_bytes")
-    if spec.family != "wav2small":
+    if not FAMILIES[spec.family].c_export:
         out["ram_mode"] = "offline (no C export for this family)"
         return out
     out["ram_bytes"] = streaming_ram(spec, int8=True, input_seconds=input_seconds)["ram_streaming_bytes"]

@@ -22,21 +22,40 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
+from microser import MIN_SECONDS
 from microser.errors import MicroserError
-from microser.frontends import MIN_SECONDS, Frontend, FrontendSpec
+from microser.frontends import Frontend, FrontendSpec
 from microser.models import mobilenet, wav2small
 from microser.models.mobilenet import MobileNetBody
 from microser.models.wav2small import Wav2SmallBody
 
-# family name -> (body dataclass, builder(body, frontend) -> (body module, head module))
+@dataclass(frozen=True)
+class Family:
+    """A model family: its body dataclass, its builder, and what the rest of microser can do with it."""
+
+    body: type                   # the body dataclass (a spec's ``body``)
+    build: Callable              # build(body, frontend) -> (body module, head module)
+    per_block: tuple[str, ...]   # body fields with one value per block (a space draws them per block)
+    prunable: bool               # channel pruning can be written back into a spec (``compress``)
+    qat: bool                    # the model has quantization points (quantization-aware training)
+    c_export: bool               # ``microser.cgen`` generates its C library (and so its streaming RAM, instr)
+
+
 FAMILIES = {
-    "wav2small": (Wav2SmallBody, wav2small.build),
-    "mobilenet": (MobileNetBody, mobilenet.build),
+    "wav2small": Family(Wav2SmallBody, wav2small.build, per_block=("channels", "pool_after"), prunable=True,
+                        qat=True, c_export=True),
+    "mobilenet": Family(MobileNetBody, mobilenet.build, per_block=(), prunable=False, qat=False, c_export=False),
 }
+
+
+def families_that(ability: str) -> str:
+    """The names of the families with ``ability`` (a ``Family`` flag), for messages: e.g. ``"wav2small"``."""
+    return ", ".join(name for name, f in FAMILIES.items() if getattr(f, ability))
 
 
 @dataclass(frozen=True)
@@ -53,7 +72,7 @@ class ArchSpec:
                                 f"{', '.join(FAMILIES)}")
         if not isinstance(self.frontend, FrontendSpec):
             raise MicroserError(f"spec key 'frontend': expected a FrontendSpec, got {type(self.frontend).__name__}")
-        body_cls = FAMILIES[self.family][0]
+        body_cls = FAMILIES[self.family].body
         if not isinstance(self.body, body_cls):
             raise MicroserError(f"spec key 'body': family {self.family!r} needs a {body_cls.__name__}, "
                                 f"got {type(self.body).__name__}")
@@ -79,7 +98,7 @@ class ArchSpec:
         family = data["family"]
         if family not in FAMILIES:
             raise MicroserError(f"spec key 'family': {family!r} is unknown, expected one of {', '.join(FAMILIES)}")
-        return cls(family, FrontendSpec.from_dict(data["frontend"]), FAMILIES[family][0].from_dict(data["body"]))
+        return cls(family, FrontendSpec.from_dict(data["frontend"]), FAMILIES[family].body.from_dict(data["body"]))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=False)
@@ -150,5 +169,5 @@ class Student(nn.Module):
 def build_model(spec: ArchSpec | str) -> nn.Module:
     """The one way to get a model: a freshly initialised `Student` for a spec (or a name / JSON, via resolve_spec)."""
     spec = resolve_spec(spec)
-    body, head = FAMILIES[spec.family][1](spec.body, spec.frontend)
+    body, head = FAMILIES[spec.family].build(spec.body, spec.frontend)
     return Student(spec, Frontend(spec.frontend), body, head)

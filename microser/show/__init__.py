@@ -1,19 +1,16 @@
-"""Everything the CLI prints: rich tables, progress, JSON. Library modules never print."""
+"""Everything the CLI prints: rich tables, progress, JSON. Library modules never print.
+
+``microser.show.base`` holds the console and the shared formats, ``microser.show.study`` a study's tables;
+every renderer is reached as ``show.NAME``.
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 
-from rich.console import Console
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def print_json(obj) -> None:
-    """Print ``obj`` as indented JSON on stdout (plain, no colour), for scripts."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+from microser.show.base import (ccc_cells, console, duration_text, err_console, int_text, kb_text, mean_std_text,
+                                print_json)
+from microser.show.study import pareto_front, trial_full, trials_table  # noqa: F401 (reached as show.NAME)
 
 
 # ---- cache (microser cache build | info | verify) ----
@@ -175,18 +172,6 @@ class search_live:
             self.bar.__exit__(*exc)
 
 
-def _duration(seconds: float) -> str:
-    from microser.durations import format_duration
-
-    return format_duration(seconds)
-
-
-def _mean_std(mean: dict | None, std: dict | None) -> str:
-    if not mean:
-        return "-"
-    return f"{mean['mean']:.3f}" + (f" ±{std['mean']:.3f}" if std and "mean" in std else "")
-
-
 def search_summary(summary, as_json: bool = False) -> None:
     """The end of `microser search`: the final stage's trials beside the references, counts, timings, the verdict."""
     if as_json:
@@ -212,14 +197,14 @@ def search_summary(summary, as_json: bool = False) -> None:
         name = f"{r['reference']}: {r['summary']}" if r["reference"] else (r["summary"] or "-")
         rungs = r.get("rungs") or {}
         cells = [f"{rungs[k]['mean']:.3f}" if rungs.get(k) else "-" for k in range(len(rung_names))]
-        table.add_row(str(r["number"]), name, *(_int(r["costs"][o]) for o in objectives), *cells,
-                      _mean_std(r["final_ccc"], r["final_ccc_std"]), _mean_std(r["test_ccc"], r["test_ccc_std"]), tag)
+        table.add_row(str(r["number"]), name, *(int_text(r["costs"][o]) for o in objectives), *cells,
+                      mean_std_text(r["final_ccc"], r["final_ccc_std"]), mean_std_text(r["test_ccc"], r["test_ccc_std"]), tag)
     console.print(table)
     budgets = ", ".join(b["text"] for b in summary.settings["budgets"]) or "none"
     at_rungs = ", ".join(f"{n} at {steps} steps" for n, steps in zip(summary.rungs, fid["rungs"]))
     console.print(f"{summary.trained} candidates trained ({at_rungs}), {summary.rejected} rejected over budget "
-                  f"({budgets}), {summary.failed} failed; search {_duration(summary.search_seconds)}, final stage "
-                  f"{_duration(summary.final_seconds)}", highlight=False)
+                  f"({budgets}), {summary.failed} failed; search {duration_text(summary.search_seconds)}, final stage "
+                  f"{duration_text(summary.final_seconds)}", highlight=False)
     if summary.stale_failed:
         console.print(f"failed {len(summary.stale_failed)} trial(s) left running by a stopped run: "
                       f"{summary.stale_failed}", highlight=False)
@@ -267,7 +252,7 @@ class train_live:
         kind = event.get("kind")
         self._start()
         if kind == "plan" and "steps" in event:
-            self.bar.console.print(f"--time {_duration(event['seconds'])}: {event['steps']:,} steps per seed "
+            self.bar.console.print(f"--time {duration_text(event['seconds'])}: {event['steps']:,} steps per seed "
                                    f"(measured {event['steps_per_second']:.1f} steps/s)", highlight=False)
         elif kind == "plan":
             self.bar.console.print("timing a few steps to size --time ...", highlight=False)
@@ -317,7 +302,7 @@ def train_result(report, *, as_json: bool = False) -> None:
         if r.resumed_at is not None:
             note += (" (had finished)" if r.resumed_at >= r.steps else f" (resumed at {r.resumed_at:,})")
         table.add_row(str(r.seed), f"{r.steps:,}/{r.total_steps:,}", "-" if r.best_step is None else f"{r.best_step:,}",
-                      stopped, *_ccc_cells(r.ccc)[:3], ccc(r.ccc), ccc(r.test_ccc), f"{r.train_seconds / 60:.1f}",
+                      stopped, *ccc_cells(r.ccc)[:3], ccc(r.ccc), ccc(r.test_ccc), f"{r.train_seconds / 60:.1f}",
                       note.strip())
     console.print(table)
     if len(report.seeds) > 1 and report.spread.get("valid"):
@@ -385,102 +370,6 @@ def cost_report(report, as_json: bool = False, streaming: dict | None = None) ->
 # ---- pareto, trials, show, compress, export, evaluate, predict ----
 
 
-def _kb(x) -> str:
-    return "-" if x is None else f"{x / 1000:,.1f}"
-
-
-def _int(x) -> str:
-    return "-" if x is None or x == float("inf") else f"{int(x):,}"
-
-
-def _ccc_cells(ccc: dict | None) -> list[str]:
-    if not ccc:
-        return ["-"] * 4
-    return [f"{ccc[k]:.3f}" for k in ("arousal", "dominance", "valence", "mean")]
-
-
-def pareto_front(report, *, as_json: bool = False, files: tuple = ()) -> None:
-    """`microser pareto`: the feasible front (references marked below it), counts, and the plot files."""
-    if as_json:
-        print_json(report.to_dict())
-        return
-    from rich.table import Table
-
-    c = report.counts
-    table = Table(title=f"study {report.study}: feasible Pareto front (mean CCC vs "
-                        f"{', '.join(report.objectives)}; {report.label}, validation split)")
-    for name in ("trial", "family", "architecture", "A", "D", "V", "CCC", "params", "ONNX KB", "RAM int8 KB",
-                 "MACs", "train s", ""):
-        table.add_column(name, no_wrap=name not in ("architecture", ""), overflow="fold")
-
-    def add(r, tag):
-        table.add_row(str(r.number), r.family or "-", r.summary or "-", *_ccc_cells(r.ccc), _int(r.costs.get("params")),
-                      _kb(r.costs.get("onnx_bytes")), _kb(r.costs.get("ram_bytes")), _int(r.costs.get("macs")),
-                      "-" if r.train_seconds is None else f"{r.train_seconds:.0f}", tag)
-
-    for r in report.front:
-        add(r, "")
-    if report.references:
-        table.add_section()
-        for r in report.references:
-            add(r, f"reference {r.reference}")
-    console.print(table)
-    budgets = ", ".join(f"{k} <= {v:,.0f}" for k, v in report.budgets.items()) or "none"
-    levels = ", ".join(f"{_level(lv)} {n}" for lv, n in report.levels.items())
-    console.print(f"{c['front']} on the front of {c['feasible']} feasible trials at {report.label}; {c['rejected']} "
-                  f"rejected over budget ({budgets}), {c['infeasible']} infeasible, {c['failed']} failed, "
-                  f"{c['running']} running. Feasible trials per level: {levels} (--rung LEVEL). KB = 1000 bytes.",
-                  highlight=False)
-    for f in files:
-        console.print(f"wrote {f}", highlight=False)
-
-
-def _level(level: str) -> str:
-    from microser.pareto import level_label
-
-    return level_label(level)
-
-
-def trials_table(rows, *, as_json: bool = False) -> None:
-    """`microser trials`: every trial, its state, CCC at every level it reached, costs, and notes."""
-    if as_json:
-        from dataclasses import asdict
-
-        print_json([asdict(r) for r in rows])
-        return
-    from rich.table import Table
-
-    levels = list(dict.fromkeys(lv for r in rows for lv in r.levels))
-    table = Table(title=f"all trials (CCC = validation mean at each level; front at {_level(rows[0].level)})"
-                  if rows else "all trials")
-    for name in ("trial", "state", "architecture", *levels, "params", "RAM int8 KB", "note"):
-        table.add_column(name, no_wrap=name not in ("architecture", "note"), overflow="fold")
-    for r in rows:
-        if r.reference:
-            note = f"reference {r.reference}"
-        elif r.rejected:
-            note = r.rejected
-        elif r.violations:
-            note = "infeasible: " + ", ".join(f"{k} over by {v:,.0f}" for k, v in r.violations.items())
-        else:
-            note = "front" if r.on_front else ""
-        table.add_row(str(r.number), r.state, r.summary or "-",
-                      *(f"{r.levels[lv]:.3f}" if lv in r.levels else "-" for lv in levels),
-                      _int(r.costs.get("params")), _kb(r.costs.get("ram_bytes")), note)
-    console.print(table)
-
-
-def trial_full(detail: dict, *, as_json: bool = False) -> None:
-    """`microser show --trial N`: everything stored about one trial."""
-    if as_json:
-        print_json(detail)
-        return
-    from rich.pretty import Pretty
-
-    console.print(f"[bold]trial {detail['number']}[/] {detail['state']}: {detail['summary'] or '-'}", highlight=False)
-    console.print(Pretty({k: v for k, v in detail.items() if k not in ("number", "state", "summary")}))
-
-
 def _stage_table(stages, title: str):
     from rich.table import Table
 
@@ -489,8 +378,8 @@ def _stage_table(stages, title: str):
     for s in stages:
         qat = s.get("method") == "qat"
         probes = s.get("probes")
-        table.add_row(s["stage"], "QAT" if qat else "PTQ", _int(s["params"]), _kb(s["onnx_bytes"]),
-                      _kb(s["int8_bytes"]), _kb(s["ram_bytes_fp32"]), _kb(s["ram_bytes"]), _int(s["macs"]),
+        table.add_row(s["stage"], "QAT" if qat else "PTQ", int_text(s["params"]), kb_text(s["onnx_bytes"]),
+                      kb_text(s["int8_bytes"]), kb_text(s["ram_bytes_fp32"]), kb_text(s["ram_bytes"]), int_text(s["macs"]),
                       f"{s['ccc_torch']['mean']:.3f}", f"{s['ccc_fp32_onnx']['mean']:.3f}",
                       f"{s['ccc_int8_onnx']['mean']:.3f}",
                       "front-end" if qat else "front-end, head" + "".join(f", {k}" for k in s["keep_float"]),
@@ -550,7 +439,7 @@ def bundle_result(report, *, as_json: bool = False) -> None:
     table = Table("split", "graph", "A", "D", "V", "CCC", title=f"{card['architecture']['summary']}")
     for split in ("test", "valid"):
         for graph in ("fp32", "int8"):
-            table.add_row(split, graph, *_ccc_cells(card["ccc"][split][graph]))
+            table.add_row(split, graph, *ccc_cells(card["ccc"][split][graph]))
     console.print(table)
     s = card["size"]
     console.print(f"model.int8.onnx {s['file_bytes']:,} B = int8 weights {s['int8_weight_bytes']:,} + int32 biases "
@@ -581,7 +470,7 @@ def evaluation(result: dict, *, as_json: bool = False) -> None:
                   title=f"{result['target']} on {result['cache']} ({result['split']} split, "
                         f"{result['segments']} segments)")
     for name, ccc in result["results"].items():
-        table.add_row(name, *_ccc_cells(ccc))
+        table.add_row(name, *ccc_cells(ccc))
     console.print(table)
 
 
