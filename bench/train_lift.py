@@ -4,11 +4,12 @@ For each cache, model (``pick``: the main job's winner, the default space's
 16-channel warm start; ``ref``: wav2small-ref) and seed, trains a fresh model
 (torch seeded before build_model) three ways and scores the test split:
 
-* ``final-8ep``: the current final stage (``search._train_config(final=True)``
-  with ``SearchConfig`` defaults: 8 epochs of 1 s crops, one per segment, batch
+* ``final-1000``: the search's final stage as the main job plans it at its
+  default ``--time`` (``Fidelity.train_config`` of ``resolve_fidelity`` with
+  ``SearchConfig`` defaults: 1,000 steps of 1 s crops, one per segment, batch
   16; the last weights);
-* ``final-<N>``: the same recipe for ``--baseline-steps`` optimizer steps (the
-  redesigned final stage counts steps; default 2,000);
+* ``final-<N>``: the same recipe for ``--baseline-steps`` optimizer steps
+  (default 2,000);
 * ``trained``: ``microser.trainer.train_config`` with its defaults (what
   ``microser train`` runs: DEFAULT_STEPS, validation every EVAL_EVERY steps,
   EMA, best checkpoint, early stopping).
@@ -38,12 +39,18 @@ from train_recipe import append, done_keys, machine_line, resolve_model, run_one
 
 
 def configs(baseline_steps: int, threads: int) -> dict:
-    from microser.search import SearchConfig, _train_config
+    from microser.fidelity import Fidelity, plan_steps
+    from microser.search_config import SearchConfig
     from microser.trainer import train_config
 
-    final = _train_config(SearchConfig(), seed=0, threads=threads, final=True)
+    config = SearchConfig()
+    rungs, final_steps = plan_steps(config.time)
+    fidelity = Fidelity(rungs=rungs, final_steps=final_steps, final_seeds=config.final_seeds, folds=1, eta=config.eta,
+                        crop_seconds=config.crop_seconds, crops_per_segment=config.crops_per_segment,
+                        batch_size=config.batch_size, valid_seconds=config.valid_seconds)
+    final = fidelity.train_config(final_steps, seed=0, threads=threads)
     return {
-        "final-8ep": replace(final, device="cpu"),
+        f"final-{final_steps}": replace(final, device="cpu"),
         f"final-{baseline_steps}": replace(final, epochs=None, steps=baseline_steps, device="cpu"),
         "trained": train_config(threads=threads, device="cpu"),
     }

@@ -59,6 +59,14 @@ class Fidelity:
     def from_dict(cls, d: dict) -> "Fidelity":
         return cls(**{**d, "rungs": tuple(d["rungs"])})
 
+    def train_config(self, steps: int, seed: int, threads: int | None = None):
+        """The `TrainConfig` of one job of the search (a rung or a final-stage seed): ``steps`` of this recipe,
+        one validation after the last step (the only one a job reads)."""
+        from microser.train_config import TrainConfig
+
+        return TrainConfig(steps=steps, crop_seconds=self.crop_seconds, crops_per_segment=self.crops_per_segment,
+                           batch_size=self.batch_size, seed=seed, threads=threads, eval_every=steps)
+
 
 def steps_for_epochs(epochs: float, n_train: int, config) -> int:
     """Optimizer steps of ``epochs`` passes over ``n_train`` segments (``crops_per_segment`` crops each)."""

@@ -157,12 +157,7 @@ class _Searcher:
         return self._splits[key]
 
     def train(self, spec, steps: int, seed: int, split: Split, label: str) -> TrainOutcome:
-        from microser.train_config import TrainConfig
-
-        f = self.fidelity
-        config = TrainConfig(steps=steps, crop_seconds=f.crop_seconds, crops_per_segment=f.crops_per_segment,
-                             batch_size=f.batch_size, seed=seed, threads=self.threads,
-                             eval_every=steps)   # one validation, after the last step: the only one a rung reads
+        config = self.fidelity.train_config(steps, seed, self.threads)
         return self.c.trainer(spec, self.c.data, config, split=split, progress=self._step_progress(label))
 
     def _step_progress(self, label: str):
