@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_recipe import append, done_keys, machine_line, resolve_model, run_one  # noqa: E402
+from train_recipe import append, done_keys, machine_line, read_rows, resolve_model, run_one  # noqa: E402
 
 
 def configs(baseline_steps: int, threads: int) -> dict:
@@ -57,9 +57,7 @@ def configs(baseline_steps: int, threads: int) -> dict:
 
 
 def report(out: Path) -> None:
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    for head in sorted({r["head"] for r in rows if r.get("head")}):
-        print(head)
+    rows = read_rows(out)
     by = {}
     for r in rows:
         if "key" in r:

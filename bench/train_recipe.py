@@ -107,10 +107,16 @@ def append(out: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def report(out: Path, group: str = "variant", base: str = "base") -> None:
+def read_rows(out: Path) -> list[dict]:
+    """The rows of ``out``, after printing the machine lines (``head``) of the runs that wrote them."""
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     for head in sorted({r["head"] for r in rows if r.get("head")}):
         print(head)
+    return rows
+
+
+def report(out: Path, group: str = "variant", base: str = "base") -> None:
+    rows = read_rows(out)
     by = {}
     for r in rows:
         if "key" in r:
