@@ -96,7 +96,7 @@ def _row(t: optuna.trial.FrozenTrial, final: dict | None, rungs: dict[int, dict]
     a = t.user_attrs
     final = final or {}
     return {"number": t.number, "reference": a.get("reference"), "summary": a.get("summary"),
-            "family": a.get("family"), "costs": a.get("costs"), "rungs": {0: a.get("ccc"), **rungs},
+            "family": a.get("family"), "costs": a.get("costs"), "rungs": {0: a.get("ccc"), **{k: r.get("ccc") for k, r in rungs.items()}},
             "final_ccc": final.get("ccc"), "final_ccc_std": final.get("ccc_std"),
             "test_ccc": final.get("test_ccc"), "test_ccc_std": final.get("test_ccc_std"),
             "seeds": final.get("seeds", []), "feasible": is_feasible(t), "on_front": on_front,
