@@ -43,7 +43,7 @@ from microser import SAMPLE_RATE, TARGETS
 from microser.batches import AudioBank, FrontendMasks, draw_batch
 from microser.checkpoint import CHECKPOINT_FORMAT, EMA, LoopState, load_checkpoint, run_identity, save_checkpoint
 from microser.errors import MicroserError
-from microser.metrics import ccc_report
+from microser.metrics import ccc_report, ccc_terms
 from microser.train_config import DEFAULT_EPOCHS, MIN_SPLIT_SEGMENTS, DistillData, TrainConfig, TrainResult
 
 # ---- loss ----
@@ -61,11 +61,8 @@ def ccc_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") 
     """
     if pred.shape != target.shape or pred.ndim != 2:
         raise ValueError(f"ccc_loss needs equal (B, D) shapes, but got {tuple(pred.shape)} and {tuple(target.shape)}")
-    mx, my = pred.mean(0), target.mean(0)
-    vx = ((pred - mx) ** 2).mean(0)
-    vy = ((target - my) ** 2).mean(0)
-    cov = ((pred - mx) * (target - my)).mean(0)
-    loss = 1 - 2 * cov / (vx + vy + (mx - my) ** 2 + 1e-8)
+    num, den = ccc_terms(pred, target)
+    loss = 1 - num / (den + 1e-8)
     if reduction == "none":
         return loss
     if reduction == "mean":

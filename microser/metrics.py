@@ -7,6 +7,15 @@ import numpy as np
 from microser import TARGETS
 
 
+def ccc_terms(x, y):
+    """``(2 sigma_xy, sigma_x^2 + sigma_y^2 + (mu_x - mu_y)^2)`` per column over axis 0, population statistics:
+    CCC's numerator and denominator, the one definition for numpy arrays (:func:`ccc`) and torch tensors
+    (``distill.ccc_loss`` differentiates through it)."""
+    mx, my = x.mean(0), y.mean(0)
+    dx, dy = x - mx, y - my
+    return 2 * (dx * dy).mean(0), (dx * dx).mean(0) + (dy * dy).mean(0) + (mx - my) ** 2
+
+
 def ccc(prediction, truth) -> np.ndarray:
     r"""Concordance correlation coefficient per column, population statistics.
 
@@ -38,12 +47,9 @@ def ccc(prediction, truth) -> np.ndarray:
         raise ValueError(f"ccc needs equal shapes, but got prediction {x.shape} and truth {y.shape}")
     if x.shape[0] < 2:
         raise ValueError(f"ccc needs at least 2 samples, but got {x.shape[0]}")
-    mx, my = x.mean(0), y.mean(0)
-    vx, vy = x.var(0), y.var(0)
-    cov = ((x - mx) * (y - my)).mean(0)
-    den = vx + vy + (mx - my) ** 2
+    num, den = ccc_terms(x, y)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(den > 0, 2 * cov / np.where(den > 0, den, 1.0), 1.0)
+        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
     return out
 
 
