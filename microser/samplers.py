@@ -15,7 +15,7 @@ def make_sampler(config) -> optuna.samplers.BaseSampler:
     def make(seed: int) -> optuna.samplers.BaseSampler:
         if config.sampler in ("tpe", "tpe-group"):
             return optuna.samplers.TPESampler(multivariate=True, group=config.sampler == "tpe-group", seed=seed,
-                                              n_startup_trials=10, warn_independent_sampling=False)
+                                              n_startup_trials=10)   # Optuna >= 4.9 no longer warns here
         if config.sampler == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
         if config.sampler == "gp":   # conditional parameters (per-block widths, family bodies) are drawn at random

@@ -112,6 +112,9 @@ def test_final_stage_trains_finalists_and_references_with_seeds_on_rotating_spea
     show.search_summary(summary)
     shown = capsys.readouterr().out
     assert f"{fake_ccc(width[best_two[0]], 90):.3f}" in shown and "beats" in shown
+    # at 80 columns (pytest's console) the numbers stay whole in the table, the architectures are listed below
+    assert f"{pick['test_ccc']['mean']:.3f} ±" in shown and f"trial {pick['number']}: " in shown
+    assert max(len(line) for line in shown.splitlines()) <= 80
 
 
 def test_verdict_needs_the_margin_above_its_spread():

@@ -172,6 +172,9 @@ class search_live:
             self.bar.__exit__(*exc)
 
 
+SUMMARY_WIDE_COLUMNS = 140   # a terminal at least this wide shows the architectures and rungs in the table
+
+
 def search_summary(summary, as_json: bool = False) -> None:
     """The end of `microser search`: the final stage's trials beside the references, counts, timings, the verdict."""
     if as_json:
@@ -182,13 +185,20 @@ def search_summary(summary, as_json: bool = False) -> None:
     objectives = summary.settings["objectives"]
     fid = summary.settings["fidelity"]
     rung_names = [f"r{k + 1}" for k in range(len(fid["rungs"]))]
-    table = Table("trial", Column("architecture", overflow="fold"), *objectives, *rung_names, "final valid",
-                  "final test", "", title=f"study {summary.study}: final stage ({fid['final_steps']} steps x "
-                  f"{fid['final_seeds']} seeds), references below",
-                  caption=f"mean CCC; r1..: validation at rungs of {', '.join(map(str, fid['rungs']))} steps; final: "
-                          "mean ± std over seeds" + (f" (validation speakers rotate over {fid['folds']} folds)"
-                                                     if fid.get("folds", 1) > 1 else "")
-                          + "; test = held-out speakers")
+    wide = console.width >= SUMMARY_WIDE_COLUMNS    # else numbers in the table, architectures listed below it
+    title = (f"study {summary.study}: final stage ({fid['final_steps']} steps x {fid['final_seeds']} seeds), "
+             "references below")
+    caption = (f"mean CCC; r1..: validation at rungs of {', '.join(map(str, fid['rungs']))} steps; final: mean ± std "
+               "over seeds" + (f" (validation speakers rotate over {fid['folds']} folds)" if fid.get("folds", 1) > 1
+                               else "") + "; test = held-out speakers")
+    if wide:
+        table = Table("trial", Column("architecture", overflow="fold"), *objectives, *rung_names, "final valid",
+                      "final test", "", title=title, caption=caption)
+    else:
+        table = Table(*(Column(c, no_wrap=True, justify="right") for c in ("trial", *objectives, "final valid",
+                                                                            "final test")),
+                      Column("", no_wrap=True), title=title, caption=caption)
+    listed = []
     for r in summary.rows:
         tag = "ref" if r["reference"] else ("pick" if summary.pick and r["number"] == summary.pick["number"]
                                             else "front" if r["on_front"] else "")
@@ -197,9 +207,16 @@ def search_summary(summary, as_json: bool = False) -> None:
         name = f"{r['reference']}: {r['summary']}" if r["reference"] else (r["summary"] or "-")
         rungs = r.get("rungs") or {}
         cells = [f"{rungs[k]['mean']:.3f}" if rungs.get(k) else "-" for k in range(len(rung_names))]
-        table.add_row(str(r["number"]), name, *(int_text(r["costs"][o]) for o in objectives), *cells,
-                      mean_std_text(r["final_ccc"], r["final_ccc_std"]), mean_std_text(r["test_ccc"], r["test_ccc_std"]), tag)
+        finals = [mean_std_text(r["final_ccc"], r["final_ccc_std"]), mean_std_text(r["test_ccc"], r["test_ccc_std"])]
+        costs = [int_text(r["costs"][o]) for o in objectives]
+        if wide:
+            table.add_row(str(r["number"]), name, *costs, *cells, *finals, tag)
+        else:
+            table.add_row(str(r["number"]), *costs, *finals, tag)
+            listed.append(f"  trial {r['number']}: {name}; " + ", ".join(f"{n} {c}" for n, c in zip(rung_names, cells)))
     console.print(table)
+    for line in listed:
+        console.print(line, highlight=False, soft_wrap=False)
     budgets = ", ".join(b["text"] for b in summary.settings["budgets"]) or "none"
     at_rungs = ", ".join(f"{n} at {steps} steps" for n, steps in zip(summary.rungs, fid["rungs"]))
     console.print(f"{summary.trained} candidates trained ({at_rungs}), {summary.rejected} rejected over budget "
