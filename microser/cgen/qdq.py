@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from microser.cgen.plan import Plan, float_plan
+from microser.graph import constants
 from microser.errors import MicroserError
 
 
@@ -27,12 +27,7 @@ class _Graph:
                                 "microser.quantize.quantize_int8")
         g = onnx.load(str(self.path)).graph
         self.nodes = list(g.node)
-        self.init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        for n in self.nodes:
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.name == "value":
-                        self.init[n.output[0]] = numpy_helper.to_array(a.t)
+        self.init = constants(g)   # initializers and Constant outputs (microser.graph: the one walker)
         self.producer = {o: n for n in self.nodes for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in self.nodes:
