@@ -7,8 +7,8 @@ first frame; "running" (causal cumulative mean/variance, microser.frontends)
 streams exactly in the generated C library; "run-prior" is "running" with a
 prior of n0 = 800 pseudo-samples of variance v0 = 1e-4 (a bench-only variant).
 
-    microser cache build --audio /work/shared/data/espeak-emo/labels.csv \
-        --teacher csv:/work/shared/data/espeak-emo/labels.csv --out /tmp/espeak-cache
+    microser cache build --audio DATA/labels.csv \
+        --teacher csv:DATA/labels.csv --out /tmp/espeak-cache
     python bench/cgen_prenorm_ccc.py --gap                  # the prior screen, no training (~10 s)
     python bench/cgen_prenorm_ccc.py --cache /tmp/espeak-cache --epochs 6 --seeds 0 1 --save /tmp/cgen-bench
 

@@ -19,7 +19,7 @@ Rows go to ``--out`` as JSON lines (runs already there are skipped;
 and model, the mean test CCC over seeds of each method and the lift of
 ``trained`` over each baseline. Usage::
 
-    nice -n 10 python bench/train_lift.py --shard 0/2 & nice -n 10 python bench/train_lift.py --shard 1/2
+    nice -n 10 python bench/train_lift.py --caches C1,C2 --shard 0/2 & nice -n 10 python bench/train_lift.py --caches C1,C2 --shard 1/2
     python bench/train_lift.py --report
 """
 
@@ -84,7 +84,7 @@ def report(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--caches", default="/work/caches/espeak-emo,/work/caches/ravdess-dev")
+    ap.add_argument("--caches", required=True, help="comma-separated cache folders (built with the csv teacher)")
     ap.add_argument("--models", default="pick,ref")
     ap.add_argument("--methods", default=None, help="comma-separated subset of final-8ep, final-<N>, trained")
     ap.add_argument("--seeds", default="0,1,2")

@@ -17,7 +17,7 @@ validation CCC over seeds, the difference to ``base``, and the seed values.
 
 Usage::
 
-    nice -n 10 python bench/train_recipe.py --caches /work/caches/espeak-emo,/work/caches/ravdess-dev \\
+    nice -n 10 python bench/train_recipe.py --caches ESPEAK_CACHE,RAVDESS_CACHE \\
         --variants base,crop2,speed,mixup,mse0,mse1 --seeds 0,1,2 --steps 2000 --shard 0/2 &
     nice -n 10 python bench/train_recipe.py ... --shard 1/2
     python bench/train_recipe.py --report --out bench/train_recipe.jsonl
@@ -141,7 +141,7 @@ def report(out: Path, group: str = "variant", base: str = "base") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--caches", default="/work/caches/espeak-emo,/work/caches/ravdess-dev")
+    ap.add_argument("--caches", required=True, help="comma-separated cache folders (built with the csv teacher)")
     ap.add_argument("--model", default="pick")
     ap.add_argument("--variants", default="base,crop2,speed,mixup,mse0,mse1")
     ap.add_argument("--seeds", default="0,1,2")

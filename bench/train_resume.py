@@ -10,7 +10,7 @@ resumed run started from), both runs' best validation CCC, their difference
 (goal: within 0.005; bit-exact expected with the same thread count) and the
 test CCC. Usage::
 
-    nice -n 10 python bench/train_resume.py --cache /work/caches/ravdess-dev --steps 1000 --kill-after 20
+    nice -n 10 python bench/train_resume.py --cache CACHE --steps 1000 --kill-after 20
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def make_study(folder: Path, cache: str, spec) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default="/work/caches/ravdess-dev")
+    ap.add_argument("--cache", required=True, help="a cache folder (built with the csv teacher)")
     ap.add_argument("--model", default="pick")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--eval-every", type=int, default=250)
