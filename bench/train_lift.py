@@ -84,7 +84,7 @@ def report(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--caches", required=True, help="comma-separated cache folders (built with the csv teacher)")
+    ap.add_argument("--caches", default=None, help="comma-separated cache folders (built with the csv teacher)")
     ap.add_argument("--models", default="pick,ref")
     ap.add_argument("--methods", default=None, help="comma-separated subset of final-8ep, final-<N>, trained")
     ap.add_argument("--seeds", default="0,1,2")
@@ -98,6 +98,8 @@ def main() -> None:
     if args.report:
         report(out)
         return
+    if not args.caches:
+        ap.error("--caches C1,C2 is required to train (only --report reads without it)")
     methods = configs(args.baseline_steps, args.threads)
     chosen = args.methods.split(",") if args.methods else list(methods)
     k, n = (int(x) for x in args.shard.split("/"))

@@ -141,7 +141,7 @@ def report(out: Path, group: str = "variant", base: str = "base") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--caches", required=True, help="comma-separated cache folders (built with the csv teacher)")
+    ap.add_argument("--caches", default=None, help="comma-separated cache folders (built with the csv teacher)")
     ap.add_argument("--model", default="pick")
     ap.add_argument("--variants", default="base,crop2,speed,mixup,mse0,mse1")
     ap.add_argument("--seeds", default="0,1,2")
@@ -155,6 +155,8 @@ def main() -> None:
     if args.report:
         report(out)
         return
+    if not args.caches:
+        ap.error("--caches C1,C2 is required to train (only --report reads without it)")
 
     from dataclasses import replace
 
