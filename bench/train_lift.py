@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_recipe import append, done_keys, machine_line, read_rows, resolve_model, run_one  # noqa: E402
+from train_recipe import append, done_keys, machine_line, read_rows, report_or_train, resolve_model, run_one  # noqa: E402
 
 
 def configs(baseline_steps: int, threads: int) -> dict:
@@ -93,13 +93,10 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1")
     ap.add_argument("--out", default="bench/train_lift.jsonl")
     ap.add_argument("--report", action="store_true")
-    args = ap.parse_args()
-    out = Path(args.out)
-    if args.report:
-        report(out)
+    args = report_or_train(ap, report)
+    if args is None:
         return
-    if not args.caches:
-        ap.error("--caches C1,C2 is required to train (only --report reads without it)")
+    out = Path(args.out)
     methods = configs(args.baseline_steps, args.threads)
     chosen = args.methods.split(",") if args.methods else list(methods)
     k, n = (int(x) for x in args.shard.split("/"))

@@ -107,6 +107,17 @@ def append(out: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def report_or_train(ap: argparse.ArgumentParser, report_fn) -> argparse.Namespace | None:
+    """Parse the command line; with --report print ``report_fn(out)`` and return None, else check --caches."""
+    args = ap.parse_args()
+    if args.report:
+        report_fn(Path(args.out))
+        return None
+    if not args.caches:
+        ap.error("--caches C1,C2 is required to train (only --report reads without it)")
+    return args
+
+
 def read_rows(out: Path) -> list[dict]:
     """The rows of ``out``, after printing the machine lines (``head``) of the runs that wrote them."""
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
@@ -150,13 +161,10 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1", help="K/N: run every N-th job starting at K")
     ap.add_argument("--out", default="bench/train_recipe.jsonl")
     ap.add_argument("--report", action="store_true", help="only print the table of --out")
-    args = ap.parse_args()
-    out = Path(args.out)
-    if args.report:
-        report(out)
+    args = report_or_train(ap, report)
+    if args is None:
         return
-    if not args.caches:
-        ap.error("--caches C1,C2 is required to train (only --report reads without it)")
+    out = Path(args.out)
 
     from dataclasses import replace
 
