@@ -31,7 +31,7 @@ study enqueues them as its first trials (Optuna's ``enqueue_trial``), so known-g
 points are measured first and the sampler starts from them; parameters a warm start
 leaves out are drawn as usual::
 
-    [[warm_start]]   # an 8-channel stack on STFT 512/160 with 40 mels (DESIGN.md)
+    [[warm_start]]   # an 8-channel stack on STFT 512/160 with 40 mels
     family = "wav2small"
     "frontend.n_fft" = 512
     "frontend.hop" = 160 A file that breaks any rule is refused with a MicroserError naming the

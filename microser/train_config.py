@@ -96,7 +96,7 @@ class TrainConfig:
     # that still anneals (long training; a cosine laid out for many steps stops at a high lr).
     schedule: str = "cosine"
     decay: float = 0.2
-    # 1 - CCC alone collapsed one run in four to a constant output (DESIGN.md); the MSE term
+    # 1 - CCC alone collapsed one run in four to a constant output (docs/DECISIONS.md); the MSE term
     # keeps a gradient toward the targets' mean and scale when the batch CCC is flat.
     mse_weight: float = 0.5
     # Augmentation (training only). augment=False turns all of it off.
