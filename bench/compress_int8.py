@@ -23,7 +23,7 @@ import torch
 
 from microser.cache import Cache
 from microser.costs import count_params
-from microser.graph import strip_graph
+from microser.graph import bundle_graph, strip_graph
 from microser.models.spec import build_model, resolve_spec
 from microser.onnxio import export_onnx, onnx_ccc
 from microser.quantize import calibration_crops, keep_float_candidates, quantize_int8, size_accounting
@@ -77,7 +77,7 @@ def main() -> None:
             path = tmp / f"q{k}.onnx"
             quantize_int8(fp32, crops, path, keep_float=keep, activation_symmetric=sym, preprocess=pre)
             stripped = tmp / f"q{k}.stripped.onnx"
-            onnx.save(strip_graph(onnx.load(str(path))), str(stripped))
+            onnx.save(bundle_graph(onnx.load(str(path))), str(stripped))
             size = size_accounting(stripped, params=count_params(onnx.load(str(fp32))))
             got = {s: onnx_ccc(stripped, data, s) for s in ("valid", "test")}
             row = {"keep_float": keep, "activation_symmetric": sym, "preprocess": pre,

@@ -8,7 +8,8 @@ optimizer steps), export it (fp32 ONNX), quantize it post-training (quantize.qua
 head float) and quantization-aware (measure.qat_stage: every operator after the log-mel int8, ``--qat-steps``
 steps at qat.QAT_LR), and score each graph on the cache's test split (one whole segment per run, CCC over the split).
 Prints one row per run, then per cache the means over seeds and the issue-11 goals: QAT int8 test CCC within 0.01
-of fp32, and the stripped int8 file <= 1.1 x params + 4096 bytes (params: microser.costs.count_params).
+of fp32, and the shipped int8 file (graph.bundle_graph: convs fused to QLinearConv, names stripped)
+<= 1.1 x params + 4096 bytes (params: microser.costs.count_params).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from microser.cache import Cache
 from microser.costs import count_params
 from microser.distill import train
-from microser.graph import strip_graph
+from microser.graph import bundle_graph
 from microser.measure import qat_stage
 from microser.models.spec import build_model, resolve_spec
 from microser.onnxio import export_onnx, onnx_ccc
@@ -39,7 +40,7 @@ from microser.train_config import TrainConfig
 
 def stripped_size(path: Path, params: int) -> dict:
     out = path.with_suffix(".stripped.onnx")
-    onnx.save(strip_graph(onnx.load(str(path))), str(out))
+    onnx.save(bundle_graph(onnx.load(str(path))), str(out))
     return size_accounting(out, params=params)
 
 
@@ -65,7 +66,7 @@ def one_run(cache_path: str, seed: int, args, workdir: Path) -> dict:
     after_logmel = [n.op_type for n in floats if not n.name.startswith("/frontend/")]
     return {
         "cache": cache_path, "seed": seed, "params": params, "train_steps": result.steps, "train_s": train_s,
-        "qat_steps": row["train"]["steps"], "qat_s": qat_s, "train_valid": result.ccc["mean"],
+        "qat_steps": row.train["steps"], "qat_s": qat_s, "train_valid": result.ccc["mean"],
         "fp32": onnx_ccc(fp32, data, "test")["mean"],
         "ptq": onnx_ccc(ptq.int8_path, data, "test")["mean"],
         "qat": onnx_ccc(qat_int8, data, "test")["mean"],

@@ -38,7 +38,7 @@ from microser.costs import count_params
 from microser.distill import evaluate, train
 from microser.errors import MicroserError
 from microser.loading import compressed_dir, load_trial_model
-from microser.measure import measure_stage, qat_stage
+from microser.measure import StageRow, measure_stage, qat_stage
 from microser.models.spec import FAMILIES, build_model
 from microser.models.wav2small import FrameLayerNorm
 from microser.onnxio import export_onnx
@@ -206,7 +206,7 @@ class CompressReport:
     spec: dict
     start_weights: str          # "trained" | "final" | "search"
     cache: str
-    stages: list[dict]          # measure_stage rows: "trial", "fine-tuned", "pruned"
+    stages: list[StageRow]      # "trial", "fine-tuned", "pruned", "qat" (to_dict: report.json rows)
     prune_history: list[dict]
     settings: dict
 
@@ -289,8 +289,7 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
                 stages.append(measure_stage("pruned", model, data, tmp / "pruned", crops=crops,
                                             input_seconds=input_seconds, keep_float=keep_float))
                 last = tmp / "pruned"
-        ptq = stages[-1]
-        ptq_drop = ptq["ccc_fp32_onnx"]["mean"] - ptq["ccc_int8_onnx"]["mean"]
+        ptq_drop = stages[-1].int8_drop
         if qat is None:
             run_qat = ptq_drop > INT8_TOLERANCE and FAMILIES[spec.family].qat
             why = (f"auto: post-training int8 lost {ptq_drop:.4f} of validation CCC "
@@ -324,8 +323,8 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
     (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
     final = stages[-1]
     study.set_user_attr(f"{COMPRESSED_PREFIX}{int(trial)}", {
-        "folder": str(folder), "summary": spec.summary(), "params": final["params"],
-        "int8_bytes": final["int8_bytes"], "ccc_int8_onnx": final["ccc_int8_onnx"], "method": final["method"]})
+        "folder": str(folder), "summary": spec.summary(), "params": final.params,
+        "int8_bytes": final.int8_bytes, "ccc_int8_onnx": final.ccc_int8_onnx, "method": final.method})
     return report
 
 

@@ -42,7 +42,7 @@ import torch
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
-from microser.graph import constant_sizes, generated_tensors
+from microser.graph import constant_sizes, generated_tensors, int8_scope
 from microser.onnxio import export_onnx, ort_session
 
 # ---- the record every trial stores ----
@@ -388,10 +388,10 @@ def ram_plan(onnx_model, input_samples: int, *, int8: bool = True) -> RamPlan:
     they sit in flash or are made once at start-up.
 
     Bytes per element: in the int8 plan (``int8=True``, the deployment
-    split: front-end float, its output quantized, conv stack int8, pooling head
-    float) float tensors produced by nodes whose name starts with ``/body/``,
-    and the float activations the first ``/body/`` node reads (the front-end's
-    final output), take 1 byte; every other activation takes its dtype's size
+    split of ``microser.graph.int8_scope``: front-end float, its output
+    quantized, conv stack int8, pooling head float) float tensors produced by
+    body nodes, and the float activations the first body node reads (the
+    front-end's final output), take 1 byte; every other activation takes its dtype's size
     (4 for float32, 8 for int64 shape tensors). With ``int8=False`` every
     activation takes its dtype's size.
 
@@ -431,7 +431,7 @@ def ram_plan(onnx_model, input_samples: int, *, int8: bool = True) -> RamPlan:
 
     quantized: set[str] = set()
     if int8:
-        body = [n for n in nodes if n.name.startswith("/body/")]
+        body = [n for n in nodes if int8_scope(n.name)]
         if body:
             quantized.update(name for name in body[0].input if name in born)
             quantized.update(name for n in body for name in n.output if name)

@@ -37,9 +37,9 @@ from microser.cgen.ctext import c_float
 from microser.cgen.plan import check_exportable
 from microser.distill import predict
 from microser.errors import MicroserError
-from microser.graph import strip_graph
+from microser.graph import shipped_int8, strip_graph
 from microser.loading import load_compressed, load_trial_model
-from microser.measure import measure_stage
+from microser.measure import StageRow, measure_stage
 from microser.metrics import ccc_report
 from microser.onnxio import INPUT_NAME, OUTPUT_NAME, PARITY_TOLERANCE, onnx_predict, ort_session, run_onnx
 from microser.quantize import calibration_crops, classify_nodes, probe_agreement, size_accounting
@@ -204,7 +204,17 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
                             "has no generate(bundle_dir, model, spec, int8_onnx_path); export without --c")
     if c:
         check_exportable(spec)  # mobilenet: refused before any work
-    fp32_named, int8_named = Path(fp32_named), Path(int8_named)
+    fp32_named, qdq_named = Path(fp32_named), Path(int8_named)
+    with tempfile.TemporaryDirectory() as tmp:   # parity, probes and size of the graph the bundle ships
+        int8_named = Path(tmp) / "model.int8.shipped.onnx"
+        onnx.save(shipped_int8(onnx.load(str(qdq_named))), str(int8_named))
+        return _export_checked(model, spec, final, data=data, fp32_named=fp32_named, int8_named=int8_named,
+                               qdq_named=qdq_named, quant=quant, costs=costs, source=source, tolerance=tolerance, c=c)
+
+
+def _export_checked(model, spec, final: Path, *, data, fp32_named: Path, int8_named: Path, qdq_named: Path,
+                    quant: dict, costs: dict, source: dict, tolerance: Tolerance, c: bool) -> BundleReport:
+    """export_bundle after its argument checks: parity, then the bundle written beside ``final`` and moved there."""
     parity = parity_report(model, fp32_named, int8_named, data, tolerance=tolerance)
     if not parity["passed"]:
         if (final / "model_card.json").is_file():   # keep the earlier bundle as it is
@@ -221,17 +231,18 @@ def export_bundle(model, spec, out, *, data, fp32_named, int8_named, quant: dict
     out.mkdir()
     try:
         report = _write_bundle(out, model, spec, data=data, fp32_named=fp32_named, int8_named=int8_named,
-                               quant=quant, costs=costs, source=source, parity=parity, c=c)
+                               qdq_named=qdq_named, quant=quant, costs=costs, source=source, parity=parity, c=c)
         _replace_folder(out, final)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return BundleReport(folder=str(final), files=report.files, card=report.card, parity=report.parity)
 
 
-def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named: Path, quant: dict, costs: dict,
-                  source: dict, parity: dict, c: bool) -> BundleReport:
-    """Every bundle file in ``out`` (a fresh folder)."""
-    named_int8 = onnx.load(str(int8_named))
+def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named: Path, qdq_named: Path, quant: dict,
+                  costs: dict, source: dict, parity: dict, c: bool) -> BundleReport:
+    """Every bundle file in ``out`` (a fresh folder): ``int8_named`` is the shipped graph (graph.shipped_int8) with
+    names, ``qdq_named`` the quantizer's QDQ graph the C generator reads."""
+    named_int8 = onnx.load(str(int8_named))   # the card's node indices are this graph's: stripping keeps the order
     stripped = {"model.onnx": strip_graph(onnx.load(str(fp32_named))), "model.int8.onnx": strip_graph(named_int8)}
     for name, proto in stripped.items():
         onnx.save(proto, str(out / name))
@@ -274,7 +285,8 @@ def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named:
             "method": "qat" if qat else "ptq",
             "tool": ("microser.qat (quantization-aware fine-tuning, fake int8 with straight-through gradients)" if qat
                      else "onnxruntime.quantization.quantize_static"),
-            "format": "QDQ",
+            "format": "QDQ, int8 convolutions as QLinearConv (int32 accumulation, as the C library; every int8 "
+                      "figure here is of this graph)",
             "calibration": ("MinMax, ranges growing during fine-tuning (running MinMax), log-mel floor exact"
                             if qat else "MinMax"),
             "calibration_data": {**quant.get("calibration", {}), "split": "train",
@@ -300,7 +312,7 @@ def _write_bundle(out: Path, model, spec, *, data, fp32_named: Path, int8_named:
     (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card_markdown(card))
     if c:  # the C library and its measured flash/RAM/instructions go into the card's "c" section
-        card["c"] = _c_generator()(out, model, spec, int8_named)
+        card["c"] = _c_generator()(out, model, spec, qdq_named)
         (out / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
         (out / "MODEL_CARD.md").write_text(model_card_markdown(card) + "\n" + card_markdown(card["c"]))
         files.append("C library (microser.cgen)")
@@ -514,14 +526,10 @@ def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None
     with tempfile.TemporaryDirectory() as tmp:
         if compressed:
             model, spec, folder, report = load_compressed(study, trial)
-            last = report["stages"][-1]
+            stages = [StageRow.from_dict(st, source=str(folder / "report.json")) for st in report["stages"]]
             fp32, int8 = folder / "model.onnx", folder / "model.int8.onnx"
-            quant = {**last["quantization"], "stages": [
-                {"stage": st["stage"], "method": st.get("method", "ptq"), "params": st["params"],
-                 "ccc_fp32_onnx": st["ccc_fp32_onnx"]["mean"], "ccc_int8_onnx": st["ccc_int8_onnx"]["mean"],
-                 "int8_bytes": st["int8_bytes"]} for st in report["stages"]]}
-            costs = {key: last[key] for key in ("params", "trainable_params", "macs", "ram_bytes", "ram_bytes_fp32",
-                                                "input_seconds")}
+            quant = {**stages[-1].quantization, "stages": [st.brief() for st in stages]}
+            costs = stages[-1].costs()
             source.update(compressed=str(folder), weights=f"compressed ({report['start_weights']} weights, "
                                                           f"stages {[s['stage'] for s in report['stages']]})")
         else:
@@ -530,10 +538,8 @@ def export_trial(study, trial: int, out, *, compressed: bool = False, cache=None
             crops = calibration_crops(data, seconds=input_seconds)
             row = measure_stage("trial", model, data, Path(tmp) / "trial", crops=crops, input_seconds=input_seconds,
                                 keep_float=keep_float)
-            fp32, int8, quant = Path(tmp) / "trial" / "model.onnx", Path(tmp) / "trial" / "model.int8.onnx", \
-                row["quantization"]
-            costs = {key: row[key] for key in ("params", "trainable_params", "macs", "ram_bytes", "ram_bytes_fp32",
-                                               "input_seconds")}
+            fp32, int8 = Path(tmp) / "trial" / "model.onnx", Path(tmp) / "trial" / "model.int8.onnx"
+            quant, costs = row.quantization, row.costs()
             source.update(weights=which)
         emit({"kind": "stage", "stage": "bundle"})
         return export_bundle(model, spec, out, data=data, fp32_named=fp32, int8_named=int8, quant=quant,

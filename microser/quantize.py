@@ -14,12 +14,10 @@ graph written here, reading every scale and zero point from it):
   log-mel image, whose ranges are one-sided; a symmetric range would waste
   one of the eight bits on values that never occur (measured: see the model
   card of a bundle and ``QuantReport.choices``);
-* kept float (excluded from quantization, by ONNX node-name prefix):
-  ``/frontend/`` (prenorm, STFT, power, mel matrix, log or PCEN: their
-  *output*, the log-mel image, is quantized before the first conv) and
-  ``/head/`` (attention pooling: score and value 1x1 convs, softmax over time,
-  value x softmax, the long sum over time, the Gram product and the Linear);
-  plus whatever ``keep_float`` adds (a measured choice, see
+* kept float (excluded from quantization): the front-end and the pooling
+  head, by the split rule of ``microser.graph`` (``FLOAT_SCOPES``: their
+  node-name prefixes and why; the log-mel image the body reads is
+  quantized), plus whatever ``keep_float`` adds (a measured choice, see
   ``choose_keep_float``).
 
 Every int8 graph is also checked on three probe signals (``probe_agreement``:
@@ -45,6 +43,7 @@ from onnx import numpy_helper
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
+from microser.graph import FLOAT_SCOPES, int8_scope
 from microser.onnxio import onnx_ccc, ort_session, restore_generated_tables, run_onnx
 
 ACTIVATION_SYMMETRIC = False
@@ -58,13 +57,6 @@ INT8_TOLERANCE = 0.01
 # 0.004 at most on validation speech; the all-int8 QAT graph by up to 0.085 from its float twin on speech.
 PROBE_TOLERANCE = 0.1
 EXTREME_GAIN = 4.0  # full-scale extreme: a crop scaled to peak 4 (+12 dB over full scale), then clipped to [-1, 1]
-FLOAT_PREFIXES = {
-    "/frontend/": "front-end internals (prenorm, STFT, power, mel matrix, log/PCEN) run in float; "
-                  "their output, the log-mel image, is quantized to int8 before the first conv",
-    "/head/": "attention-pooling head (1x1 score/value convs, softmax over time, value x softmax, the long "
-              "sum over time, Gram product, Linear) stays float: int8 loses a lot in the softmax, the "
-              "product and the long sum, and it is a small share of the weights",
-}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Ops that only move or reshape data: they compute nothing an int8 kernel must get right.
 SHAPE_OPS = frozenset({"Shape", "Gather", "Squeeze", "Unsqueeze", "Cast", "Constant", "ConstantOfShape",
@@ -174,7 +166,7 @@ def _matches(node: onnx.NodeProto, rule: str) -> bool:
 
 def float_reason(node: onnx.NodeProto, keep_float: Iterable[str] = ()) -> str | None:
     """Why ``node`` (of the named fp32 graph) is excluded from quantization, or None if it is quantized."""
-    for prefix, why in FLOAT_PREFIXES.items():
+    for prefix, why in FLOAT_SCOPES.items():
         if node.name.startswith(prefix):
             return why
     for rule in keep_float:
@@ -218,7 +210,7 @@ def quantize_int8(fp32_onnx_path, calibration_audio: Sequence[np.ndarray], out_p
     crops = crops + extreme_crops(crops)
     keep_float = list(keep_float or [])
     model = onnx.load(str(fp32_onnx_path))
-    if not any(n.name.startswith(tuple(FLOAT_PREFIXES)) for n in model.graph.node):
+    if not any(n.name.startswith(tuple(FLOAT_SCOPES)) for n in model.graph.node):
         raise MicroserError(f"{fp32_onnx_path} has no /frontend/ or /head/ node names: expected a named graph "
                             "from microser.onnxio.export_onnx (bundle files have their names stripped)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +294,7 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
     shape ops only moved or joined DequantizeLinear outputs (a Flatten, the
     Concat of the pooled features: int8 parts, each with its own scale).
     Nodes that read only integer tensors (shape arithmetic) are skipped like
-    shape ops. Everything else computes in float.
+    shape ops; ``QLinear*`` nodes (a fused graph) are quantized. Everything else computes in float.
     """
     graph = int8.graph
     producer = {o: n for n in graph.node for o in n.output}
@@ -374,6 +366,9 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
     floats, quantized = [], []
     for n in graph.node:
         if n.op_type in QDQ_OPS or n.op_type in SHAPE_OPS:
+            continue
+        if n.op_type.startswith("QLinear"):  # int8 in, int8 out by definition (graph.fuse_qlinear_conv)
+            quantized.append(n)
             continue
         if all(i in int_tensors or shape_derived(i) for i in n.input if i):
             continue  # shape arithmetic
@@ -457,7 +452,9 @@ def size_accounting(onnx_path, *, params: int | None = None) -> dict:
         ``{"file_bytes", "int8_weight_bytes", "int8_weight_elements", "int32_bias_bytes",
         "int32_bias_elements", "scale_bytes", "zero_point_bytes", "float_bytes",
         "float_elements", "other_bytes", "initializer_bytes", "graph_overhead_bytes"}``;
-        scales and zero points are the inputs 1 and 2 of Q/DQ nodes; ``float``
+        scales and zero points are the inputs 1 and 2 of Q/DQ nodes (and the
+        scale / zero-point inputs of ``QLinearConv``, whose weight and bias
+        inputs count as int8 weights and int32 biases); ``float``
         is every other float initializer (parameters kept float); ``other`` is
         integer shape constants; graph overhead = file bytes - initializer bytes
         (node list, names, attributes, protobuf framing). ``size_goal_bytes`` is
@@ -477,6 +474,10 @@ def size_accounting(onnx_path, *, params: int | None = None) -> dict:
                 scale_names.add(n.input[1])
             if len(n.input) > 2 and n.input[2]:
                 zp_names.add(n.input[2])
+        elif n.op_type == "QLinearConv":  # x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias
+            qdq_x.update(n.input[k] for k in (3, 8) if len(n.input) > k)
+            scale_names.update(n.input[k] for k in (1, 4, 6))
+            zp_names.update(n.input[k] for k in (2, 5, 7))
     tensors = list(graph.initializer)
     for n in graph.node:
         if n.op_type == "Constant":
@@ -521,7 +522,7 @@ def keep_float_candidates(fp32_onnx_path) -> list[list[str]]:
     keep float beside the front-end and the head.
     """
     convs = [n.name for n in onnx.load(str(fp32_onnx_path)).graph.node
-             if n.op_type == "Conv" and n.name.startswith("/body/")]
+             if n.op_type == "Conv" and int8_scope(n.name)]
     if not convs:
         return [[]]
     first, last = convs[0], convs[-1]

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compress_helpers import INPUT_SECONDS, build_tiny_cache, make_study, tiny_spec
 from microser.compress import compress_trial, params_of, prune, pruned_spec, ratio_for_params
 from microser.errors import MicroserError
+from microser.graph import shipped_int8
 from microser.loading import load_compressed, load_trial_model
 from microser.metrics import ccc_report
 from microser.models.spec import REFERENCES, build_model
@@ -194,22 +195,24 @@ def test_compress_trial_writes_the_folder_records_it_and_reports_every_stage(tin
     study = tiny["study"]
     report = compress_trial(study, 0, prune_ratio=0.3, prune_steps=1, epochs=0, finetune_epochs=0.5, keep_float=[],
                             qat=False)
-    assert [s["stage"] for s in report.stages] == ["trial", "pruned"]
+    assert [s.stage for s in report.stages] == ["trial", "pruned"]
     trial_row, pruned_row = report.stages
-    assert pruned_row["params"] < trial_row["params"] and pruned_row["macs"] < trial_row["macs"]
+    assert pruned_row.params < trial_row.params and pruned_row.macs < trial_row.macs
     for row in report.stages:
         for key in ("ccc_torch", "ccc_fp32_onnx", "ccc_int8_onnx"):
-            assert set(row[key]) == {"arousal", "dominance", "valence", "mean"}
-        assert abs(row["ccc_torch"]["mean"] - row["ccc_fp32_onnx"]["mean"]) < 1e-3
+            assert set(getattr(row, key)) == {"arousal", "dominance", "valence", "mean"}
+        assert abs(row.ccc_torch["mean"] - row.ccc_fp32_onnx["mean"]) < 1e-3
     assert report.start_weights == "search"
     folder = tiny["folder"] / "artifacts" / "compressed" / "trial-0"
     assert report.folder == str(folder)
     assert study.user_attrs["compressed:0"]["folder"] == str(folder)
     model, spec, _, saved = load_compressed(study, 0)
     assert spec.body.channels == tuple(report.spec["body"]["channels"]) and saved["trial"] == 0
-    assert json.loads((folder / "report.json").read_text())["stages"][1]["params"] == pruned_row["params"]
+    assert json.loads((folder / "report.json").read_text())["stages"][1] == pruned_row.to_dict()
     # the saved int8 graph is the one whose CCC was reported
-    assert onnx_ccc(folder / "model.int8.onnx", tiny["cache"], "valid") == pruned_row["ccc_int8_onnx"]
+    shipped = tiny["folder"] / "shipped.int8.onnx"   # as a bundle ships it (convs fused)
+    onnx.save(shipped_int8(onnx.load(str(folder / "model.int8.onnx"))), str(shipped))
+    assert onnx_ccc(shipped, tiny["cache"], "valid") == pruned_row.ccc_int8_onnx
 
     (folder / "weights.pt").unlink()
     with pytest.raises(MicroserError, match=r"compressed trial 0 .* is missing .*weights\.pt"):

@@ -45,7 +45,7 @@ def test_bundle_holds_every_file_and_graphs_are_stripped(bundle):
         assert [i.name for i in proto.graph.input] == ["audio"] and [o.name for o in proto.graph.output] == ["adv"]
         assert not any("/" in t.name for t in proto.graph.initializer)
         assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}  # unused domains dropped
-        convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+        convs = [n for n in proto.graph.node if n.op_type in ("Conv", "QLinearConv")]   # int8: fused body convs
         # defaults dropped (the tiny spec's convs all have stride 1, dilation 1, group 1); padding kept
         assert convs and all({a.name for a in n.attribute} <= {"kernel_shape", "pads"} for n in convs)
         assert any(a.name == "pads" and list(a.ints) == [1, 1, 1, 1] for n in convs for a in n.attribute)
@@ -103,7 +103,7 @@ def test_card_float_ops_are_float_in_the_stripped_int8_graph_by_index(bundle):
         assert o["name"].startswith(("/frontend/", "/head/"))
     ops = {int8.graph.node[o["index"]].op_type for o in listed}
     assert {"STFT", "Softmax", "Gemm"} <= ops
-    assert {o["op_type"] for o in card["quantization"]["quantized_ops"]} == {"Conv", "MaxPool"}
+    assert {o["op_type"] for o in card["quantization"]["quantized_ops"]} == {"QLinearConv", "MaxPool"}  # fused
 
 
 def test_card_reports_test_and_validation_ccc_of_each_graph(bundle):

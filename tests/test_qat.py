@@ -16,6 +16,7 @@ from microser import qat
 from microser.compress import compress_trial
 from microser.errors import MicroserError
 from microser.frontends import FrontendSpec, energy_floor
+from microser.graph import shipped_int8
 from microser.loading import load_compressed, load_trial_model
 from microser.models.spec import REFERENCES, ArchSpec, build_model
 from microser.models.wav2small import Wav2SmallBody
@@ -244,7 +245,9 @@ def test_compress_with_qat_reports_ptq_and_qat_and_saves_the_qat_model(tiny, cap
     study = load_study("s", tiny["url"])
     model, spec, folder, saved = load_compressed(study, 0)
     assert study.user_attrs["compressed:0"]["method"] == "qat"
-    assert onnx_ccc(folder / "model.int8.onnx", tiny["cache"], "valid") == qrow["ccc_int8_onnx"]
+    shipped = tiny["folder"] / "shipped.int8.onnx"   # every int8 figure is of the graph a bundle ships
+    onnx.save(shipped_int8(onnx.load(str(folder / "model.int8.onnx"))), str(shipped))
+    assert onnx_ccc(shipped, tiny["cache"], "valid") == qrow["ccc_int8_onnx"]
     from microser.distill import evaluate
 
     assert abs(evaluate(model, tiny["cache"])["mean"] - qrow["ccc_fp32_onnx"]["mean"]) < 1e-3  # weights.pt = model.onnx
@@ -266,11 +269,11 @@ def test_qat_is_the_default_only_when_post_training_int8_loses_more_than_the_tol
 
     monkeypatch.setattr(compress, "INT8_TOLERANCE", 1.0)  # no drop is that large: PTQ stays
     report = compress_trial(tiny["study"], 0, epochs=0, keep_float=[], finetune_steps=4)
-    assert [s["method"] for s in report.stages] == ["ptq"] and not report.settings["qat"]
+    assert [s.method for s in report.stages] == ["ptq"] and not report.settings["qat"]
     assert report.settings["qat_reason"].startswith("auto: post-training int8 lost")
     monkeypatch.setattr(compress, "INT8_TOLERANCE", -1.0)  # every drop is larger: QAT follows
     report = compress_trial(tiny["study"], 0, epochs=0, keep_float=[], finetune_steps=4)
-    assert [s["method"] for s in report.stages] == ["ptq", "qat"] and report.settings["qat"]
+    assert [s.method for s in report.stages] == ["ptq", "qat"] and report.settings["qat"]
     show.compress_result(report)
     text = capsys.readouterr().out
     assert "PTQ" in text and "QAT" in text and "quantization-aware training: yes (auto: post-training int8 lost" in text
@@ -313,3 +316,50 @@ def test_every_head_exports_int8_after_the_log_mel(norm, pooling, compression, t
     assert parity["max_abs_diff"] <= parity["tolerance"] == 0.01
     assert parity["against"] == "onnxruntime int8 graph, head without its quantization points"
     assert 0 < parity["vs_full_graph_max_abs_diff"] < 0.05   # the graph's head rounding, reported, not hidden
+
+
+# ---- the shipped int8 graph: convs fused to QLinearConv, same outputs, within the size goal ----
+
+
+def test_the_shipped_graph_fuses_every_int8_conv_into_qlinearconv(trained_qat, tiny):
+    """Fused convs compute in int8 (int32 accumulation, one requantization); onnxruntime runs some convs of the QDQ
+    graph in float between dequantize and quantize, so the two may differ by int8 rounding, never by more than the
+    probes allow; stripping the fused graph changes nothing."""
+    from microser.graph import bundle_graph, fuse_qlinear_conv, shipped_int8, strip_graph
+
+    int8 = onnx.load(trained_qat["exported"].int8_path)
+    convs = [n for n in int8.graph.node if n.op_type == "Conv"]
+    fused = fuse_qlinear_conv(int8)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("QLinearConv") == len(convs) and "Conv" not in ops
+    assert len(fused.graph.node) < len(int8.graph.node) - 3 * len(convs)   # DQ x/w/b and Q y of each conv gone
+    floats, quantized = classify_nodes(fused)
+    assert all(n.name.startswith("/frontend/") for n in floats)
+    assert sum(n.op_type == "QLinearConv" for n in quantized) == len(convs)
+    shipped = bundle_graph(int8)
+    assert len(shipped.SerializeToString()) < len(strip_graph(int8).SerializeToString())
+    for x in list(probe_signals(INPUT_SECONDS).values()) + tiny["crops"][:4]:
+        x = np.asarray(x, np.float32)[None, :]
+        got = run_onnx(ort_session(shipped), x)
+        assert np.array_equal(got, run_onnx(ort_session(shipped_int8(int8)), x))
+        assert np.abs(got - run_onnx(ort_session(int8), x)).max() < PROBE_TOLERANCE
+
+
+def test_wav2small_ref_after_qat_ships_within_1_1_x_params_plus_4_kib(tmp_path):
+    """The issue-11 size goal: with every operator after the log-mel int8, the shipped file of the paper's
+    Wav2Small is at most 1.1 x params + 4096 bytes (the size does not depend on the weights' values)."""
+    from microser.costs import count_params
+    from microser.graph import bundle_graph
+    from microser.quantize import size_accounting
+
+    spec = REFERENCES["wav2small-ref"]
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    qmodel = qat.prepare(model, spec)
+    qat.calibrate(qmodel, [np.random.default_rng(k).standard_normal(16000).astype(np.float32) * 0.1 for k in range(2)])
+    exported = qat.export_int8(qmodel, spec, tmp_path / "m.onnx", tmp_path / "m.int8.onnx", sample_seconds=1.0)
+    onnx.save(bundle_graph(onnx.load(exported.int8_path)), str(tmp_path / "shipped.onnx"))
+    size = size_accounting(tmp_path / "shipped.onnx", params=count_params(onnx.load(str(tmp_path / "m.onnx"))))
+    assert size["params"] == 10721 and size["int8_weight_elements"] == 10595   # every learned weight int8
+    assert size["float_elements"] < 16   # front-end scalars only
+    assert size["size_goal_met"], size

@@ -115,8 +115,9 @@ def shape_plan(spec, *, int8: bool = True) -> Plan:
     """The stages and tensor shapes of a Wav2Small spec; with ``int8`` every body tensor is int8 (sized with a unit
     scale; real scales come from the int8 graph).
 
-    This is the int8 deployment of microser.compress (front-end output and body
-    quantized, head float) without reading a graph: enough to size the state.
+    This is the post-training int8 deployment (``microser.graph.int8_scope``:
+    front-end output and body quantized, head float) without reading a graph:
+    enough to size the state.
     """
     check_exportable(spec)
     body = spec.body

@@ -393,13 +393,12 @@ def _stage_table(stages, title: str):
     table = Table("stage", "int8", "params", "ONNX KB fp32", "int8 KB (stripped)", "RAM KB fp32", "RAM KB int8",
                   "MACs", "CCC PyTorch", "CCC fp32 ONNX", "CCC int8 ONNX", "kept float", "probes", title=title)
     for s in stages:
-        qat = s.get("method") == "qat"
-        probes = s.get("probes")
-        table.add_row(s["stage"], "QAT" if qat else "PTQ", int_text(s["params"]), kb_text(s["onnx_bytes"]),
-                      kb_text(s["int8_bytes"]), kb_text(s["ram_bytes_fp32"]), kb_text(s["ram_bytes"]), int_text(s["macs"]),
-                      f"{s['ccc_torch']['mean']:.3f}", f"{s['ccc_fp32_onnx']['mean']:.3f}",
-                      f"{s['ccc_int8_onnx']['mean']:.3f}",
-                      "front-end" if qat else "front-end, head" + "".join(f", {k}" for k in s["keep_float"]),
+        qat = s.method == "qat"
+        probes = s.probes
+        table.add_row(s.stage, "QAT" if qat else "PTQ", int_text(s.params), kb_text(s.onnx_bytes),
+                      kb_text(s.int8_bytes), kb_text(s.ram_bytes_fp32), kb_text(s.ram_bytes), int_text(s.macs),
+                      f"{s.ccc_torch['mean']:.3f}", f"{s.ccc_fp32_onnx['mean']:.3f}", f"{s.ccc_int8_onnx['mean']:.3f}",
+                      "front-end" if qat else "front-end, head" + "".join(f", {k}" for k in s.keep_float),
                       "n/a" if not probes else ("ok" if probes["passed"] else "FAIL") + " (max " + str(round(max(
                           r["max_abs"] for r in probes["signals"].values()), 3)) + ")")
     return table
@@ -429,7 +428,7 @@ def compress_result(report, *, as_json: bool = False) -> None:
     if as_json:
         print_json(report.to_dict())
         return
-    split = report.stages[0]["split"] if report.stages else "valid"
+    split = report.stages[0].split if report.stages else "valid"
     console.print(_stage_table(report.stages, f"study {report.study} trial {report.trial}: before / after "
                                               f"(CCC on the {split} split, from each graph's own outputs)"))
     for h in report.prune_history:
