@@ -21,6 +21,7 @@ from microser.budgets import COST_KEYS, DEFAULT_OBJECTIVES, Budget, canonical, c
 from microser.durations import parse_duration
 from microser.errors import MicroserError
 from microser.fidelity import Fidelity
+from microser.train_config import TrainConfig
 from microser.urls import check_storage_url, check_study_name, safe_url
 
 REJECTED_CCC = -1.0   # the CCC recorded for a candidate rejected before training (the lowest CCC possible)
@@ -59,9 +60,9 @@ class SearchConfig:
     rungs: tuple[int, ...] | None = None
     eta: int = 3                      # promote the best 1/eta of a rung
     epochs: float | None = None       # instead of rungs: one rung of this many epochs of the cache
-    crop_seconds: float = 1.0
-    crops_per_segment: int = 1
-    batch_size: int = 16
+    crop_seconds: float = TrainConfig.crop_seconds   # the training recipe's (one set of defaults)
+    crops_per_segment: int = 1        # brief jobs: one crop per segment per epoch (long training draws TrainConfig's)
+    batch_size: int = TrainConfig.batch_size
     # audio per validation evaluation (the final stage reads 4x as much, and as much of the test split);
     # larger splits are subsampled over speakers, so a trial costs the same on any cache. None: whole split
     valid_seconds: float | None = 300.0
