@@ -10,10 +10,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
+from microser.graph import shipped_int8
 from microser.onnxio import PARITY_TOLERANCE, ort_session, run_onnx
 from microser.cgen import toolchain
 from microser.cgen.emit import emit, library_info, library_prefix
@@ -128,12 +130,13 @@ def generate(bundle_dir, model, spec=None, int8_onnx_path=None, *, prefix: str =
             with torch.no_grad():
                 refs[v] = (model(torch.from_numpy(audio)[None]).double().numpy()[0], PARITY_F32, "PyTorch")
         else:
-            full = run_onnx(ort_session(str(int8_onnx_path)), audio)[0].astype(np.float64)
+            # against the graph a bundle ships (graph.shipped_int8: convs as QLinearConv, int8 arithmetic as in C)
+            full = run_onnx(ort_session(shipped_int8(onnx.load(str(int8_onnx_path)))), audio)[0].astype(np.float64)
             as_c = float_head_graph(model, spec, int8_onnx_path)
             if as_c is None:
                 refs[v] = (full, PARITY_INT8, "onnxruntime int8 graph")
             else:   # a QAT graph: the C head is float (streaming softmax); the full graph's result is reported too
-                refs[v] = (run_onnx(ort_session(as_c.SerializeToString()), audio)[0].astype(np.float64),
+                refs[v] = (run_onnx(ort_session(shipped_int8(as_c)), audio)[0].astype(np.float64),
                            PARITY_INT8, "onnxruntime int8 graph, head without its quantization points")
                 full_graph[v] = full
     host = {}
