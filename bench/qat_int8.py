@@ -77,6 +77,7 @@ def one_run(cache_path: str, seed: int, args, workdir: Path) -> dict:
         "fp32": onnx_ccc(fp32, data, "test")["mean"],
         "ptq": onnx_ccc(shipped(Path(ptq.int8_path)), data, "test")["mean"],
         "qat": onnx_ccc(shipped(qat_int8), data, "test")["mean"],
+        "qat_qdq": onnx_ccc(qat_int8, data, "test")["mean"],   # the QDQ graph as onnxruntime optimizes it
         "qat_twin": onnx_ccc(workdir / "qat" / "model.onnx", data, "test")["mean"],
         "ptq_bytes": stripped_size(Path(ptq.int8_path), params)["file_bytes"],
         "qat_size": stripped_size(qat_int8, params),
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--input-seconds", type=float, default=1.0, help="calibration crop length")
     ap.add_argument("--crops", type=int, default=64, help="calibration crops from the training split")
     ap.add_argument("--json-out", help="also write every run as JSON here")
+    ap.add_argument("--keep", help="keep every run's graphs in this folder (<cache>-<seed>/) instead of a temp folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -108,8 +110,13 @@ def main() -> None:
     runs = []
     for cache in args.cache:
         for seed in args.seeds:
-            with tempfile.TemporaryDirectory() as tmp:
-                r = one_run(cache, seed, args, Path(tmp))
+            if args.keep:
+                keep = Path(args.keep) / f"{Path(cache).name}-{seed}"
+                keep.mkdir(parents=True, exist_ok=True)
+                r = one_run(cache, seed, args, keep)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    r = one_run(cache, seed, args, Path(tmp))
             runs.append(r)
             s = r["qat_size"]
             probes = ", ".join(f"{k} {v['max_abs']:.3f}" for k, v in r["probes_qat"]["signals"].items())
