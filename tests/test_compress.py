@@ -191,7 +191,7 @@ def test_pruning_refuses_a_family_whose_spec_cannot_hold_pruned_widths():
         pruned_spec(REFERENCES["mobilenetv3-s"], None)
 
 
-def test_compress_trial_writes_the_folder_records_it_and_reports_every_stage(tiny):
+def test_compress_trial_writes_the_folder_records_it_and_reports_every_stage(tiny, capsys):
     study = tiny["study"]
     report = compress_trial(study, 0, prune_ratio=0.3, prune_steps=1, epochs=0, finetune_epochs=0.5, keep_float=[],
                             qat=False)
@@ -203,6 +203,13 @@ def test_compress_trial_writes_the_folder_records_it_and_reports_every_stage(tin
             assert set(getattr(row, key)) == {"arousal", "dominance", "valence", "mean"}
         assert abs(row.ccc_torch["mean"] - row.ccc_fp32_onnx["mean"]) < 1e-3
     assert report.start_weights == "search"
+    # the before/after table renders every stage row (typed rows), one column per stage: readable at 80 columns
+    from microser.show import compress_result
+
+    compress_result(report)
+    table = capsys.readouterr().out
+    assert " trial " in table and " pruned " in table and " PTQ " in table
+    assert f"{pruned_row.ccc_int8_onnx['mean']:.3f}" in table
     folder = tiny["folder"] / "artifacts" / "compressed" / "trial-0"
     assert report.folder == str(folder)
     assert study.user_attrs["compressed:0"]["folder"] == str(folder)

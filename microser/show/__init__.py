@@ -388,19 +388,33 @@ def cost_report(report, as_json: bool = False, streaming: dict | None = None) ->
 
 
 def _stage_table(stages, title: str):
+    """One column per stage, one row per measure: readable at 80 columns for the usual 2-4 stages."""
     from rich.table import Table
 
-    table = Table("stage", "int8", "params", "ONNX KB fp32", "int8 KB (stripped)", "RAM KB fp32", "RAM KB int8",
-                  "MACs", "CCC PyTorch", "CCC fp32 ONNX", "CCC int8 ONNX", "kept float", "probes", title=title)
-    for s in stages:
-        qat = s.method == "qat"
-        probes = s.probes
-        table.add_row(s.stage, "QAT" if qat else "PTQ", int_text(s.params), kb_text(s.onnx_bytes),
-                      kb_text(s.int8_bytes), kb_text(s.ram_bytes_fp32), kb_text(s.ram_bytes), int_text(s.macs),
-                      f"{s.ccc_torch['mean']:.3f}", f"{s.ccc_fp32_onnx['mean']:.3f}", f"{s.ccc_int8_onnx['mean']:.3f}",
-                      "front-end" if qat else "front-end, head" + "".join(f", {k}" for k in s.keep_float),
-                      "n/a" if not probes else ("ok" if probes["passed"] else "FAIL") + " (max " + str(round(max(
-                          r["max_abs"] for r in probes["signals"].values()), 3)) + ")")
+    def probes(s) -> str:
+        if not s.probes:
+            return "n/a"
+        worst = max(r["max_abs"] for r in s.probes["signals"].values())
+        return ("ok" if s.probes["passed"] else "FAIL") + f" (max {worst:.3f})"
+
+    rows = [
+        ("int8", lambda s: "QAT" if s.method == "qat" else "PTQ"),
+        ("params", lambda s: int_text(s.params)),
+        ("MACs", lambda s: int_text(s.macs)),
+        ("ONNX KB fp32", lambda s: kb_text(s.onnx_bytes)),
+        ("int8 KB (shipped)", lambda s: kb_text(s.int8_bytes)),
+        ("RAM KB fp32", lambda s: kb_text(s.ram_bytes_fp32)),
+        ("RAM KB int8", lambda s: kb_text(s.ram_bytes)),
+        ("CCC PyTorch", lambda s: f"{s.ccc_torch['mean']:.3f}"),
+        ("CCC fp32 ONNX", lambda s: f"{s.ccc_fp32_onnx['mean']:.3f}"),
+        ("CCC int8 ONNX", lambda s: f"{s.ccc_int8_onnx['mean']:.3f}"),
+        ("kept float", lambda s: "front-end" if s.method == "qat"
+         else "front-end, head" + "".join(f", {k}" for k in s.keep_float)),
+        ("probes", probes),
+    ]
+    table = Table("", *(s.stage for s in stages), title=title)
+    for label, cell in rows:
+        table.add_row(label, *(cell(s) for s in stages))
     return table
 
 
