@@ -66,7 +66,8 @@ def one_run(cache_path: str, seed: int, args, workdir: Path) -> dict:
     ptq = quantize_int8(fp32, crops, workdir / "ptq.int8.onnx", keep_float=[])
     t0 = time.perf_counter()
     row, _ = qat_stage("qat", model, spec, data, workdir / "qat", crops=crops, input_seconds=args.input_seconds,
-                       config=TrainConfig(steps=args.qat_steps, seed=seed, threads=1, lr=QAT_LR))
+                       config=TrainConfig(steps=args.qat_steps, seed=seed, threads=1, lr=QAT_LR,
+                                          **({} if args.qat_crop_seconds is None else {"crop_seconds": args.qat_crop_seconds})))
     qat_s = time.perf_counter() - t0
     qat_int8 = workdir / "qat" / "model.int8.onnx"
     floats, _ = classify_nodes(onnx.load(str(qat_int8)))
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=2000)
     ap.add_argument("--qat-steps", type=int, default=400)
     ap.add_argument("--input-seconds", type=float, default=1.0, help="calibration crop length")
+    ap.add_argument("--qat-crop-seconds", type=float, default=None,
+                    help="crop length of the QAT fine-tuning (default: TrainConfig's)")
     ap.add_argument("--crops", type=int, default=64, help="calibration crops from the training split")
     ap.add_argument("--json-out", help="also write every run as JSON here")
     ap.add_argument("--keep", help="keep every run's graphs in this folder (<cache>-<seed>/) instead of a temp folder")
