@@ -5,6 +5,7 @@ the cost model (``microser.costs``), the quantizers and the bundle all walk a
 graph the same way:
 
     constants(graph)          name -> np.ndarray of initializers, Constant nodes and Identity aliases
+    wiring(nodes)             (producer, consumers) of every tensor name
     constant_sizes(graph)     name -> (elements, onnx dtype) of initializers and Constant nodes
     generated_tensors(graph)  outputs computed from constants only (the Hann window, the mel matrix)
     strip_graph(proto)        a bundle's copy: no names, doc strings, metadata or default attributes
@@ -59,6 +60,17 @@ def constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
         elif node.op_type == "Identity" and node.input[0] in out:  # the exporter aliases equal constants
             out[node.output[0]] = out[node.input[0]]
     return out
+
+
+def wiring(nodes) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """``(producer, consumers)`` of a node list: the node writing each tensor name, the nodes reading it (in order)."""
+    nodes = list(nodes)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
 
 
 def constant_sizes(graph: onnx.GraphProto) -> dict[str, tuple[int, int]]:
@@ -223,11 +235,7 @@ def fuse_qlinear_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
     """
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = wiring(graph.node)
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
 

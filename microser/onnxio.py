@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
-from microser.graph import constants, generated_tensors, strip_doc_strings
+from microser.graph import constants, generated_tensors, strip_doc_strings, wiring
 from microser.metrics import ccc_report
 
 INPUT_NAME = "audio"
@@ -212,7 +212,7 @@ def restore_generated_tables(reference: onnx.ModelProto, proto: onnx.ModelProto)
     if not folded:
         return proto
     # the generator subgraphs that produce a folded tensor, with every node and constant they need
-    producer = {o: n for n in reference.graph.node for o in n.output}
+    producer, _ = wiring(reference.graph.node)
     nodes, needed = [], set()
     todo = list(folded)
     while todo:

@@ -65,7 +65,7 @@ from torch.nn.utils import parametrize
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
 from microser.frontends import Frontend
-from microser.graph import constants
+from microser.graph import constants, wiring
 from microser.models.spec import FAMILIES, build_model
 from microser.models.wav2small import FrameLayerNorm
 from microser.onnxio import export_onnx, ort_session, run_onnx
@@ -414,7 +414,7 @@ def quantize_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph = proto.graph
     _share_qparams(graph)
     consts = constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
+    producer, _ = wiring(graph.node)
     inits = {t.name: t for t in graph.initializer}
     new_inits, new_nodes = [], []
     for node in list(graph.node):
@@ -483,7 +483,7 @@ def _dequantized_from(name: str, producer: dict) -> list:
 
 def _share_qparams(graph: onnx.GraphProto) -> None:
     """Point every activation DequantizeLinear at its QuantizeLinear's scale and zero point (one copy each)."""
-    producer = {o: n for n in graph.node for o in n.output}
+    producer, _ = wiring(graph.node)
     for node in graph.node:
         if node.op_type == "DequantizeLinear":
             q = producer.get(node.input[0])
@@ -493,10 +493,7 @@ def _share_qparams(graph: onnx.GraphProto) -> None:
 
 def _fold_relus(graph: onnx.GraphProto) -> None:
     consts = constants(graph)
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    _, consumers = wiring(graph.node)
     outputs = {o.name for o in graph.output}
     for relu in [n for n in graph.node if n.op_type == "Relu"]:
         users = consumers.get(relu.output[0], [])

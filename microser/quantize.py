@@ -43,7 +43,7 @@ from onnx import numpy_helper
 
 from microser import SAMPLE_RATE
 from microser.errors import MicroserError
-from microser.graph import FLOAT_SCOPES, int8_scope
+from microser.graph import FLOAT_SCOPES, int8_scope, wiring
 from microser.onnxio import onnx_ccc, ort_session, restore_generated_tables, run_onnx
 
 ACTIVATION_SYMMETRIC = False
@@ -297,11 +297,7 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
     shape ops; ``QLinear*`` nodes (a fused graph) are quantized. Everything else computes in float.
     """
     graph = int8.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = wiring(graph.node)
     int_tensors = _int_tensors(int8)
     constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from microser.cgen.plan import Plan, float_plan
-from microser.graph import constants
+from microser.graph import constants, wiring
 from microser.errors import MicroserError
 
 
@@ -28,11 +28,7 @@ class _Graph:
         g = onnx.load(str(self.path)).graph
         self.nodes = list(g.node)
         self.init = constants(g)   # initializers and Constant outputs (microser.graph: the one walker)
-        self.producer = {o: n for n in self.nodes for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.nodes:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
+        self.producer, self.consumers = wiring(self.nodes)
 
     def dq(self, name: str):
         """(int array, scale, zero point) if ``name`` is a DequantizeLinear output of a constant, else None."""
@@ -199,7 +195,7 @@ def float_head_graph(model, spec, int8_onnx_path) -> onnx.ModelProto | None:
     head_in = _head_input(g, shape_only)
     proto = onnx.load(str(int8_onnx_path))
     nodes = list(proto.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
+    producer, _ = wiring(nodes)
     ahead = set()    # tensors computed from the head input
     frontier = [head_in]
     while frontier:
