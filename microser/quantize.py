@@ -290,7 +290,13 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
     a ``Div``/``Mul`` by a scalar computed from tensor shapes (the Gram
     product's ``1 / (T*F)``) or an ``Add``/``Sub`` of a constant scalar (the
     mean+std head's epsilon): an affine map the requantization multiplier and
-    zero point absorb, which then counts as quantized too. An input counts as dequantized also when
+    zero point absorb, which then counts as quantized too. The attention
+    head's int8 softmax split (``models.wav2small.softmax_pool``) is integer
+    step by step and counts as quantized: ``ReduceMax`` of a dequantized
+    tensor and its difference to it (int8 code arithmetic), ``Exp`` of that
+    difference into a QuantizeLinear (a 256-entry table), ``ReduceSum`` /
+    ``Einsum`` of dequantized tensors (int32 accumulations) and the ``Div`` of
+    two such accumulations into a QuantizeLinear (integer division, requantized). An input counts as dequantized also when
     shape ops only moved or joined DequantizeLinear outputs (a Flatten, the
     Concat of the pooled features: int8 parts, each with its own scale).
     Nodes that read only integer tensors (shape arithmetic) are skipped like
@@ -356,8 +362,46 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
                     continue
                 if rescaled_input(c) == o and outputs_quantized(c):
                     continue
+                if accumulator_ratio(c) and outputs_quantized(c):
+                    continue
                 return False
         return True
+
+    # the attention head's softmax split for int8 (`models.wav2small.softmax_pool`): every step is integer
+    def accumulator(name: str) -> bool:
+        """An int32 accumulation: a sum over an axis (ReduceSum, Einsum) of dequantized tensors."""
+        node = producer.get(name)
+        return node is not None and node.op_type in ("ReduceSum", "Einsum") and inputs_dequantized(node)
+
+    def accumulator_ratio(n: onnx.NodeProto) -> bool:
+        """A Div of two int32 accumulators: integer division, requantized by the QuantizeLinear after it."""
+        return n.op_type == "Div" and len(n.input) == 2 and all(accumulator(i) for i in n.input)
+
+    def code_max(n: onnx.NodeProto) -> bool:
+        """The largest int8 code along an axis of a dequantized tensor."""
+        return n.op_type == "ReduceMax" and inputs_dequantized(n)
+
+    def code_difference(n: onnx.NodeProto) -> bool:
+        """``x - max(x)`` of a dequantized ``x``: a difference of codes on one scale, an integer in [-255, 0]."""
+        if n.op_type != "Sub" or len(n.input) != 2:
+            return False
+        x, m = n.input
+        return dequantized(x) and m in producer and code_max(producer[m]) and producer[m].input[0] == x
+
+    def integer_step(n: onnx.NodeProto) -> bool:
+        """A node of the int8 softmax split, quantized when its result stays integer or reaches a QuantizeLinear:
+        the code max and code difference (read only by the split), ``exp`` of a code difference (a 256-entry
+        table), the two sums over time and their ratio."""
+        users = [c for o in n.output for c in consumers.get(o, [])]
+        if code_max(n):
+            return bool(users) and all(code_difference(c) for c in users)
+        if code_difference(n):
+            return bool(users) and all(c.op_type == "Exp" and outputs_quantized(c) for c in users)
+        if n.op_type == "Exp":
+            return n.input[0] in producer and code_difference(producer[n.input[0]]) and outputs_quantized(n)
+        if n.op_type in ("ReduceSum", "Einsum") and inputs_dequantized(n):
+            return bool(users) and all(accumulator_ratio(c) and outputs_quantized(c) for c in users)
+        return accumulator_ratio(n) and outputs_quantized(n)
 
     floats, quantized = [], []
     for n in graph.node:
@@ -376,7 +420,7 @@ def classify_nodes(int8: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[on
                 src = producer[rescaled_input(src)]
             ok = inputs_dequantized(src) and outputs_quantized(n)
         else:
-            ok = inputs_dequantized(n) and outputs_quantized(n)
+            ok = integer_step(n) or (inputs_dequantized(n) and outputs_quantized(n))
         (quantized if ok else floats).append(n)
     return floats, quantized
 

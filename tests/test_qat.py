@@ -137,7 +137,9 @@ def test_every_operator_after_the_log_mel_is_int8_and_the_graph_computes_what_wa
     floats, quantized = classify_nodes(int8)
     assert floats and all(n.name.startswith("/frontend/") for n in floats), [n.name for n in floats]
     ops = sorted({n.op_type for n in quantized})
-    assert ops == ["Conv", "Div", "Einsum", "Gemm", "MaxPool", "Softmax"]  # Div: the Gram product's 1 / (T*F)
+    # Div: the Gram product's 1 / (T*F) and the softmax split's ratio of sums; ReduceMax, Sub, Exp: its exp(s - max)
+    assert ops == ["Conv", "Div", "Einsum", "Exp", "Gemm", "MaxPool", "ReduceMax", "ReduceSum", "Sub"]
+    assert "Softmax" not in {n.op_type for n in int8.graph.node}
     assert "Relu" not in {n.op_type for n in int8.graph.node}  # the clamp at zero point -128 is the ReLU
     # the int8 graph runs in onnxruntime and equals the fake-quantized PyTorch model up to accumulation order
     x = (torch.rand(2, 9000, generator=torch.Generator().manual_seed(5)) - 0.5) * 0.3
@@ -145,6 +147,33 @@ def test_every_operator_after_the_log_mel_is_int8_and_the_graph_computes_what_wa
         want = trained_qat["qmodel"](x).numpy()
     got = run_onnx(ort_session(int8), x.numpy())
     assert np.abs(got - want).max() < 0.02 and trained_qat["exported"].torch_vs_int8_max_abs < 0.02
+
+
+def test_int8_attention_weights_keep_their_precision_on_clips_longer_than_the_calibration_crops():
+    """The rounded part of the int8 softmax is exp(s - max) in (0, 1], exactly 1 at each peak: its error does not
+    grow with the clip's length. Rounding the softmax weights themselves (about 1 / frames each) on a scale
+    calibrated on short crops loses most of the pooled value on long clips."""
+    from microser.models.wav2small import softmax_pool
+
+    g = torch.Generator().manual_seed(0)
+
+    def clip(frames):
+        return torch.randn(2, 4, frames, 3, generator=g), torch.randn(2, 4, frames, 3, generator=g)
+
+    v, s = clip(50)   # calibration on short crops, as qat.calibrate does
+    q_exp, q_softmax = qat.FakeQuant("head.pool.q_weights"), qat.FakeQuant("softmax weights")
+    q_exp(torch.exp(s - s.amax(2, keepdim=True)))
+    q_softmax(torch.softmax(s, 2))
+    q_exp.freeze()
+    q_softmax.freeze()
+    assert q_exp.qparams() == (pytest.approx(1 / 255), -128)   # [0, 1] on the int8 grid, 0 exactly at code -128
+    for frames in (50, 500, 5000):
+        v, s = clip(frames)
+        want = torch.einsum("bctf,bctf->bcf", v, torch.softmax(s, 2))
+        err = (softmax_pool(v, s, q_exp) - want).abs().max()
+        assert err < 0.003 and err < 0.05 * want.abs().max(), (frames, err)
+    old = (torch.einsum("bctf,bctf->bcf", v, q_softmax(torch.softmax(s, 2))) - want).abs().max()
+    assert old > 0.3 * want.abs().max(), old   # what the int8 graph did before the split (5000 frames)
 
 
 def test_int8_weights_biases_and_scales_are_the_trained_ones(trained_qat):
