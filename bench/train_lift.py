@@ -12,7 +12,9 @@ For each cache, model (``pick``: the main job's winner, the default space's
   (default 2,000);
 * ``trained``: ``microser.trainer.train_config`` with its defaults (what
   ``microser train`` runs: DEFAULT_STEPS, validation every EVAL_EVERY steps,
-  EMA, best checkpoint, early stopping).
+  EMA, best checkpoint, early stopping);
+* ``trained+FIELD=VALUE[+FIELD=VALUE]``: those defaults with TrainConfig fields
+  changed (a recipe candidate, e.g. ``trained+speed_perturb=0.1``).
 
 Rows go to ``--out`` as JSON lines (runs already there are skipped;
 ``--shard K/N`` splits the jobs over processes). ``--report`` prints, per cache
@@ -72,21 +74,38 @@ def report(out: Path) -> None:
             print(f"{Path(cache).name:12s} {model:5s} {method:11s} {len(rs):5d}  {test:.3f} ("
                   + " ".join(f"{r['test']['mean']:.3f}" for r in rs) + f")  {np.mean([r['valid']['mean'] for r in rs]):.3f}"
                   f"   {steps:22s} {np.mean([r['seconds'] for r in rs]) / 60:6.1f}")
-        trained = methods.get("trained", {})
-        for method, seeds in sorted(methods.items()):
-            common = sorted(set(seeds) & set(trained))
-            if method == "trained" or not common:
+        for name, trained in sorted(methods.items()):
+            if not name.startswith("trained"):
                 continue
-            lift = np.mean([trained[s]["test"]["mean"] - seeds[s]["test"]["mean"] for s in common])
-            print(f"{'':12s} {'':5s} lift of trained over {method}: {lift:+.3f} mean test CCC "
-                  f"(seeds {','.join(map(str, common))}; goal +0.030: {'met' if lift >= 0.03 else 'NOT met'})")
+            for method, seeds in sorted(methods.items()):
+                common = sorted(set(seeds) & set(trained))
+                if method.startswith("trained") or not common:
+                    continue
+                lift = np.mean([trained[s]["test"]["mean"] - seeds[s]["test"]["mean"] for s in common])
+                print(f"{'':12s} {'':5s} lift of {name} over {method}: {lift:+.3f} mean test CCC "
+                      f"(seeds {','.join(map(str, common))}; goal +0.030: {'met' if lift >= 0.03 else 'NOT met'})")
+
+
+def variant(methods: dict, name: str):
+    """The TrainConfig of a method name: a known one, or ``trained+FIELD=VALUE[+...]`` (the defaults, changed)."""
+    if name in methods:
+        return methods[name]
+    base, *changes = name.split("+")
+    if base != "trained" or not changes:
+        raise SystemExit(f"unknown method {name!r}: expected one of {', '.join(methods)} or trained+FIELD=VALUE")
+    fields = {}
+    for change in changes:
+        field, _, value = change.partition("=")
+        fields[field] = json.loads(value)
+    return replace(methods["trained"], **fields)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--caches", default=None, help="comma-separated cache folders (built with the csv teacher)")
     ap.add_argument("--models", default="pick,ref")
-    ap.add_argument("--methods", default=None, help="comma-separated subset of final-8ep, final-<N>, trained")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of final-<N>, trained, "
+                    "trained+FIELD=VALUE (a TrainConfig field changed)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--baseline-steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
@@ -112,7 +131,7 @@ def main() -> None:
         if j % n != k or tuple(key) in done:
             continue
         spec = specs.setdefault(model, resolve_model(model))
-        config = replace(methods[method], seed=seed)
+        config = replace(variant(methods, method), seed=seed)
         row = run_one(cache, spec, config)
         append(out, {"key": key, "cache": cache, "model": model, "summary": spec.summary(), "method": method,
                      "seed": seed, "config": config.to_dict(), **row})

@@ -176,6 +176,28 @@ def test_int8_attention_weights_keep_their_precision_on_clips_longer_than_the_ca
     assert old > 0.3 * want.abs().max(), old   # what the int8 graph did before the split (5000 frames)
 
 
+def test_the_softmax_split_counts_as_int8_only_in_its_integer_form(trained_qat):
+    """exp of a code difference (x - max x on one scale, an integer in [-255, 0]) is a 256-entry table; x minus the
+    max of another tensor (another scale) is not, and the Div of the two time sums is integer only when both are
+    int32 sums."""
+    int8 = onnx.load(trained_qat["exported"].int8_path)
+    producer = {o: n for n in int8.graph.node for o in n.output}
+    exp = next(n for n in int8.graph.node if n.op_type == "Exp")
+    sub = producer[exp.input[0]]
+    assert sub.op_type == "Sub" and producer[sub.input[1]].op_type == "ReduceMax"
+    einsum = next(n for n in int8.graph.node if n.op_type == "Einsum" and producer[n.input[0]].name.startswith(
+        "/head/pool/q_values"))
+    producer[sub.input[1]].input[0] = einsum.input[0]   # s - max(v): two scales
+    floats, _ = classify_nodes(int8)
+    assert {"Sub", "Exp"} <= {n.op_type for n in floats}
+    int8 = onnx.load(trained_qat["exported"].int8_path)
+    div = next(n for n in int8.graph.node if n.op_type == "Div" and n.input[1] in producer
+               and producer[n.input[1]].op_type == "ReduceSum")
+    div.input[1] = producer[div.input[1]].input[0]   # divided by the dequantized exponentials, not by their sum
+    floats, _ = classify_nodes(int8)
+    assert div.name in {n.name for n in floats}
+
+
 def test_int8_weights_biases_and_scales_are_the_trained_ones(trained_qat):
     int8 = onnx.load(trained_qat["exported"].int8_path)
     inits = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}

@@ -186,8 +186,9 @@ def float_head_graph(model, spec, int8_onnx_path) -> onnx.ModelProto | None:
     (its head is float already); for a quantization-aware graph (microser.qat quantizes the head too), a copy
     whose head activations skip their QuantizeLinear/DequantizeLinear pairs.
 
-    The C head is float and streaming (an online softmax over the frames pushed so far): the softmax weights
-    of a QAT graph need the whole clip's scores before they can be rounded, which a streaming head never holds,
+    The C head is float and streaming (an online softmax over the frames pushed so far): the rounded
+    exponentials of a QAT graph (``models.wav2small.softmax_pool``) need the whole clip's largest score, which a
+    streaming head never holds,
     so the C library runs the head's arithmetic without the graph's head quantization points. Parity is checked
     against this graph; the difference to the full graph is reported beside it."""
     shape_only = float_plan(model, spec)

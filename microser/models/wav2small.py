@@ -23,6 +23,8 @@ stride-1 convs keep the length ("same" padding, zeros).
 - attention: ``v = Conv1x1(C->C)(x)``, ``a = softmax_T(Conv1x1(C->C)(x))`` (softmax over
   time, separately for every channel and frequency), ``sum_T(v * a)`` -> (B, C*F), one
   ``einsum("bctf,bctf->bcf")`` (a dot product over time: one int32 accumulation in int8);
+  quantized, the softmax is split (`softmax_pool`) so that its rounded part does not
+  depend on the clip's length;
 - Gram: ``einsum("bctf,bdtf->bcd", x, x) / (T*F)`` -> (B, C*C) (``g @ g^T / (T*F)`` with
   ``g = x.reshape(B, C, T*F)``);
 - meanstd: mean ``mu`` and ``sqrt(var + MEANSTD_EPS)`` (population variance, ``einsum`` of
@@ -32,7 +34,7 @@ Quantization points (``q_*``, ``nn.Identity`` here; quantization-aware training,
 ``microser.qat``, puts fake int8 quantizers there, and the int8 graph has a
 QuantizeLinear/DequantizeLinear pair at each): every block's output after the
 ReLU (and again after its max-pool, same scale), the conv output before a
-LayerNorm, every head value (``v``, scores, softmax weights, attention, Gram,
+LayerNorm, every head value (``v``, scores, the softmax's exponentials, attention, Gram,
 mean, deviation, variance, std) and the output. The pooled features are a
 concatenation of int8 parts with their own scales (no requantization).
 
