@@ -18,9 +18,11 @@ from microser.cache import SPLITS
 from microser.errors import MicroserError
 from microser.search_config import FOLDS, RAM_MODES, SAMPLERS
 from microser.search_config import SearchConfig as _SC
+from microser.train_config import SCHEDULES
 from microser.trainer import DEFAULT_STEPS as _DEFAULT_STEPS
 from microser.trainer import EVAL_EVERY as _EVAL_EVERY
 from microser.trainer import PATIENCE as _PATIENCE
+from microser.trainer import SCHEDULE as _SCHEDULE
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
@@ -32,6 +34,7 @@ RamMode = _choices("RamMode", RAM_MODES)
 Sampler = _choices("Sampler", SAMPLERS)
 Split = _choices("Split", SPLITS)
 Folds = _choices("Folds", FOLDS)
+Schedule = _choices("Schedule", SCHEDULES)
 
 
 def _value(choice: enum.Enum | None) -> str | None:
@@ -359,8 +362,13 @@ def train_cmd(
                           "compress` wrote for this trial.")] = False,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help=f"Steps between validations on the "
                           f"whole validation split (each saves the checkpoint). Default {_EVAL_EVERY}.")] = None,
-    patience: Annotated[Optional[int], typer.Option("--patience", help=f"Stop after this many validations without a "
-                        f"better mean CCC; 0: never. Default {_PATIENCE}.")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", help=f"After this many validations without a "
+                        f"better mean CCC, anneal and stop (--schedule hold) or stop (cosine); 0: never. "
+                        f"Default {_PATIENCE}.")] = None,
+    schedule: Annotated[Optional[Schedule], typer.Option("--schedule", help=f"hold: the peak learning rate until "
+                        "validation plateaus, then a cosine anneal over a quarter of the steps held, then stop; "
+                        f"cosine: decay over all --steps (early stopping cuts it at a high rate). Default "
+                        f"{_SCHEDULE}.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when torch sees a GPU, else CPU), cpu, cuda "
                       "or cuda:N.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads. Default: every core.")] = None,
@@ -378,7 +386,8 @@ def train_cmd(
     from microser.trainer import train_trial
 
     seconds = parse_duration(time_, what="--time") if time_ is not None else None
-    recipe = {k: v for k, v in {"eval_every": eval_every, "patience": patience}.items() if v is not None}
+    recipe = {k: v for k, v in {"eval_every": eval_every, "patience": patience,
+                                "schedule": schedule.value if schedule else None}.items() if v is not None}
     if recipe.get("patience") == 0:
         recipe["patience"] = None
     with show.train_live() as progress:

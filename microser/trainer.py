@@ -8,7 +8,8 @@ compress` wrote for it), trains it from scratch or from its most trained
 weights (``init``) with the long-training recipe (:func:`train_config`:
 ``microser.distill.train`` with validation every ``EVAL_EVERY`` steps on the
 whole validation split, an EMA of the weights, the best validated weights
-kept, early stopping), for ``steps`` or a wall-clock budget, with K seeds of
+kept, the "hold" schedule: the peak learning rate until validation stops
+improving, then an anneal to zero and a stop), for ``steps`` or a wall-clock budget, with K seeds of
 which the best on validation is kept. The result is the trial's "trained"
 stage: its weights as an Optuna artifact, and the study user attribute
 ``trained:<N>`` (``microser.rungs.trained_record``) with its spec,
@@ -42,7 +43,8 @@ from microser.errors import MicroserError
 DEFAULT_STEPS = 12_000
 EVAL_EVERY = 250          # optimizer steps between validations on the whole validation split
 EMA_DECAY = 0.999         # averages over about the last 1,000 steps
-PATIENCE = 12             # validations without a better mean CCC before stopping (3,000 steps)
+PATIENCE = 12             # validations without a better mean CCC before the anneal starts (3,000 steps)
+SCHEDULE = "hold"         # peak lr until validation plateaus, then anneal and stop (docs/DECISIONS.md)
 CHECKPOINT_SECONDS = 30.0
 PROBE_STEPS = 40          # steps timed to turn a --time budget into steps
 
@@ -53,7 +55,7 @@ def train_config(*, steps: int | None = None, seed: int = 0, threads: int | None
     from microser.train_config import TrainConfig
 
     base = dict(steps=steps or DEFAULT_STEPS, crop_seconds=1.0, crops_per_segment=2, batch_size=16,
-                eval_every=EVAL_EVERY, ema_decay=EMA_DECAY, keep_best=True, patience=PATIENCE,
+                eval_every=EVAL_EVERY, ema_decay=EMA_DECAY, keep_best=True, patience=PATIENCE, schedule=SCHEDULE,
                 seed=seed, threads=threads, device=device)
     return TrainConfig(**{**base, **overrides})
 

@@ -186,6 +186,7 @@ def test_cli_trains_reports_json_and_evaluate_says_which_weights(tiny, tmp_path,
     out = json.loads(capsys.readouterr().out)
     assert out["kept_seed"] in (0, 1) and len(out["seeds"]) == 2 and out["device"] == "cpu"
     assert out["settings"]["steps"] == 40 and out["settings"]["eval_every"] == 20
+    assert out["settings"]["schedule"] == "hold" and out["settings"]["patience"] == 12   # the measured recipe
     main(["evaluate", *base, "--json"])
     evaluation = json.loads(capsys.readouterr().out)
     assert evaluation["target"].endswith("(trained weights)")
