@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_recipe import append, done_keys, machine_line, read_rows, report_or_train, resolve_model, run_one  # noqa: E402
+from train_recipe import append, machine_line, read_rows, report_or_train, resolve_model, run_one  # noqa: E402
 
 
 def configs(baseline_steps: int, threads: int) -> dict:
@@ -58,20 +58,37 @@ def configs(baseline_steps: int, threads: int) -> dict:
     }
 
 
+IGNORED = ("seed", "threads", "device")   # fields a row may differ in and still measure the same recipe
+
+
+def changed_fields(row: dict, methods: dict) -> dict:
+    """The TrainConfig fields in which ``row`` was trained differently from what its method means now
+    (a default changed since): ``{field: value the row used}``."""
+    now = variant(methods, row["method"]).to_dict()
+    return {k: v for k, v in row["config"].items() if k not in IGNORED and now.get(k) != v}
+
+
+def label(row: dict, methods: dict) -> str:
+    """The row's method, with the fields it was trained with where they are not its method's defaults now."""
+    old = changed_fields(row, methods)
+    return row["method"] + "".join(f" [{k}={json.dumps(v)}]" for k, v in sorted(old.items()))
+
+
 def report(out: Path) -> None:
     rows = read_rows(out)
+    methods = configs(2000, 1)
     by = {}
     for r in rows:
         if "key" in r:
-            by.setdefault((r["cache"], r["model"]), {}).setdefault(r["method"], {})[r["seed"]] = r
-    print(f"\n{'data':12s} {'model':5s} {'method':11s} seeds  test CCC (per seed)          valid   steps (best)"
+            by.setdefault((r["cache"], r["model"]), {}).setdefault(label(r, methods), {})[r["seed"]] = r
+    print(f"\n{'data':12s} {'model':5s} {'method':28s} seeds  test CCC (per seed)          valid   steps (best)"
           f"          min/run")
     for (cache, model), methods in sorted(by.items()):
         for method, seeds in sorted(methods.items(), key=lambda kv: (kv[0] == "trained", kv[0])):
             rs = [seeds[s] for s in sorted(seeds)]
             test = np.mean([r["test"]["mean"] for r in rs])
             steps = "/".join(f"{r['steps']}" + (f"({r['best_step']})" if r.get("best_step") else "") for r in rs)
-            print(f"{Path(cache).name:12s} {model:5s} {method:11s} {len(rs):5d}  {test:.3f} ("
+            print(f"{Path(cache).name:12s} {model:5s} {method:28s} {len(rs):5d}  {test:.3f} ("
                   + " ".join(f"{r['test']['mean']:.3f}" for r in rs) + f")  {np.mean([r['valid']['mean'] for r in rs]):.3f}"
                   f"   {steps:22s} {np.mean([r['seconds'] for r in rs]) / 60:6.1f}")
         for name, trained in sorted(methods.items()):
@@ -124,7 +141,8 @@ def main() -> None:
     head = f"{machine_line(args.threads)}; trained = {json.dumps(methods['trained'].to_dict())}"
     append(out, {"head": head})
     print(head, flush=True)
-    done = done_keys(out)
+    done = {tuple(r["key"]) for r in read_rows(out) if r.get("key") and not changed_fields(r, methods)} \
+        if out.is_file() else set()   # a row trained before a default changed is not done
     specs = {}
     for j, (cache, model, method, seed) in enumerate(jobs):
         key = [cache, model, method, seed]
