@@ -73,8 +73,12 @@ def promotions(ladder: Sequence[Sequence[Result]], taken: Sequence[Iterable[int]
 
 def finalists(ladder: Sequence[Sequence[Result]], k: int) -> list[int]:
     """The ``k`` trials to train at final fidelity, each judged by its result at the highest rung it reached:
-    from the highest rung down, in promotion order.
+    from the highest rung down, best CCC first (ties: lower trial number).
 
+    Promotion ranks by Pareto rank over (CCC, costs) so that cheap candidates keep climbing; the final stage
+    is there to confirm the best model within the budget (the pick is the finalist with the best validation
+    CCC), so its seats go by CCC: a 4k-parameter model on the front because it is small no longer takes the
+    seat of a better one (measured: docs/DECISIONS.md, "Finalists by CCC").
     Trials whose latest result could not be promoted (collapsed, CCC <= 0) come after all others, but still
     come: a search whose every candidate scored about 0 still ends with its best tried at final fidelity.
     """
@@ -86,5 +90,5 @@ def finalists(ladder: Sequence[Sequence[Result]], k: int) -> list[int]:
     for usable in (True, False):
         for rung in reversed(range(len(ladder))):
             here = [r for k_, r in latest.values() if k_ == rung and r.promotable == usable]
-            chosen += [r.trial for r in promotion_order(here)]
+            chosen += [r.trial for r in sorted(here, key=lambda r: (-r.ccc, r.trial))]
     return chosen[:k]

@@ -59,6 +59,15 @@ def test_finalists_come_from_the_highest_rungs_first():
     assert finalists([flat], 2) == [0, 1]
 
 
+def test_finalist_seats_go_by_ccc_not_by_pareto_rank():
+    # at the top rung, trial 7 is on the front because it is 7x cheaper, trial 8 is dominated by 9; the final
+    # stage confirms the best models within the budget, so the two seats go to the two best CCCs
+    top = [Result(7, .48, (4_000.,)), Result(8, .49, (40_000.,)), Result(9, .50, (30_000.,))]
+    assert [r.trial for r in promotion_order(top)][:2] == [9, 7]     # what promotion would choose
+    assert finalists([top, top], 2) == [9, 8]
+    assert finalists([[Result(1, .5, (1.,)), Result(0, .5, (2.,))]], 2) == [0, 1]   # a tie: lower number first
+
+
 # ---- the queue ----
 
 

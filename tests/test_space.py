@@ -37,7 +37,7 @@ def test_sample_is_reproducible_by_seed():
 def test_sampled_values_stay_inside_the_default_ranges():
     for s in SearchSpace.load("default").sample(60, seed=2):
         fe = s.frontend
-        assert fe.n_fft in (256, 400, 512) and fe.hop in (128, 160, 256, 320)
+        assert fe.n_fft in (128, 256, 400, 512) and fe.hop in (64, 128, 160, 256, 320)
         assert 20 <= fe.n_mels <= 64 and fe.n_mels % 4 == 0
         if s.family == "wav2small":
             assert 3 <= len(s.body.channels) <= 8 and all(8 <= c <= 64 for c in s.body.channels)
@@ -173,19 +173,23 @@ def test_a_cross_field_conflict_names_the_space_and_trial(tmp_path):
         SearchSpace.load(path).sample(1, seed=0)
 
 
-def test_packaged_warm_starts_are_the_documented_front_end_at_8_and_16_channels():
+def test_packaged_warm_starts_are_the_documented_front_ends_and_widths():
     import optuna
 
-    space = SearchSpace.load("default")
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    specs = []
-    for params in space.warm_starts:
-        study.enqueue_trial(params)
-        specs.append(space.suggest(study.ask()))
-    assert [s.body.channels for s in specs] == [(8,) * 7, (16,) * 7]
-    for s in specs:
-        assert (s.frontend.n_fft, s.frontend.hop, s.frontend.n_mels, s.frontend.prenorm) == (512, 160, 40, "clip")
-        assert s.body.pool_after == (2,) and s.body.pooling == "attention+gram"
+    for name in ("default", SPACES_DIR / "wav2small.toml"):
+        space = SearchSpace.load(name)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        specs = []
+        for params in space.warm_starts:
+            study.enqueue_trial(params)
+            specs.append(space.suggest(study.ask()))
+        # the paper's 7-block topology at 8 and 16 channels on STFT 512/160, then 16 channels on STFT 128/64
+        assert [s.body.channels for s in specs] == [(8,) * 7, (16,) * 7, (16,) * 7]
+        assert [(s.frontend.n_fft, s.frontend.hop, s.frontend.n_mels) for s in specs] == \
+            [(512, 160, 40), (512, 160, 40), (128, 64, 40)]
+        for s in specs:
+            assert s.frontend.prenorm == "clip" and s.frontend.compression == "log"
+            assert s.body.pool_after == (2,) and s.body.pooling == "attention+gram"
 
 
 @pytest.mark.parametrize("entry, match", [
