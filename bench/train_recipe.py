@@ -54,15 +54,20 @@ VARIANTS = {
 
 
 def resolve_model(name: str):
-    """``pick`` (the default space's 16-channel warm start), ``ref`` (wav2small-ref) or any spec text."""
+    """``pick`` (the default space's 16-channel warm start on STFT 512/160), ``warm<K>`` (its K-th warm start),
+    ``ref`` (wav2small-ref) or any spec text (a reference name, a JSON file)."""
     import optuna
 
     from microser.models.spec import resolve_spec
     from microser.space import SearchSpace
 
-    if name == "pick":
+    if name == "pick" or (name.startswith("warm") and name[4:].isdigit()):
         space = SearchSpace.load("default")
-        return space.suggest(optuna.trial.FixedTrial(space.warm_starts[1]))
+        k = 1 if name == "pick" else int(name[4:])
+        if k >= len(space.warm_starts):
+            raise SystemExit(f"--models {name}: the default space has {len(space.warm_starts)} warm starts "
+                             f"(warm0..warm{len(space.warm_starts) - 1})")
+        return space.suggest(optuna.trial.FixedTrial(space.warm_starts[k]))
     return resolve_spec("wav2small-ref" if name == "ref" else name)
 
 
