@@ -242,8 +242,8 @@ def search(
                              f"Default {_SC.valid_seconds:g}.")] = None,
     input_seconds: Annotated[Optional[float], typer.Option("--input-seconds", help="Audio duration (s) at which "
                              f"MACs and peak RAM are measured. Default {_SC.input_seconds:g}.")] = None,
-    final_k: Annotated[Optional[int], typer.Option("--final-k", help=f"Best trials of the highest rungs trained "
-                       f"in the final stage. Default {_SC.final_k}.")] = None,
+    final_k: Annotated[Optional[int], typer.Option("--final-k", help=f"Trials with the best validation CCC at the "
+                       f"highest rungs, trained in the final stage. Default {_SC.final_k}.")] = None,
     final_steps: Annotated[Optional[int], typer.Option("--final-steps", help="Optimizer steps of the final stage. "
                            "Default: planned from --time (1000 at 10m).")] = None,
     final_epochs: Annotated[Optional[float], typer.Option("--final-epochs", help="Instead of --final-steps: "
