@@ -181,7 +181,10 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(spec):
         want = model(x).numpy()
     got = session.run(None, {"audio": x.numpy()})[0]
     assert got.shape == (3, 3)
-    assert np.abs(got - want).max() <= 1e-4
+    # onnxruntime's STFT (a DFT for n_fft 400) and torch's FFT differ in float32 rounding: up to ~0.01 dB on
+    # log-mels near the -100 dB floor, up to ~5e-4 on the outputs (mnv3 w0.1 on stft400/256 m64); a wrong
+    # operator, padding or constant is off by 1e-2 and more
+    assert np.abs(got - want).max() <= 1e-3
     assert want.std(0).max() > 1e-4  # the outputs depend on the input: the comparison means something
 
 
