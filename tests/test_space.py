@@ -183,10 +183,10 @@ def test_packaged_warm_starts_are_the_documented_front_ends_and_widths():
         for params in space.warm_starts:
             study.enqueue_trial(params)
             specs.append(space.suggest(study.ask()))
-        # the paper's 7-block topology at 8 and 16 channels on STFT 512/160, then 16 channels on STFT 128/64
-        assert [s.body.channels for s in specs] == [(8,) * 7, (16,) * 7, (16,) * 7]
+        # the paper's 7-block topology at 24 channels on STFT 400/320, then 16 channels on 512/160 and 128/64
+        assert [s.body.channels for s in specs] == [(24,) * 7, (16,) * 7, (16,) * 7]
         assert [(s.frontend.n_fft, s.frontend.hop, s.frontend.n_mels) for s in specs] == \
-            [(512, 160, 40), (512, 160, 40), (128, 64, 40)]
+            [(400, 320, 40), (512, 160, 40), (128, 64, 40)]
         for s in specs:
             assert s.frontend.prenorm == "clip" and s.frontend.compression == "log"
             assert s.body.pool_after == (2,) and s.body.pooling == "attention+gram"
