@@ -1,8 +1,8 @@
 """Bench: does `microser train` with its defaults lift test CCC over the search's final stage? (goal: +0.03)
 
-For each cache, model (``pick``: the default space's 16-channel warm start on
-STFT 512/160, the main job's usual winner before the 400/320 warm start came first;
-``warm<K>``: the space's K-th warm start, ``warm0`` the 24x7 on STFT 400/320;
+For each cache, model (``pick``: 16x7 on STFT 512/160, the main job's usual
+winner before the 400/320 warm start came first and no longer a warm start;
+``warm<K>``: the default space's K-th warm start, ``warm0`` the 24x7 on STFT 400/320;
 ``ref``: wav2small-ref; or a spec JSON file) and seed, trains a fresh model
 (torch seeded before build_model) three ways and scores the test split:
 

@@ -1,8 +1,9 @@
 """Bench: which long-training recipe for `microser train`? Variants x corpora x seeds, test CCC per variant.
 
-Trains one architecture (``--model``: ``pick``, the default space's 16-channel
-warm start, the main job's winner ``w2s 16x7 k3 bn pool@2 att+gram |
-stft512/160 m40 log clip``; ``ref``, wav2small-ref; or a spec JSON) with the
+Trains one architecture (``--model``: ``pick``, ``w2s 16x7 k3 bn pool@2 att+gram |
+stft512/160 m40 log clip``, the main job's usual winner when this bench was
+written and a warm start of the default space until the 2026-11-30 change;
+``warm<K>``; ``ref``, wav2small-ref; or a spec JSON) with the
 long-training base recipe (``microser.trainer.train_config`` at ``--steps``:
 validation every ``eval_every`` steps, EMA, best checkpoint, no early
 stopping unless the variant sets ``patience``) plus one variant's overrides,
@@ -53,17 +54,28 @@ VARIANTS = {
 }
 
 
+PICK = json.dumps({"family": "wav2small",
+                   "frontend": {"prenorm": "clip", "n_fft": 512, "hop": 160, "win_length": None, "window": "hann",
+                                "center": False, "pad_end": False, "n_mels": 40, "fmin": 0.0, "fmax": 8000.0,
+                                "compression": "log", "filterbank": "mel"},
+                   "body": {"channels": [16] * 7, "kernel": 3, "norm": "batch", "pool_after": [2], "stem_stride": 1,
+                            "pooling": "attention+gram"}})
+
+
 def resolve_model(name: str):
-    """``pick`` (the default space's 16-channel warm start on STFT 512/160), ``warm<K>`` (its K-th warm start),
-    ``ref`` (wav2small-ref) or any spec text (a reference name, a JSON file)."""
+    """``pick`` (16x7 on STFT 512/160, fixed here so that old rows stay comparable: it was the default space's
+    second warm start until 2026-11-30), ``warm<K>`` (the default space's K-th warm start), ``ref``
+    (wav2small-ref) or any spec text (a reference name, a JSON object, a JSON file)."""
     import optuna
 
     from microser.models.spec import resolve_spec
     from microser.space import SearchSpace
 
-    if name == "pick" or (name.startswith("warm") and name[4:].isdigit()):
+    if name == "pick":
+        return resolve_spec(PICK)
+    if name.startswith("warm") and name[4:].isdigit():
         space = SearchSpace.load("default")
-        k = 1 if name == "pick" else int(name[4:])
+        k = int(name[4:])
         if k >= len(space.warm_starts):
             raise SystemExit(f"--models {name}: the default space has {len(space.warm_starts)} warm starts "
                              f"(warm0..warm{len(space.warm_starts) - 1})")

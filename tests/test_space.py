@@ -183,13 +183,16 @@ def test_packaged_warm_starts_are_the_documented_front_ends_and_widths():
         for params in space.warm_starts:
             study.enqueue_trial(params)
             specs.append(space.suggest(study.ask()))
-        # the paper's 7-block topology at 24 channels on STFT 400/320, then 16 channels on 512/160 and 128/64
-        assert [s.body.channels for s in specs] == [(24,) * 7, (16,) * 7, (16,) * 7]
+        # the paper's 7-block topology at 24 channels on STFT 400/320; the search's 5-block stride-2 find on
+        # the same framing; 16 channels x 7 with a stride-2 5x5 first conv on STFT 128/64
+        assert [s.body.channels for s in specs] == [(24,) * 7, (31, 12, 19, 20, 12), (16,) * 7]
         assert [(s.frontend.n_fft, s.frontend.hop, s.frontend.n_mels) for s in specs] == \
-            [(400, 320, 40), (512, 160, 40), (128, 64, 40)]
+            [(400, 320, 40), (400, 320, 44), (128, 64, 40)]
+        assert [(s.body.kernel, s.body.stem_stride, s.body.pool_after) for s in specs] == \
+            [(3, 1, (2,)), (5, 2, (0, 1)), (5, 2, (2,))]
         for s in specs:
             assert s.frontend.prenorm == "clip" and s.frontend.compression == "log"
-            assert s.body.pool_after == (2,) and s.body.pooling == "attention+gram"
+            assert s.body.norm == "batch" and s.body.pooling == "attention+gram"
 
 
 @pytest.mark.parametrize("entry, match", [
