@@ -184,9 +184,10 @@ class RungQueue:
     def claim(self) -> Claim | None:
         """Claim the oldest waiting job (None when there is none); duplicates of an earlier key are pruned.
 
-        SQLite checks the WAITING -> RUNNING transition outside a write lock, so two processes can both
-        "win" it; each then writes a nonce and reads it back after ``CLAIM_SETTLE_SECONDS``: only the last
-        writer keeps the job, the other moves on.
+        The WAITING -> RUNNING transition is atomic on PostgreSQL and, since ``microser.storage`` begins
+        SQLite transactions with the write lock, on SQLite too; as a second guard each winner writes a nonce
+        and reads it back after ``CLAIM_SETTLE_SECONDS``: only the last writer keeps the job, the other
+        moves on.
         """
         storage = self.queue._storage
         for t in self.trials(states=(TrialState.WAITING,)):

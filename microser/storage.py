@@ -120,13 +120,16 @@ def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorag
         try:
             with warnings.catch_warnings():   # heartbeat_interval is marked experimental; it is what we need
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat_seconds(),
                     grace_period=grace_seconds(),
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                 )
+                if kind == "sqlite":
+                    _lock_on_begin(storage.engine)
+                return storage
         except ImportError as e:
             raise MicroserError(f"storage {safe_url(given)!r} needs a database driver that is not installed "
                                 f"({_first_line(e)}): pip install 'microser[postgres]'") from None
@@ -139,6 +142,28 @@ def open_storage(url: str | None, study_name: str) -> optuna.storages.BaseStorag
             raise MicroserError(f"storage {safe_url(given)!r} refused the connection ({_first_line(e)}): start the "
                                 "database or pass another --storage, e.g. sqlite:///studies/NAME.db") from None
     raise AssertionError("unreachable")
+
+
+def _lock_on_begin(engine) -> None:
+    """Make every SQLite transaction take the write lock when it begins (``BEGIN IMMEDIATE``).
+
+    By default pysqlite begins a transaction at the first write, so Optuna's "WAITING -> RUNNING only if
+    still WAITING" reads the state before holding the lock: two workers can both pop the same waiting trial
+    (a retry, a warm start) and train it twice, and the second one's tell then fails ("Cannot tell a
+    COMPLETE trial"), which stopped that worker. With the lock taken at BEGIN the check and the write are
+    one step. PostgreSQL needs nothing: Optuna reads the row FOR UPDATE there.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None   # let the "begin" event below issue BEGIN itself
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()   # pooled connections opened before the listeners: reopen them with the listeners
 
 
 def _bad_journal_line(path: Path) -> str | None:

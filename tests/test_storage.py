@@ -161,3 +161,20 @@ def test_trial_of_a_killed_process_is_failed_with_a_reason_and_requeued(url):
     assert retry.state == TrialState.WAITING
     assert retry.user_attrs["retry_of"] == 0
     assert retry.system_attrs["fixed_params"] == first.params
+
+
+def test_sqlite_transactions_take_the_write_lock_when_they_begin(tmp_path):
+    """Optuna's WAITING -> RUNNING check reads, then writes: on SQLite that is one step only if the
+    transaction holds the write lock from its start; else two workers pop the same waiting trial."""
+    import sqlite3
+
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db", "s")
+    with storage.engine.connect() as conn:
+        with conn.begin():
+            conn.exec_driver_sql("SELECT count(*) FROM trials")   # a read only, yet the lock is held
+            other = sqlite3.connect(tmp_path / "s.db", timeout=0.1, isolation_level=None)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+    other.execute("BEGIN IMMEDIATE")   # released at commit
+    other.execute("ROLLBACK")
+    other.close()
