@@ -23,7 +23,7 @@ def plan_steps(seconds: float | None) -> tuple[tuple[int, ...], int]:
 
     Calibrated on 2 CPU cores (docs/search.md): at 10 minutes, rungs of 60, 200
     and 600 steps and a final stage of 1,000 steps leave time for about 25
-    candidates, 2 finalists and the reference with 2 seeds each. Longer budgets
+    candidates, 3 finalists and the reference with 2 seeds each. Longer budgets
     raise the top rungs and the final stage (fidelity grows like time^0.75, the
     number of candidates like time^0.25); shorter ones lower them.
     """

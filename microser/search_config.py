@@ -68,8 +68,9 @@ class SearchConfig:
     valid_seconds: float | None = 300.0
     input_seconds: float = 1.0        # audio length at which RAM and MACs are measured
     ram_mode: str = "offline"         # "streaming": ram_bytes = the C library's state + arena (microser.cgen)
-    # final stage: the best trials of the highest rungs and the references, each with final_seeds seeds
-    final_k: int = 2
+    # final stage: the best trials of the highest rungs and the references, each with final_seeds seeds;
+    # 3 seats, not 2: the 600-step rung ranks its top trials by noise (docs/DECISIONS.md, "Three final seats")
+    final_k: int = 3
     final_steps: int | None = None
     final_epochs: float | None = None  # instead of final_steps
     final_seeds: int = 2
