@@ -15,8 +15,9 @@ winner before the 400/320 warm start came first and no longer a warm start;
 * ``trained``: ``microser.trainer.train_config`` with its defaults (what
   ``microser train`` runs: DEFAULT_STEPS, validation every EVAL_EVERY steps,
   EMA, best checkpoint, early stopping);
-* ``trained+FIELD=VALUE[+FIELD=VALUE]``: those defaults with TrainConfig fields
-  changed (a recipe candidate, e.g. ``trained+speed_perturb=0.1``).
+* ``METHOD+FIELD=VALUE[+FIELD=VALUE]``: any of the above with TrainConfig fields
+  changed (a recipe candidate, e.g. ``trained+speed_perturb=0.1`` or
+  ``final-1000+speed_perturb=0.1``).
 
 Rows go to ``--out`` as JSON lines (runs already there are skipped;
 ``--shard K/N`` splits the jobs over processes). ``--report`` prints, per cache
@@ -106,17 +107,18 @@ def report(out: Path) -> None:
 
 
 def variant(methods: dict, name: str):
-    """The TrainConfig of a method name: a known one, or ``trained+FIELD=VALUE[+...]`` (the defaults, changed)."""
+    """The TrainConfig of a method name: a known one, or ``METHOD+FIELD=VALUE[+...]`` (that one, changed)."""
     if name in methods:
         return methods[name]
     base, *changes = name.split("+")
-    if base != "trained" or not changes:
-        raise SystemExit(f"unknown method {name!r}: expected one of {', '.join(methods)} or trained+FIELD=VALUE")
+    if base not in methods or not changes:
+        raise SystemExit(f"unknown method {name!r}: expected one of {', '.join(methods)}, optionally with "
+                         "+FIELD=VALUE (e.g. trained+speed_perturb=0.1, final-1000+speed_perturb=0.1)")
     fields = {}
     for change in changes:
         field, _, value = change.partition("=")
         fields[field] = json.loads(value)
-    return replace(methods["trained"], **fields)
+    return replace(methods[base], **fields)
 
 
 def main() -> None:
@@ -124,7 +126,7 @@ def main() -> None:
     ap.add_argument("--caches", default=None, help="comma-separated cache folders (built with the csv teacher)")
     ap.add_argument("--models", default="pick,ref")
     ap.add_argument("--methods", default=None, help="comma-separated subset of final-<N>, trained, "
-                    "trained+FIELD=VALUE (a TrainConfig field changed)")
+                    "each optionally +FIELD=VALUE (a TrainConfig field changed)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--baseline-steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
