@@ -236,9 +236,6 @@ def search(
                                  f"and epoch (with --epochs). Default {_SC.crops_per_segment}.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Training crops per batch. "
                                                      f"Default {_SC.batch_size}.")] = None,
-    speed_perturb: Annotated[Optional[float], typer.Option("--speed-perturb", help="Augmentation: each training "
-                             "crop resampled by a factor uniform in 1 +- this (tempo and pitch; 0: off). Default "
-                             f"{_SC.speed_perturb:g}.")] = None,
     valid_seconds: Annotated[Optional[float], typer.Option("--valid-seconds", help="Audio seconds per rung "
                              "validation (the final stage reads 4x as much, and as much of the test split): larger "
                              "splits are subsampled over speakers so a trial costs the same on any cache. "
@@ -275,7 +272,7 @@ def search(
         study=study, storage=storage, artifacts=artifacts, workers=workers, threads=threads, seed=seed,
         sampler=_value(sampler), objectives=_csv(objectives), rungs=rungs, eta=eta, epochs=epochs,
         crop_seconds=crop_seconds, crops_per_segment=crops_per_segment, batch_size=batch_size,
-        speed_perturb=speed_perturb, valid_seconds=valid_seconds, input_seconds=input_seconds, final_k=final_k, final_steps=final_steps,
+        valid_seconds=valid_seconds, input_seconds=input_seconds, final_k=final_k, final_steps=final_steps,
         final_epochs=final_epochs, final_seeds=final_seeds, folds=_value(folds), references=_csv(references),
         ram_mode=_value(ram_mode))
     with show.search_live() as progress:

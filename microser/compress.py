@@ -263,8 +263,7 @@ def compress_trial(study, trial: int, *, target_params: int | None = None, prune
     crops = calibration_crops(data, seconds=input_seconds, max_crops=calibration_crops_n, seed=seed)
     fidelity = settings.get("fidelity") or {}
     base = dict(crop_seconds=fidelity.get("crop_seconds") or TrainConfig.crop_seconds,   # the study's recipe,
-                batch_size=fidelity.get("batch_size") or TrainConfig.batch_size, seed=seed, lr=lr,  # else the default
-                speed_perturb=fidelity.get("speed_perturb", 0.0))
+                batch_size=fidelity.get("batch_size") or TrainConfig.batch_size, seed=seed, lr=lr)  # else the default
     emit = progress or (lambda event: None)
     stages, history = [], []
     with tempfile.TemporaryDirectory() as tmp:

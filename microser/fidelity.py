@@ -51,7 +51,6 @@ class Fidelity:
     crops_per_segment: int
     batch_size: int
     valid_seconds: float | None
-    speed_perturb: float = 0.0   # training crops resampled by a factor in 1 +- this (studies before it: 0)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rungs": list(self.rungs)}
@@ -66,8 +65,7 @@ class Fidelity:
         from microser.train_config import TrainConfig
 
         return TrainConfig(steps=steps, crop_seconds=self.crop_seconds, crops_per_segment=self.crops_per_segment,
-                           batch_size=self.batch_size, seed=seed, threads=threads, eval_every=steps,
-                           speed_perturb=self.speed_perturb)
+                           batch_size=self.batch_size, seed=seed, threads=threads, eval_every=steps)
 
 
 def steps_for_epochs(epochs: float, n_train: int, config) -> int:
@@ -95,6 +93,5 @@ def resolve_fidelity(config, data) -> Fidelity:
             folds = 1
     return Fidelity(rungs=rungs, final_steps=final, final_seeds=config.final_seeds, folds=folds, eta=config.eta,
                     crop_seconds=config.crop_seconds, crops_per_segment=config.crops_per_segment,
-                    batch_size=config.batch_size, valid_seconds=config.valid_seconds,
-                    speed_perturb=config.speed_perturb)
+                    batch_size=config.batch_size, valid_seconds=config.valid_seconds)
 

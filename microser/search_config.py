@@ -63,7 +63,6 @@ class SearchConfig:
     crop_seconds: float = TrainConfig.crop_seconds   # the training recipe's (one set of defaults)
     crops_per_segment: int = 1        # brief jobs: one crop per segment per epoch (long training draws TrainConfig's)
     batch_size: int = TrainConfig.batch_size
-    speed_perturb: float = 0.0        # augmentation: training crops resampled by a factor in 1 +- this (0: off)
     # audio per validation evaluation (the final stage reads 4x as much, and as much of the test split);
     # larger splits are subsampled over speakers, so a trial costs the same on any cache. None: whole split
     valid_seconds: float | None = 300.0
@@ -136,7 +135,6 @@ class SearchConfig:
                 raise MicroserError(f"{option} {value:g} is shorter than {MIN_SECONDS:g} s, the shortest input a "
                                     f"microser model takes (its STFT window must fit): pass {option} "
                                     f"{MIN_SECONDS:g} or more, e.g. 1")
-        checks.number("--speed-perturb", self.speed_perturb, low=0, high=0.4, example=0.1)
 
     @property
     def study_name(self) -> str:
@@ -226,10 +224,6 @@ def check_same_study(name: str, url: str, old: dict, new: dict) -> None:
                                 f"sha256 {_short(old.get(key))}; that file has changed since (now "
                                 f"{_short(new.get(key))}): restore it to resume the study, or pass another --study "
                                 "name to search the new space")
-        if key == "fidelity" and old.get(key) is not None:   # fields added since the study was made: defaults
-            from microser.fidelity import Fidelity
-
-            old = {**old, key: Fidelity.from_dict(old[key]).to_dict()}
         if old.get(key) != new.get(key):
             raise MicroserError(f"study {name!r} in {safe_url(url)} was created with {key} {_short(old.get(key))}, "
                                 f"this run asks for {_short(new.get(key))}: pass another --study name, or the "

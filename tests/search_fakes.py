@@ -67,7 +67,6 @@ class FakeTrainer:
     def __init__(self, sleep: float = 0.0, log: str | None = None, test_offset=None, step_sleep: float = 0.0,
                  clock: FakeClock | None = None, step_seconds: float = 0.0, overhead: float = 0.0):
         self.calls = []
-        self.configs = []   # the TrainConfig of every call, in order
         self.sleep, self.log, self.step_sleep = sleep, log, step_sleep
         self.clock, self.step_seconds, self.overhead = clock, step_seconds, overhead
         self.test_offset = test_offset or (lambda width, fold: 0.0)
@@ -76,7 +75,6 @@ class FakeTrainer:
         start = time.monotonic()
         call = (spec.width, train_config.steps, train_config.seed, split.fold, split.test is not None)
         self.calls.append(call)
-        self.configs.append(train_config)
         if self.log:
             with open(self.log, "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "call": call, "t": time.time()}) + "\n")

@@ -163,30 +163,6 @@ def test_existing_study_with_other_objectives_budgets_or_fidelity_is_refused(tmp
         run_search(fake_config(tmp_path, rungs=(10, 40)), components=fake_components(FakeTrainer()))
 
 
-def test_speed_perturbation_is_the_studys_recipe_for_every_job_and_older_studies_resume(tmp_path):
-    from microser.storage import SETTINGS_ATTR
-
-    trainer = FakeTrainer()
-    summary = run_search(fake_config(tmp_path, speed_perturb=0.1), components=fake_components(trainer))
-    assert summary.settings["fidelity"]["speed_perturb"] == 0.1
-    assert {c.speed_perturb for c in trainer.configs} == {0.1} and len(trainer.configs) == len(trainer.calls) > 9
-    with pytest.raises(MicroserError, match="created with fidelity .*speed_perturb=0.1.*asks for .*speed_perturb=0.0"):
-        run_search(fake_config(tmp_path), components=fake_components(FakeTrainer()))
-    # a study made before the field existed has no speed_perturb in its fidelity: it resumes as "off"
-    old = tmp_path / "old"
-    run_search(fake_config(old, trials=2), components=fake_components(FakeTrainer()))
-    study = _study(old)
-    settings = study.user_attrs[SETTINGS_ATTR]
-    del settings["fidelity"]["speed_perturb"]
-    study.set_user_attr(SETTINGS_ATTR, settings)
-    trainer = FakeTrainer()
-    run_search(fake_config(old, trials=4), components=fake_components(trainer))
-    assert trainer.calls and {c.speed_perturb for c in trainer.configs} == {0.0}
-    with pytest.raises(MicroserError, match=r"--speed-perturb 0.6 is out of range; expected a number >= 0 and <= "
-                                            r"0.4: pass e.g. --speed-perturb 0.1"):
-        fake_config(tmp_path, speed_perturb=0.6)
-
-
 def test_time_budget_plans_the_fidelity_and_leaves_room_for_the_final_stage(tmp_path):
     assert plan_steps(600) == ((60, 200, 600), 1000)
     rungs, final = plan_steps(3600)
@@ -365,7 +341,7 @@ def test_studies_demo_toml_spells_out_the_defaults():
     path = Path(__file__).resolve().parents[1] / "studies" / "demo.toml"
     config, default = SearchConfig.load(path), SearchConfig()
     for key in ("objectives", "time", "trials", "sampler", "seed", "workers", "rungs", "eta", "crop_seconds",
-                "batch_size", "speed_perturb", "valid_seconds", "input_seconds", "final_k", "final_steps", "final_seeds", "folds",
+                "batch_size", "valid_seconds", "input_seconds", "final_k", "final_steps", "final_seeds", "folds",
                 "references"):
         assert getattr(config, key) == getattr(default, key), key
     assert config.budgets == ("80k-params",)
