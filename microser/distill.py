@@ -212,8 +212,10 @@ def _indices(data: DistillData, given, split: str, need: int) -> np.ndarray:
 
 
 def _train_step(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, mse_weight: float,
-                extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> float | None:
-    """One optimizer step on a batch; the loss, or None (and no update) when it is not finite."""
+                extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+                grad_clip: float | None = None) -> float | None:
+    """One optimizer step on a batch; the loss, or None (and no update) when it is not finite. With
+    ``grad_clip``, the gradient's global L2 norm is scaled down to at most that before the step."""
     out = model(x)  # (B, 3)
     loss = ccc_loss(out, y) + mse_weight * torch.mean((out - y) ** 2)
     if extra_loss is not None:
@@ -222,6 +224,8 @@ def _train_step(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, 
         return None
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     sched.step()
     return float(loss.detach())
@@ -391,7 +395,8 @@ def train(
             t0 = time.perf_counter()
             pos = run.order[run.batch * config.batch_size : (run.batch + 1) * config.batch_size]
             x, y = draw_batch(bank, targets, pos, config, rng, gen, mask_time)
-            loss = _train_step(model, opt, sched, x.to(device), y.to(device), config.mse_weight, extra_loss)
+            loss = _train_step(model, opt, sched, x.to(device), y.to(device), config.mse_weight, extra_loss,
+                               config.grad_clip)
             if loss is None:
                 run.bad_step = run.step + 1
                 break
