@@ -213,7 +213,7 @@ def _indices(data: DistillData, given, split: str, need: int) -> np.ndarray:
 
 def _train_step(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, mse_weight: float,
                 extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-                grad_clip: float | None = None) -> float | None:
+                grad_clip: float = 0.0) -> float | None:
     """One optimizer step on a batch; the loss, or None (and no update) when it is not finite. With
     ``grad_clip``, the gradient's global L2 norm is scaled down to at most that before the step."""
     out = model(x)  # (B, 3)
@@ -224,7 +224,7 @@ def _train_step(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, 
         return None
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip is not None:
+    if grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     sched.step()

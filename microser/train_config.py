@@ -89,7 +89,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 3e-3  # peak learning rate, reached at the end of the warm-up
     weight_decay: float = 1e-2
-    grad_clip: float | None = None  # scale the gradient's global L2 norm down to at most this (None: off)
+    grad_clip: float = 0.0  # scale the gradient's global L2 norm down to at most this before a step (0: off)
     warmup: float = 0.1  # fraction of all steps with a linear warm-up from lr/100; then the schedule
     # After the warm-up: "cosine" decays to 0 over exactly the run's steps. "hold" keeps the peak lr until
     # validation stops improving (`patience`) or the last `decay` fraction of the steps begins, then decays it
@@ -146,8 +146,9 @@ class TrainConfig:
             )
         if self.crops_per_segment < 1:
             raise MicroserError(f"TrainConfig crops_per_segment={self.crops_per_segment}: expected >= 1")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise MicroserError(f"TrainConfig grad_clip={self.grad_clip}: expected a norm > 0, e.g. 1.0, or None (off)")
+        if not self.grad_clip >= 0:
+            raise MicroserError(f"TrainConfig grad_clip={self.grad_clip}: expected a gradient norm > 0, e.g. 1.0, "
+                                "or 0 (off)")
         if not 0 <= self.warmup < 1:
             raise MicroserError(f"TrainConfig warmup={self.warmup}: expected a fraction in [0, 1), e.g. 0.1")
         lo, hi = self.noise_snr_db

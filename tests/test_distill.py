@@ -9,7 +9,7 @@ from torch import nn
 
 from microser import SAMPLE_RATE
 from microser.batches import FrontendMasks
-from microser.distill import _lr_factor, ccc_loss, collapse_check, evaluate, predict, train
+from microser.distill import _lr_factor, _train_step, ccc_loss, collapse_check, evaluate, predict, train
 from microser.errors import MicroserError
 from microser.metrics import ccc, ccc_report
 from microser.models.spec import REFERENCES, build_model
@@ -65,6 +65,31 @@ def test_ccc_loss_equals_one_minus_numpy_ccc():
     assert float(mean) == pytest.approx(float(expected.mean()), abs=1e-5)
     perfect = torch.tensor(truth, dtype=torch.float32)
     assert float(ccc_loss(perfect, perfect)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_grad_clip_scales_the_gradient_to_the_norm_and_keeps_its_direction():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), 5 * torch.randn(8, 3)
+
+    def one_step(grad_clip):
+        model = nn.Linear(4, 3)
+        torch.nn.init.constant_(model.weight, 0.1)
+        torch.nn.init.zeros_(model.bias)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)   # the update is exactly -gradient
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        _train_step(model, opt, sched, x, y, 0.5, grad_clip=grad_clip)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+    free = one_step(0.0)
+    norm = float(free.norm())
+    assert norm > 1.0                                     # the clip below is active
+    clipped = one_step(0.25)
+    assert float(clipped.norm()) == pytest.approx(0.25, rel=1e-4)
+    assert torch.allclose(clipped, free * (0.25 / norm), atol=1e-6)
+    assert torch.allclose(one_step(10 * norm), free)      # a looser clip changes nothing
+    with pytest.raises(MicroserError, match="grad_clip=-1.0: expected a gradient norm > 0, e.g. 1.0, or 0"):
+        TrainConfig(grad_clip=-1.0)
 
 
 def test_ccc_loss_is_differentiable_and_finite_on_constant_prediction():
