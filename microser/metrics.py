@@ -53,6 +53,33 @@ def ccc(prediction, truth) -> np.ndarray:
     return out
 
 
+def ccc_parts(prediction, truth) -> dict[str, np.ndarray]:
+    r"""What a CCC is made of, per column: Pearson ``r``, ``bias`` (mean offset in truth standard deviations)
+    and ``scale`` (prediction std over truth std), population statistics.
+
+    .. math::
+
+        \rho_c = \frac{2 r s}{1 + s^2 + b^2}, \quad b = \frac{\mu_x - \mu_y}{\sigma_y}, \quad
+        s = \frac{\sigma_x}{\sigma_y}
+
+    so a CCC far below ``r`` is lost to an offset or a wrong spread, not to ranking (for truth with
+    ``sigma_y > 0`` and predictions that vary). Returns ``{"r", "bias", "scale"}``, each ``(D,)``.
+
+    >>> parts = ccc_parts(np.array([2.0, 3.0, 4.0]), np.array([1.0, 2.0, 3.0]))
+    >>> [round(float(parts[k]), 4) for k in ("r", "bias", "scale")]
+    [1.0, 1.2247, 1.0]
+    """
+    x = np.asarray(prediction, dtype=np.float64)
+    y = np.asarray(truth, dtype=np.float64)
+    if x.shape != y.shape or x.shape[0] < 2:
+        raise ValueError(f"ccc_parts needs equal shapes with at least 2 samples, but got prediction {x.shape} "
+                         f"and truth {y.shape}")
+    sx, sy = x.std(0), y.std(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = ((x - x.mean(0)) * (y - y.mean(0))).mean(0) / (sx * sy)
+        return {"r": r, "bias": (x.mean(0) - y.mean(0)) / sy, "scale": sx / sy}
+
+
 def ccc_report(prediction, truth) -> dict[str, float]:
     """CCC per target name plus their mean: ``{"arousal": .., "dominance": .., "valence": .., "mean": ..}``."""
     values = ccc(prediction, truth)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from microser.metrics import ccc, ccc_report
+from microser.metrics import ccc, ccc_parts, ccc_report
 
 
 def reference_ccc(x, y):
@@ -49,3 +49,23 @@ def test_constant_columns_and_bad_shapes():
         ccc(np.zeros((4, 3)), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="at least 2 samples"):
         ccc(np.zeros(1), np.zeros(1))
+
+
+def test_ccc_parts_rebuild_the_ccc_and_match_numpy():
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(200, 3)) * [1.0, 0.5, 2.0] + [0.2, -0.1, 0.4]
+    pred = 0.6 * truth + rng.normal(size=(200, 3)) * 0.3 - [0.5, 0.0, 0.8]
+    parts = ccc_parts(pred, truth)
+    for d in range(3):
+        assert parts["r"][d] == pytest.approx(np.corrcoef(pred[:, d], truth[:, d])[0, 1], abs=1e-12)
+        assert parts["bias"][d] == pytest.approx((pred[:, d].mean() - truth[:, d].mean()) / truth[:, d].std(), abs=1e-12)
+        assert parts["scale"][d] == pytest.approx(pred[:, d].std() / truth[:, d].std(), abs=1e-12)
+    r, b, s = parts["r"], parts["bias"], parts["scale"]
+    np.testing.assert_allclose(2 * r * s / (1 + s ** 2 + b ** 2), ccc(pred, truth), atol=1e-12)
+    # an offset alone costs CCC and leaves r: shifting by one truth std
+    shifted = ccc_parts(truth + truth.std(0), truth)
+    np.testing.assert_allclose(shifted["r"], 1.0)
+    np.testing.assert_allclose(shifted["bias"], 1.0)
+    np.testing.assert_allclose(ccc(truth + truth.std(0), truth), 2 / 3)
+    with pytest.raises(ValueError, match=r"equal shapes .* prediction \(3,\) and truth \(2,\)"):
+        ccc_parts(np.zeros(3), np.zeros(2))
