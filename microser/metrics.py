@@ -75,9 +75,9 @@ def ccc_parts(prediction, truth) -> dict[str, np.ndarray]:
         raise ValueError(f"ccc_parts needs equal shapes with at least 2 samples, but got prediction {x.shape} "
                          f"and truth {y.shape}")
     sx, sy = x.std(0), y.std(0)
+    two_cov, _ = ccc_terms(x, y)   # CCC's own covariance
     with np.errstate(divide="ignore", invalid="ignore"):
-        r = ((x - x.mean(0)) * (y - y.mean(0))).mean(0) / (sx * sy)
-        return {"r": r, "bias": (x.mean(0) - y.mean(0)) / sy, "scale": sx / sy}
+        return {"r": two_cov / (2 * sx * sy), "bias": (x.mean(0) - y.mean(0)) / sy, "scale": sx / sy}
 
 
 def ccc_report(prediction, truth) -> dict[str, float]:
