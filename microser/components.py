@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import optuna
 import torch
 
 from microser.budgets import describe_violations
 from microser.cache import Cache
 from microser.costs import measure_costs
-from microser.distill import evaluate, train
+from microser.distill import predict, train
 from microser.errors import MicroserError
+from microser.metrics import ccc_report, parts_report
 from microser.models.spec import build_model
 from microser.samplers import make_sampler
 from microser.search_config import SearchConfig
@@ -62,6 +64,7 @@ class TrainOutcome:
     collapsed: str | None = None    # the collapse message, when predictions were constant
     eval_seconds: float = 0.0       # of train_seconds, the time spent validating (the rest is optimizer steps)
     test_ccc: dict | None = None    # test ccc_report, when the split has a test part (final stage)
+    test_parts: dict | None = None  # metrics.parts_report of the same test predictions (r, bias, scale)
 
 
 def measure_spec(spec, input_seconds: float) -> dict:
@@ -77,13 +80,16 @@ def distill_spec(spec, data, train_config, *, split: Split, progress=None, shoul
     result = train(model, data, train_config, train_idx=split.train, valid_idx=split.valid, progress=progress,
                    should_stop=should_stop)
     model.load_state_dict(result.state_dict)
-    test_ccc = None
+    test_ccc = test_parts = None
     if split.test is not None and len(split.test) >= 2:
-        test_ccc = evaluate(model, data, "test", indices=split.test)
+        test = np.asarray(split.test, dtype=np.int64)
+        pred, truth = predict(model, data, test), np.asarray(data.targets, dtype=np.float32)[test]
+        test_ccc, test_parts = ccc_report(pred, truth), parts_report(pred, truth)
     return TrainOutcome(state_dict=result.state_dict, ccc=result.ccc, train_seconds=result.train_seconds,
                         eval_seconds=float(sum(h.get("eval_seconds", 0.0) for h in result.history)),
                         samples_per_second=result.samples_per_second, steps=result.steps,
-                        collapsed=result.collapse_message if result.collapsed else None, test_ccc=test_ccc)
+                        collapsed=result.collapse_message if result.collapsed else None, test_ccc=test_ccc,
+                        test_parts=test_parts)
 
 
 @dataclass

@@ -99,6 +99,7 @@ def _row(t: optuna.trial.FrozenTrial, final: dict | None, rungs: dict[int, dict]
             "family": a.get("family"), "costs": a.get("costs"), "rungs": {0: a.get("ccc"), **{k: r.get("ccc") for k, r in rungs.items()}},
             "final_ccc": final.get("ccc"), "final_ccc_std": final.get("ccc_std"),
             "test_ccc": final.get("test_ccc"), "test_ccc_std": final.get("test_ccc_std"),
+            "test_parts": final.get("test_parts"),
             "seeds": final.get("seeds", []), "feasible": is_feasible(t), "on_front": on_front,
             "collapsed": final.get("collapsed") or a.get("collapsed")}
 

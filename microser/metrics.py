@@ -88,6 +88,23 @@ def ccc_report(prediction, truth) -> dict[str, float]:
     return report
 
 
+CCC_PARTS = ("r", "bias", "scale")
+
+
+def parts_report(prediction, truth) -> dict[str, dict[str, float]]:
+    """:func:`ccc_parts` per target name: ``{"r": {"arousal": .., ..}, "bias": {..}, "scale": {..}}``.
+
+    A part that is undefined for a target (constant truth or constant predictions) is left out of that
+    part's dict, so that JSON storage and :func:`report_mean_std` see only numbers.
+
+    >>> parts_report(np.array([[2.0] * 3, [3.0] * 3, [4.0] * 3]), np.array([[1.0] * 3, [2.0] * 3, [3.0] * 3]))["bias"]
+    {'arousal': 1.224744871391589, 'dominance': 1.224744871391589, 'valence': 1.224744871391589}
+    """
+    parts = ccc_parts(prediction, truth)
+    return {part: {name: float(v) for name, v in zip(TARGETS, np.atleast_1d(parts[part])) if np.isfinite(v)}
+            for part in CCC_PARTS}
+
+
 def report_mean_std(reports) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and population standard deviation, key by key, of several ``ccc_report`` dicts (e.g. over seeds).
 

@@ -43,7 +43,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from microser.errors import MicroserError
-from microser.metrics import report_mean_std
+from microser.metrics import CCC_PARTS, report_mean_std
 from microser.storage import heartbeat_seconds, heartbeats_on, load_weights, worker_tag
 
 FINAL = "final"
@@ -275,8 +275,9 @@ class Evaluations:
     def final(self, trial: FrozenTrial) -> dict | None:
         """The final stage of ``trial`` over its seeds, or None if it has none.
 
-        ``{"steps", "seeds": [{"seed", "fold", "ccc", "test_ccc", "weights", "train_seconds", "collapsed"}],
-        "ccc"/"test_ccc": per-target means over seeds, "ccc_std"/"test_ccc_std": population std over seeds,
+        ``{"steps", "seeds": [{"seed", "fold", "ccc", "test_ccc", "test_parts", "weights", "train_seconds",
+        "collapsed"}], "ccc"/"test_ccc": per-target means over seeds, "ccc_std"/"test_ccc_std": population std
+        over seeds, "test_parts": the test CCC's parts (``metrics.parts_report``), each averaged over seeds,
         "weights": the first seed's (fold 0: the cache's own split), "collapsed": the first collapse message}``.
         """
         runs = sorted(((job, a) for job, a in self.by_trial.get(trial.number, []) if job.rung == FINAL),
@@ -284,12 +285,16 @@ class Evaluations:
         if not runs:
             return _legacy_final(self.study, trial)
         seeds = [{"seed": job.seed, "fold": job.fold, "ccc": a.get("ccc"), "test_ccc": a.get("test_ccc"),
+                  "test_parts": a.get("test_parts"),
                   "weights": a.get("weights"), "train_seconds": a.get("train_seconds"),
                   "collapsed": a.get("collapsed")} for job, a in runs]
         ccc, ccc_std = report_mean_std([s["ccc"] for s in seeds])
         test, test_std = report_mean_std([s["test_ccc"] for s in seeds])
+        with_parts = [s["test_parts"] for s in seeds if s.get("test_parts")]
+        parts = {p: report_mean_std([x.get(p) or {} for x in with_parts])[0] for p in CCC_PARTS} if with_parts else None
         return {"steps": runs[0][0].steps, "seeds": seeds, "ccc": ccc, "ccc_std": ccc_std,
-                "test_ccc": test or None, "test_ccc_std": test_std or None, "weights": seeds[0]["weights"],
+                "test_ccc": test or None, "test_ccc_std": test_std or None, "test_parts": parts,
+                "weights": seeds[0]["weights"],
                 "collapsed": next((s["collapsed"] for s in seeds if s["collapsed"]), None)}
 
 

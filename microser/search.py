@@ -175,6 +175,8 @@ class _Searcher:
                   "samples_per_second": outcome.samples_per_second, "weights": weights}
         if outcome.test_ccc is not None:
             record["test_ccc"] = outcome.test_ccc
+        if outcome.test_parts:
+            record["test_parts"] = outcome.test_parts
         if outcome.collapsed:
             record["collapsed"] = outcome.collapsed
         return record

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from microser import TARGETS
 from microser.components import Components, TrainOutcome
 from microser.search_config import SearchConfig
 
@@ -86,14 +87,18 @@ class FakeTrainer:
             took = self.step_seconds * train_config.steps
         ccc = fake_ccc(spec.width, train_config.steps)
         report = {"arousal": ccc, "dominance": ccc, "valence": ccc, "mean": ccc}
-        test = None
+        test = parts = None
         if split.test is not None:
             t = ccc + self.test_offset(spec.width, split.fold)
             test = {"arousal": t, "dominance": t, "valence": t, "mean": t}
+            # r 0.9 on every target; arousal offset -0.6 on fold 0, -0.5 on fold 1; spread 0.8
+            parts = {"r": dict.fromkeys(TARGETS, 0.9), "bias": {**dict.fromkeys(TARGETS, 0.1),
+                                                                "arousal": -0.6 + 0.1 * split.fold},
+                     "scale": dict.fromkeys(TARGETS, 0.8)}
         return TrainOutcome(state_dict={"w": torch.full((2,), float(spec.width))}, ccc=report,
                             train_seconds=took if took is not None else time.monotonic() - start,
                             samples_per_second=100.0,
-                            steps=train_config.steps, test_ccc=test)
+                            steps=train_config.steps, test_ccc=test, test_parts=parts)
 
 
 class FakeData:

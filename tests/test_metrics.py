@@ -1,9 +1,12 @@
 """microser.metrics.ccc against hand-computed values and an independent numpy formulation."""
 
+import json
+
 import numpy as np
 import pytest
 
-from microser.metrics import ccc, ccc_parts, ccc_report
+from microser import TARGETS
+from microser.metrics import ccc, ccc_parts, ccc_report, parts_report
 
 
 def reference_ccc(x, y):
@@ -69,3 +72,18 @@ def test_ccc_parts_rebuild_the_ccc_and_match_numpy():
     np.testing.assert_allclose(ccc(truth + truth.std(0), truth), 2 / 3)
     with pytest.raises(ValueError, match=r"equal shapes .* prediction \(3,\) and truth \(2,\)"):
         ccc_parts(np.zeros(3), np.zeros(2))
+
+
+def test_parts_report_names_the_targets_and_leaves_out_undefined_parts():
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(50, 3))
+    pred = 0.5 * truth + rng.normal(size=(50, 3)) - 0.3
+    pred[:, 2] = 1.0                                       # constant valence: r undefined, scale 0, bias defined
+    report, parts = parts_report(pred, truth), ccc_parts(pred, truth)
+    for k, part in enumerate(("r", "bias", "scale")):
+        for d, name in enumerate(TARGETS[:2]):
+            assert report[part][name] == pytest.approx(float(parts[part][d]))
+    assert report["r"]["arousal"] == pytest.approx(np.corrcoef(pred[:, 0], truth[:, 0])[0, 1])
+    assert "valence" not in report["r"] and report["scale"]["valence"] == 0.0
+    assert report["bias"]["valence"] == pytest.approx((1.0 - truth[:, 2].mean()) / truth[:, 2].std())
+    json.dumps(report, allow_nan=False)                    # storable as it is

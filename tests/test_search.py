@@ -115,6 +115,13 @@ def test_final_stage_trains_finalists_and_references_with_seeds_on_rotating_spea
     # at 80 columns (pytest's console) the numbers stay whole in the table, the architectures are listed below
     assert f"{pick['test_ccc']['mean']:.3f} ±" in shown and f"trial {pick['number']}: " in shown
     assert max(len(line) for line in shown.splitlines()) <= 80
+    # where the test CCC goes: the parts averaged over the two seeds (folds), and the offset named
+    assert pick["test_parts"]["bias"]["arousal"] == pytest.approx(-0.55)
+    assert pick["test_parts"]["r"] == pytest.approx({"arousal": 0.9, "dominance": 0.9, "valence": 0.9})
+    assert summary.reference["test_parts"]["scale"]["valence"] == pytest.approx(0.8)
+    flat = " ".join(shown.split())
+    assert f"pick (trial {pick['number']}): aro r 0.90 b -0.55 s 0.80, dom r 0.90 b +0.10 s 0.80" in flat
+    assert "on arousal with r 0.90 but its predictions sit -0.55 target SDs off" in flat
 
 
 def test_verdict_needs_the_margin_above_its_spread():

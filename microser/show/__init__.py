@@ -231,10 +231,42 @@ def search_summary(summary, as_json: bool = False) -> None:
         console.print(f"pick: trial {summary.pick['number']} {verdict} {summary.reference['reference']}: test CCC "
                       f"{m['mean']:+.3f} ± {m['spread']:.3f} over {len(m['per_seed'])} seed pair(s) (held-out "
                       "speakers; a win needs the margin above its spread)", highlight=False)
+    for line in parts_lines(summary.pick, summary.reference):
+        console.print(line, highlight=False)
     for note in summary.notes:
         console.print(note, highlight=False)
     console.print(f"storage {summary.storage}, artifacts {summary.artifacts}; next: microser pareto --study "
                   f"{summary.study}", highlight=False)
+
+
+PARTS_OFFSET_NOTE = 0.5  # |mean offset| in target SDs above which the summary names the offset as the loss
+
+
+def parts_lines(pick: dict | None, reference: dict | None) -> list[str]:
+    """Where the pick's and the reference's test CCC goes: Pearson r, mean offset b (target SDs) and spread
+    ratio s per target (``metrics.ccc_parts``, means over seeds), and a note when the pick loses its CCC to
+    an offset rather than to ranking."""
+    from microser import TARGETS
+
+    rows = [(f"pick (trial {pick['number']})", pick.get("test_parts")) if pick else (None, None),
+            (reference.get("reference") or "reference", reference.get("test_parts")) if reference else (None, None)]
+    rows = [(label, parts) for label, parts in rows if parts]
+    if not rows:
+        return []
+    lines = ["test CCC = 2rs / (1 + s^2 + b^2): r ranking (Pearson), b mean offset in target SDs, s spread ratio"]
+    for label, parts in rows:
+        cells = [f"{t[:3]} r {parts['r'][t]:.2f} b {parts['bias'][t]:+.2f} s {parts['scale'][t]:.2f}"
+                 for t in TARGETS if all(t in parts.get(p, {}) for p in ("r", "bias", "scale"))]
+        lines.append(f"  {label}: " + ", ".join(cells))
+    parts = pick.get("test_parts") if pick else None
+    if parts and parts.get("bias"):
+        worst = max(parts["bias"], key=lambda t: abs(parts["bias"][t]))
+        b, r = parts["bias"][worst], parts.get("r", {}).get(worst)
+        if abs(b) >= PARTS_OFFSET_NOTE and r is not None:
+            lines.append(f"the pick ranks the held-out speakers' clips on {worst} with r {r:.2f} but its predictions "
+                         f"sit {b:+.2f} target SDs off: the CCC it loses there is an offset of those speakers, "
+                         "not ranking, and validation on other speakers does not show it")
+    return lines
 
 
 # ---- train (microser train) ----
