@@ -8,6 +8,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from microser import TARGETS
 from microser.errors import MicroserError
 from microser.fidelity import plan_steps
 from microser.final import compare
@@ -276,6 +277,16 @@ def test_real_two_trial_search_records_the_contract_and_repeats_with_the_same_se
     assert final_record(study, ref[0])["ccc"]["mean"] == pytest.approx(summary.reference["final_ccc"]["mean"])
     assert [r["number"] for r in summary.rows if not r["reference"]] == [summary.pick["number"]]
     assert len(summary.pick["seeds"]) == 2 and summary.margin is not None
+    # each final-stage seed stores the parts of its test CCC, measured on the same predictions: they rebuild it
+    checked = 0
+    for seed in summary.pick["seeds"]:
+        parts, test = seed["test_parts"], seed["test_ccc"]
+        for t in TARGETS:
+            if all(t in parts[p] for p in ("r", "bias", "scale")):
+                r, b, s = parts["r"][t], parts["bias"][t], parts["scale"][t]
+                assert 2 * r * s / (1 + s * s + b * b) == pytest.approx(test[t], abs=1e-9)
+                checked += 1
+    assert checked >= 1
     # same seed, one worker, fixed threads: the same candidates get the same values
     run_search(tiny_config(tiny, tmp_path / "b", references=(ref_json,), final_k=0))
     assert _trained_values(f"sqlite:///{tmp_path}/b/t.db") == _trained_values(f"sqlite:///{tmp_path}/a/t.db")

@@ -247,18 +247,19 @@ def parts_lines(pick: dict | None, reference: dict | None) -> list[str]:
     ratio s per target (``metrics.ccc_parts``, means over seeds), and a note when the pick loses its CCC to
     an offset rather than to ranking."""
     from microser import TARGETS
+    from microser.metrics import CCC_PARTS
 
-    rows = [(f"pick (trial {pick['number']})", pick.get("test_parts")) if pick else (None, None),
-            (reference.get("reference") or "reference", reference.get("test_parts")) if reference else (None, None)]
-    rows = [(label, parts) for label, parts in rows if parts]
+    parts = (pick or {}).get("test_parts")
+    rows = [(label, row["test_parts"]) for label, row in
+            ((f"pick (trial {pick['number']})" if pick else "", pick),
+             ((reference or {}).get("reference") or "reference", reference)) if row and row.get("test_parts")]
     if not rows:
         return []
     lines = ["test CCC = 2rs / (1 + s^2 + b^2): r ranking (Pearson), b mean offset in target SDs, s spread ratio"]
-    for label, parts in rows:
-        cells = [f"{t[:3]} r {parts['r'][t]:.2f} b {parts['bias'][t]:+.2f} s {parts['scale'][t]:.2f}"
-                 for t in TARGETS if all(t in parts.get(p, {}) for p in ("r", "bias", "scale"))]
+    for label, p in rows:
+        cells = [f"{t[:3]} r {p['r'][t]:.2f} b {p['bias'][t]:+.2f} s {p['scale'][t]:.2f}"
+                 for t in TARGETS if all(t in p.get(name, {}) for name in CCC_PARTS)]
         lines.append(f"  {label}: " + ", ".join(cells))
-    parts = pick.get("test_parts") if pick else None
     if parts and parts.get("bias"):
         worst = max(parts["bias"], key=lambda t: abs(parts["bias"][t]))
         b, r = parts["bias"][worst], parts.get("r", {}).get(worst)
