@@ -34,6 +34,7 @@ from microser.storage import open_storage
 from microser.urls import safe_url
 
 PROBE_DRAWS = 48                # random candidates measured up front to tell an impossible budget early
+SPEED_PROBE_STEPS = (4, 12)     # optimizer steps of the speed probe: untimed warm-up, then timed
 
 
 @dataclass
@@ -92,6 +93,31 @@ def distill_spec(spec, data, train_config, *, split: Split, progress=None, shoul
                         test_parts=test_parts)
 
 
+def probe_step_seconds(data, train_config) -> float:
+    """Seconds per optimizer step of ``fidelity.PROBE_SPEC`` on ``data`` with ``train_config``'s recipe and threads.
+
+    Trains ``SPEED_PROBE_STEPS`` steps (about 3 s on the calibration machine) and returns the median time between
+    the timed steps' ends, so a first slow batch or one hiccup does not move it; validation is on two segments
+    and not timed. What the time plan divides by (``fidelity.machine_speed``).
+    """
+    from dataclasses import replace
+
+    from microser.fidelity import PROBE_SPEC
+    from microser.models.spec import resolve_spec
+
+    warm, timed = SPEED_PROBE_STEPS
+    steps = warm + timed + 1
+    torch.manual_seed(train_config.seed)
+    model = build_model(resolve_spec(PROBE_SPEC))
+    ends: list[float] = []
+    valid = np.asarray(data.split_indices("valid"))[:2]
+    train(model, data, replace(train_config, steps=steps, epochs=None, eval_every=steps, ema_decay=0.0,
+                               keep_best=False, patience=None),
+          valid_idx=valid, on_step=lambda info: ends.append(time.perf_counter()))
+    gaps = np.diff(ends[warm:])
+    return float(np.median(gaps))
+
+
 @dataclass
 class Components:
     """The pieces a search calls; defaults are the real ones, tests swap in fakes."""
@@ -103,6 +129,7 @@ class Components:
     resolve_reference: Callable | None = None   # name -> ArchSpec; None: microser.models.spec.resolve_spec
     load_spec: Callable | None = None           # JSON -> ArchSpec; None: ArchSpec.from_json
     clock: Callable[[], float] = time.monotonic  # seconds; the wall-clock budget and job times read it
+    step_seconds: Callable = probe_step_seconds  # (data, TrainConfig) -> seconds per step; plans --time for this machine
 
 
 def open_data(config: SearchConfig, components: Components):

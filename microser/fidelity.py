@@ -5,6 +5,12 @@ trial's cost does not depend on the cache's size (one epoch of a 100-hour
 cache is about 20,000 steps; of a small real corpus a few dozen). Epochs stay
 available and are converted to steps on the cache at hand. The fidelity is
 fixed when a study is created and is part of its identity.
+
+A ``--time`` budget buys steps at the speed of the machine it runs on: the
+search times a few steps of a fixed probe model (``PROBE_SPEC``) before it
+creates the study and plans for the budget that speed buys
+(``machine_speed``), so a slower machine gets lower rungs and a final stage
+that still sits above the top rung, and a faster one (or a GPU) trains longer.
 """
 
 from __future__ import annotations
@@ -17,25 +23,61 @@ FINAL_TIME_SHARE = 0.5   # with --time, the search stage stops when the final st
 FINAL_EVALUATION_SCALE = 4   # the final stage validates (and tests) on 4x the audio of a rung evaluation
 FEW_VALID_SPEAKERS = 4   # a validation split of at most this many speakers gets rotating folds in the final stage
 
+# The machine the 10-minute plan was calibrated on: a 2-core AMD EPYC (x86-64, torch 2.14.1) trains the probe
+# model (the paper's Wav2Small) at this many seconds per optimizer step with the search's default recipe on 2
+# threads (median of 10 probes on the espeak-emo and ravdess-dev caches, 0.149-0.177). Measure another machine
+# with `python bench/machine_speed.py` (docs/DECISIONS.md, "The time plan measures the machine").
+PROBE_SPEC = "wav2small-ref"        # a fixed model, so the probe measures the machine and the recipe, not a candidate
+CALIBRATION_STEP_SECONDS = 0.162
+SPEED_DEAD_BAND = (0.8, 1.25)       # a measured speed this close to the calibration plans exactly as calibrated
+SPEED_LIMITS = (0.1, 30.0)          # beyond these the plan is clamped (a probe disturbed by other work)
 
-def plan_steps(seconds: float | None) -> tuple[tuple[int, ...], int]:
-    """Rungs and final-stage steps for a wall-clock budget (None: the 10-minute plan).
+
+def plan_steps(seconds: float | None, speed: float = 1.0) -> tuple[tuple[int, ...], int]:
+    """Rungs and final-stage steps for a wall-clock budget (None: the 10-minute plan) at a machine ``speed``.
 
     Calibrated on 2 CPU cores (docs/search.md): at 10 minutes, rungs of 60, 200
     and 600 steps and a final stage of 1,000 steps leave time for about 25
     candidates, 3 finalists and the reference with 2 seeds each. Longer budgets
     raise the top rungs and the final stage (fidelity grows like time^0.75, the
-    number of candidates like time^0.25); shorter ones lower them.
+    number of candidates like time^0.25); shorter ones lower them. ``speed``
+    (``machine_speed``: optimizer steps per second relative to the calibration
+    machine) scales the budget: half the speed plans like half the time. The top
+    rung is 0.6 of the final stage; rungs grow about 3x from 60 steps, and a
+    rung closer than 1.5x below the top one is dropped for it.
     """
-    scale = (seconds or 600.0) / 600.0
+    scale = (seconds or 600.0) * speed / 600.0
     final = int(min(20_000, max(200, round(1000 * scale ** 0.75 / 50) * 50)))
     top = int(max(60, round(0.6 * final / 10) * 10))
     rungs = [60]
     while rungs[-1] * 3 < top:
         rungs.append(int(round(rungs[-1] * 10 / 3 / 10) * 10))
     if top > rungs[-1]:
+        if len(rungs) > 1 and top < 1.5 * rungs[-1]:
+            rungs.pop()
         rungs.append(top)
     return tuple(rungs), final
+
+
+def machine_speed(step_seconds: float, workers: int = 1) -> float:
+    """The speed a time plan uses: steps per second of ``workers`` (each timed at ``step_seconds`` per probe step)
+    relative to the calibration machine; 1.0 inside ``SPEED_DEAD_BAND`` (timing noise does not move the plan),
+    clamped to ``SPEED_LIMITS``, rounded to two digits."""
+    if not step_seconds > 0:
+        raise ValueError(f"step_seconds must be positive, got {step_seconds!r}")
+    speed = workers * CALIBRATION_STEP_SECONDS / step_seconds
+    if SPEED_DEAD_BAND[0] <= speed <= SPEED_DEAD_BAND[1]:
+        return 1.0
+    return round(min(SPEED_LIMITS[1], max(SPEED_LIMITS[0], speed)), 2)
+
+
+def plans_from_time(config) -> bool:
+    """Whether a search with ``config`` takes any of its steps from the ``--time`` plan (then the machine counts)."""
+    if config.time is None:
+        return False
+    rungs_given = bool(config.rungs) or config.epochs is not None
+    final_given = config.final_steps is not None or config.final_epochs is not None
+    return not (rungs_given and final_given)
 
 
 @dataclass(frozen=True)
@@ -74,9 +116,10 @@ def steps_for_epochs(epochs: float, n_train: int, config) -> int:
     return max(1, int(round(epochs * per_epoch)))
 
 
-def resolve_fidelity(config, data) -> Fidelity:
-    """The study's fidelity: rungs and final steps from the config, from epochs of this cache, or planned from time."""
-    planned_rungs, planned_final = plan_steps(config.time)
+def resolve_fidelity(config, data, speed: float = 1.0) -> Fidelity:
+    """The study's fidelity: rungs and final steps from the config, from epochs of this cache, or planned from time
+    at the machine ``speed`` (``machine_speed``)."""
+    planned_rungs, planned_final = plan_steps(config.time, speed)
     n_train = len(data.split_indices("train")) if hasattr(data, "split_indices") else 0
     if config.epochs is not None:
         rungs = (steps_for_epochs(config.epochs, n_train, config),)

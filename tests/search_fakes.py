@@ -18,6 +18,7 @@ import torch
 
 from microser import TARGETS
 from microser.components import Components, TrainOutcome
+from microser.fidelity import CALIBRATION_STEP_SECONDS
 from microser.search_config import SearchConfig
 
 
@@ -119,9 +120,11 @@ class FakeData:
         return [self._speakers[int(i)] for i in indices]
 
 
-def fake_components(trainer) -> Components:
+def fake_components(trainer, step_seconds: float = CALIBRATION_STEP_SECONDS) -> Components:
+    """Fake components on a machine whose speed probe times ``step_seconds`` per step (default: the calibration's)."""
     return Components(trainer=trainer, measure=fake_measure, space=FakeSpace(), data=FakeData(),
-                      resolve_reference=lambda name: FakeSpec(10), load_spec=lambda s: FakeSpec(json.loads(s)["width"]))
+                      resolve_reference=lambda name: FakeSpec(10), load_spec=lambda s: FakeSpec(json.loads(s)["width"]),
+                      step_seconds=lambda data, train_config: step_seconds)
 
 
 def fake_config(tmp_path, **kw) -> SearchConfig:

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from microser import TARGETS
 from microser.errors import MicroserError
-from microser.fidelity import plan_steps
+from microser.fidelity import CALIBRATION_STEP_SECONDS, machine_speed, plan_steps, plans_from_time
 from microser.final import compare
 from microser.pareto import is_candidate
 from microser.rungs import Evaluations, RungQueue, final_record, load_trial_weights
@@ -171,6 +171,54 @@ def test_existing_study_with_other_objectives_budgets_or_fidelity_is_refused(tmp
         run_search(fake_config(tmp_path, rungs=(10, 40)), components=fake_components(FakeTrainer()))
 
 
+def test_plan_scales_with_the_measured_machine_speed():
+    assert plan_steps(600, 0.5) == plan_steps(300) == ((60, 200, 360), 600)
+    assert plan_steps(600, 2.0) == plan_steps(1200)
+    for seconds in (60, 150, 300, 600, 900, 3600, 36000):
+        for speed in (0.1, 0.3, 0.56, 1.0, 3.0, 30.0):
+            rungs, final = plan_steps(seconds, speed)
+            assert rungs[0] == 60 and final >= rungs[-1]          # the final stage never below the top rung
+            assert all(b >= 1.5 * a for a, b in zip(rungs, rungs[1:])), rungs   # no near-duplicate rungs
+    # timing noise within the dead band plans as calibrated; a machine half as fast plans like half the time
+    assert machine_speed(CALIBRATION_STEP_SECONDS * 1.2) == machine_speed(CALIBRATION_STEP_SECONDS / 1.2) == 1.0
+    assert machine_speed(CALIBRATION_STEP_SECONDS * 2) == 0.5
+    assert machine_speed(CALIBRATION_STEP_SECONDS * 4, workers=2) == 0.5     # two workers, each 4x slower
+    assert machine_speed(CALIBRATION_STEP_SECONDS * 100) == 0.1 and machine_speed(1e-6) == 30.0   # clamped
+    with pytest.raises(ValueError, match="step_seconds must be positive, got 0"):
+        machine_speed(0.0)
+    assert plans_from_time(SearchConfig()) and not plans_from_time(SearchConfig(time=None, trials=5))
+    assert not plans_from_time(SearchConfig(rungs=(60,), final_steps=100))   # nothing left to plan
+    assert plans_from_time(SearchConfig(rungs=(60,)))                         # the final stage still is
+
+
+def test_a_slow_machine_gets_a_lower_plan_and_a_resume_keeps_it(tmp_path):
+    def start_line(events):
+        return next(e.message for e in events if e.kind == "start")
+
+    events = []
+    slow = fake_components(FakeTrainer(), step_seconds=2 * CALIBRATION_STEP_SECONDS)
+    config = fake_config(tmp_path, trials=3, time=600.0, rungs=None, final_steps=None)
+    summary = run_search(config, components=slow, progress=events.append)
+    assert summary.settings["fidelity"]["rungs"] == [60, 200, 360]              # = the 5-minute plan
+    assert summary.settings["fidelity"]["final_steps"] == 600
+    assert summary.settings["time_plan"] == {"step_seconds": round(2 * CALIBRATION_STEP_SECONDS, 4),
+                                             "calibration_step_seconds": CALIBRATION_STEP_SECONDS, "workers": 1,
+                                             "speed": 0.5}
+    assert "rungs 60, 200, 360 steps, final 600 steps x 2 seeds; planned for 0.5x the calibration machine's " \
+           "speed (probe 0.324 s per step, calibration 0.162)" in start_line(events)
+    # resumed on a fast machine: the study keeps the plan it was created with (no probe, no identity error)
+    probed = []
+    fast = fake_components(FakeTrainer())
+    fast.step_seconds = lambda data, cfg: probed.append(cfg) or CALIBRATION_STEP_SECONDS / 4
+    again = run_search(config, components=fast)
+    assert not probed and again.settings["fidelity"] == summary.settings["fidelity"]
+    # at the calibration speed the plan is the calibrated one
+    calibrated = run_search(fake_config(tmp_path / "c", trials=3, time=600.0, rungs=None, final_steps=None),
+                            components=fake_components(FakeTrainer()))
+    assert calibrated.settings["fidelity"]["rungs"] == [60, 200, 600]
+    assert calibrated.settings["fidelity"]["final_steps"] == 1000
+
+
 def test_time_budget_plans_the_fidelity_and_leaves_room_for_the_final_stage(tmp_path):
     assert plan_steps(600) == ((60, 200, 600), 1000)
     rungs, final = plan_steps(3600)
@@ -294,6 +342,22 @@ def test_real_two_trial_search_records_the_contract_and_repeats_with_the_same_se
 
 def _is_search(t):
     return t.state == TrialState.COMPLETE and not t.user_attrs.get("rejected") and not t.user_attrs.get("reference")
+
+
+@pytest.mark.slow
+def test_speed_probe_times_real_steps_of_the_probe_model(tiny):
+    from microser.cache import Cache
+    from microser.components import SPEED_PROBE_STEPS, probe_step_seconds
+    from microser.train_config import TrainConfig
+
+    threads = torch.get_num_threads()
+    started = time.perf_counter()
+    per_step = probe_step_seconds(Cache.open(tiny / "cache"), TrainConfig(steps=1, batch_size=8, crop_seconds=0.5,
+                                                                          threads=1, seed=0))
+    took = time.perf_counter() - started
+    # a real median step of Wav2Small: positive, and the timed steps fit inside the probe's own wall time
+    assert 0 < per_step and per_step * SPEED_PROBE_STEPS[1] < took
+    assert torch.get_num_threads() == threads        # the probe's thread setting does not leak
 
 
 @pytest.mark.slow
