@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from microser.splits import speaker_folds
 
 FINAL_TIME_SHARE = 0.5   # with --time, the search stage stops when the final stage's estimate or this share is left
+FINAL_TIME_SHARE_MAX = 0.75   # ... or more, up to this share, when the final stage needs it to reach the top rung
 FINAL_EVALUATION_SCALE = 4   # the final stage validates (and tests) on 4x the audio of a rung evaluation
 FEW_VALID_SPEAKERS = 4   # a validation split of at most this many speakers gets rotating folds in the final stage
 
@@ -42,12 +43,17 @@ def plan_steps(seconds: float | None, speed: float = 1.0) -> tuple[tuple[int, ..
     raise the top rungs and the final stage (fidelity grows like time^0.75, the
     number of candidates like time^0.25); shorter ones lower them. ``speed``
     (``machine_speed``: optimizer steps per second relative to the calibration
-    machine) scales the budget: half the speed plans like half the time. The top
-    rung is 0.6 of the final stage; rungs grow about 3x from 60 steps, and a
-    rung closer than 1.5x below the top one is dropped for it.
+    machine) scales the steps: a faster machine plans like a longer budget, a
+    slower one in proportion to its speed (half the speed, half the steps), so
+    that its final stage takes the share of ``seconds`` it takes on the
+    calibration machine (planning it like half the time would make the final
+    stage 19 % longer there and push it under the top rung). The top rung is
+    0.6 of the final stage; rungs grow about 3x from 60 steps, and a rung
+    closer than 1.5x below the top one is dropped for it.
     """
-    scale = (seconds or 600.0) * speed / 600.0
-    final = int(min(20_000, max(200, round(1000 * scale ** 0.75 / 50) * 50)))
+    scale = (seconds or 600.0) / 600.0
+    steps = 1000 * (scale * speed) ** 0.75 if speed >= 1 else 1000 * scale ** 0.75 * speed
+    final = int(min(20_000, max(200, round(steps / 50) * 50)))
     top = int(max(60, round(0.6 * final / 10) * 10))
     rungs = [60]
     while rungs[-1] * 3 < top:
