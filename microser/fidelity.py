@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from microser.splits import speaker_folds
 
 FINAL_TIME_SHARE = 0.5   # with --time, the search stage stops when the final stage's estimate or this share is left
-FINAL_TIME_SHARE_MAX = 0.75   # ... or more, up to this share, when the final stage needs it to reach the top rung
 FINAL_EVALUATION_SCALE = 4   # the final stage validates (and tests) on 4x the audio of a rung evaluation
 FEW_VALID_SPEAKERS = 4   # a validation split of at most this many speakers gets rotating folds in the final stage
 

@@ -52,7 +52,6 @@ from microser.fidelity import (
     CALIBRATION_STEP_SECONDS,
     FINAL_EVALUATION_SCALE,
     FINAL_TIME_SHARE,
-    FINAL_TIME_SHARE_MAX,
     Fidelity,
     machine_speed,
     plans_from_time,
@@ -224,14 +223,13 @@ class _Searcher:
         refs = [t.number for t in references(self.study, self.config.references)]
         return finalists(s.ladder, self.config.final_k) + refs
 
-    def _final_seconds(self, s: Ladder, pending_only: bool = False, steps: int | None = None) -> float:
-        """Estimated seconds of the final stage (finalists as they stand now, and the references), over workers,
-        at ``steps`` (default: its plan's, else the planned ``final_steps``)."""
+    def _final_seconds(self, s: Ladder, pending_only: bool = False) -> float:
+        """Estimated seconds of the final stage (finalists as they stand now, and the references), over workers."""
         f = self.fidelity
         total = 0.0
         members = self._final_members(s)
         plan = self.study.user_attrs.get(FINAL_PLAN_ATTR) if self.study.user_attrs.get(SEARCH_DONE_ATTR) else None
-        steps = steps or int((plan or {}).get("steps") or f.final_steps)
+        steps = int((plan or {}).get("steps") or f.final_steps)
         for n in members:
             for seed in range(f.final_seeds):
                 if pending_only and s.final_keys.get(f"{n}/{FINAL}/{seed}") == "COMPLETE":
@@ -244,14 +242,10 @@ class _Searcher:
     def out_of_time(self, s: Ladder, next_seconds: float) -> bool:
         """True when starting ``next_seconds`` of work would leave too little time for the final stage: its
         estimate at the planned steps, but at most FINAL_TIME_SHARE of ``--time`` (it then trains fewer steps,
-        ``final_steps_that_fit``) so that a slow reference cannot leave no time to search; and never less than
-        its estimate at the top rung's steps (up to FINAL_TIME_SHARE_MAX), so that the final stage does not
-        compare its finalists at a lower fidelity than the rung that ranked them."""
+        ``final_steps_that_fit``) so that a slow reference cannot leave no time to search."""
         if self.deadline is None:
             return False
-        time = self.config.time
-        floor = min(self._final_seconds(s, steps=self.fidelity.rungs[-1]) / 0.9, FINAL_TIME_SHARE_MAX * time)
-        reserve = min(self._final_seconds(s), max(FINAL_TIME_SHARE * time, floor))
+        reserve = min(self._final_seconds(s), FINAL_TIME_SHARE * self.config.time)
         return self.c.clock() + next_seconds + reserve > self.deadline
 
     # -- a new candidate (first rung) --
