@@ -172,8 +172,8 @@ def test_existing_study_with_other_objectives_budgets_or_fidelity_is_refused(tmp
 
 
 def test_plan_scales_with_the_measured_machine_speed():
-    # slower: steps in proportion, so the final stage takes the calibrated share of the time; faster: as more time
-    assert plan_steps(600, 0.5) == ((60, 200, 300), 500)
+    # slower: speed^1.5 of the steps (slower still beside the steps); faster: as more time
+    assert plan_steps(600, 0.5) == ((60, 210), 350)
     assert plan_steps(600, 2.0) == plan_steps(1200)
     for seconds in (60, 150, 300, 600, 900, 3600, 36000):
         for speed in (0.1, 0.3, 0.56, 1.0, 3.0, 30.0):
@@ -200,12 +200,12 @@ def test_a_slow_machine_gets_a_lower_plan_and_a_resume_keeps_it(tmp_path):
     slow = fake_components(FakeTrainer(), step_seconds=2 * CALIBRATION_STEP_SECONDS)
     config = fake_config(tmp_path, trials=3, time=600.0, rungs=None, final_steps=None)
     summary = run_search(config, components=slow, progress=events.append)
-    assert summary.settings["fidelity"]["rungs"] == [60, 200, 300]              # half the calibrated steps
-    assert summary.settings["fidelity"]["final_steps"] == 500
+    assert summary.settings["fidelity"]["rungs"] == [60, 210]                    # 0.5^1.5 of the calibrated steps
+    assert summary.settings["fidelity"]["final_steps"] == 350
     assert summary.settings["time_plan"] == {"step_seconds": round(2 * CALIBRATION_STEP_SECONDS, 4),
                                              "calibration_step_seconds": CALIBRATION_STEP_SECONDS, "workers": 1,
                                              "speed": 0.5}
-    assert "rungs 60, 200, 300 steps, final 500 steps x 2 seeds; planned for 0.5x the calibration machine's " \
+    assert "rungs 60, 210 steps, final 350 steps x 2 seeds; planned for 0.5x the calibration machine's " \
            "speed (probe 0.324 s per step, calibration 0.162)" in start_line(events)
     # resumed on a fast machine: the study keeps the plan it was created with (no probe, no identity error)
     probed = []
