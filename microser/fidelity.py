@@ -16,6 +16,7 @@ that still sits above the top rung, and a faster one (or a GPU) trains longer.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from microser.splits import speaker_folds
 
@@ -115,6 +116,34 @@ class Fidelity:
 
         return TrainConfig(steps=steps, crop_seconds=self.crop_seconds, crops_per_segment=self.crops_per_segment,
                            batch_size=self.batch_size, seed=seed, threads=threads, eval_every=steps)
+
+
+def measure_time_plan(config, old: dict | None, probe: Callable[[object], float], threads: int) -> dict | None:
+    """How fast this machine trains, for a plan from ``--time`` (None when nothing is planned from time).
+
+    A new study times the probe model: ``probe(train_config)`` returns seconds per step of the study's recipe on
+    one worker's ``threads`` (``Components.step_seconds``); a resumed study keeps the speed it was planned at
+    (``old``, its stored settings; older studies: the calibration, 1.0), so its fidelity, part of its identity,
+    comes out the same on any machine that resumes it.
+    """
+    if not plans_from_time(config):
+        return None
+    if old is not None:
+        return old.get("time_plan") or {"speed": 1.0}
+    recipe = Fidelity(rungs=(1,), final_steps=1, final_seeds=1, folds=1, eta=config.eta,
+                      crop_seconds=config.crop_seconds, crops_per_segment=config.crops_per_segment,
+                      batch_size=config.batch_size, valid_seconds=config.valid_seconds)
+    step_seconds = float(probe(recipe.train_config(1, config.seed, threads)))
+    return {"step_seconds": round(step_seconds, 4), "calibration_step_seconds": CALIBRATION_STEP_SECONDS,
+            "workers": config.workers, "speed": machine_speed(step_seconds, config.workers)}
+
+
+def speed_note(time_plan: dict | None) -> str:
+    """The search's start line's account of the machine speed its plan assumed ("" when none was measured)."""
+    if not time_plan or "step_seconds" not in time_plan:
+        return ""
+    return (f"; planned for {time_plan['speed']:g}x the calibration machine's speed (probe "
+            f"{time_plan['step_seconds']:.3f} s per step, calibration {time_plan['calibration_step_seconds']:.3f})")
 
 
 def steps_for_epochs(epochs: float, n_train: int, config) -> int:

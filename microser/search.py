@@ -49,13 +49,7 @@ from microser.components import Components, SearchEvent, TrainOutcome, open_data
 from microser.errors import MicroserError
 from microser.pareto import is_feasible
 from microser.fidelity import (
-    CALIBRATION_STEP_SECONDS,
-    FINAL_EVALUATION_SCALE,
-    FINAL_TIME_SHARE,
-    Fidelity,
-    machine_speed,
-    plans_from_time,
-    resolve_fidelity,
+    FINAL_EVALUATION_SCALE, FINAL_TIME_SHARE, Fidelity, measure_time_plan, resolve_fidelity, speed_note,
 )
 from microser.samplers import TrialSeededSampler
 from microser.search_config import REJECTED_CCC, SearchConfig, check_same_study, study_settings
@@ -528,7 +522,7 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     artifacts = Path(config.artifacts) if config.artifacts else default_artifacts_dir(config.storage, name)
     study = open_study(config, create=True)
     old = study.user_attrs.get(SETTINGS_ATTR)
-    time_plan = _time_plan(config, c, threads, old)
+    time_plan = measure_time_plan(config, old, lambda tc: c.step_seconds(c.data, tc), threads)
     fidelity = resolve_fidelity(config, c.data, time_plan["speed"] if time_plan else 1.0)
     settings = study_settings(config, budgets, c.data, cache_path, space_path, artifacts, fidelity)
     if time_plan:
@@ -545,7 +539,7 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     stale = searcher.fail_lost()
     f = searcher.fidelity
     searcher.emit("start", "search", f"study {name} in {safe_url(url)}; rungs {', '.join(map(str, f.rungs))} steps, "
-                  f"final {f.final_steps} steps x {f.final_seeds} seeds" + _speed_note(time_plan)
+                  f"final {f.final_steps} steps x {f.final_seeds} seeds" + speed_note(time_plan)
                   + (f"; failed {len(stale)} trial(s) of a stopped run: {stale}" if stale else ""))
     s = searcher.state()
     if budgets and s.counts["trained"] == 0 and not any(is_feasible(t) for t in s.trials):
@@ -573,33 +567,6 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     final_seconds = c.clock() - t1
     searcher.emit("done", "final", "search finished")
     return summarize(study, settings, url, stale, search_seconds, final_seconds)
-
-
-def _time_plan(config: SearchConfig, c: Components, threads: int, old: dict | None) -> dict | None:
-    """How fast this machine trains, for a plan from ``--time`` (None when nothing is planned from time).
-
-    A new study times the probe model (``Components.step_seconds``) with the study's recipe and one worker's
-    threads; a resumed study keeps the speed it was planned at (older studies: the calibration, 1.0), so its
-    fidelity, part of its identity, comes out the same on any machine that resumes it.
-    """
-    if not plans_from_time(config):
-        return None
-    if old is not None:
-        return old.get("time_plan") or {"speed": 1.0}
-    recipe = Fidelity(rungs=(1,), final_steps=1, final_seeds=1, folds=1, eta=config.eta,
-                      crop_seconds=config.crop_seconds, crops_per_segment=config.crops_per_segment,
-                      batch_size=config.batch_size, valid_seconds=config.valid_seconds)
-    step_seconds = float(c.step_seconds(c.data, recipe.train_config(1, config.seed, threads)))
-    return {"step_seconds": round(step_seconds, 4), "calibration_step_seconds": CALIBRATION_STEP_SECONDS,
-            "workers": config.workers, "speed": machine_speed(step_seconds, config.workers)}
-
-
-def _speed_note(time_plan: dict | None) -> str:
-    """The start line's account of the machine speed the plan assumed."""
-    if not time_plan or "step_seconds" not in time_plan:
-        return ""
-    return (f"; planned for {time_plan['speed']:g}x the calibration machine's speed (probe "
-            f"{time_plan['step_seconds']:.3f} s per step, calibration {time_plan['calibration_step_seconds']:.3f})")
 
 
 # ---- references ----
