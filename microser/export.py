@@ -41,7 +41,7 @@ from microser.graph import shipped_int8, strip_graph
 from microser.loading import load_compressed, load_trial_model
 from microser.measure import StageRow, measure_stage
 from microser.metrics import ccc_report
-from microser.onnxio import INPUT_NAME, OUTPUT_NAME, PARITY_TOLERANCE, onnx_predict, ort_session, run_onnx
+from microser.onnxio import INPUT_NAME, ORT_SESSION_CONFIG, OUTPUT_NAME, PARITY_TOLERANCE, onnx_predict, ort_session, run_onnx
 from microser.quantize import calibration_crops, classify_nodes, probe_agreement, size_accounting
 from microser.storage import study_settings
 
@@ -482,7 +482,10 @@ def model_card_markdown(card: dict) -> str:
         "",
         "```python",
         "import numpy as np, onnxruntime as ort",
-        "session = ort.InferenceSession('model.int8.onnx')",
+        "options = ort.SessionOptions()",
+        *[f"options.add_session_config_entry({k!r}, {v!r})  # int8 exact on x86 CPUs without VNNI"
+          for k, v in ORT_SESSION_CONFIG.items()],
+        "session = ort.InferenceSession('model.int8.onnx', options)",
         "audio = np.zeros((1, 16000), np.float32)  # mono 16 kHz in [-1, 1]",
         "arousal, dominance, valence = session.run(None, {'audio': audio})[0][0]",
         "```",

@@ -375,11 +375,20 @@ def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
 
 # ---- onnxruntime ----
 
+# Session settings of every graph microser runs (and the model card tells users to set). On x86, onnxruntime turns
+# int8 QDQ nodes into uint8-activation kernels (its QDQS8ToU8 rewrite) which, on CPUs without VNNI (AVX2; AVX-512
+# before Cascade Lake; AMD before Zen 4), add uint8 x int8 products in int16 pairs that saturate: a trained
+# wav2small's int8 outputs moved by up to 0.73 on an emulated Haswell (qemu-x86_64 -cpu Haswell) while VNNI CPUs and
+# the generated C compute exactly. Allowing int8 QDQ keeps the int8 x int8 kernels, exact on every CPU (the convs of
+# a shipped graph, graph.fuse_qlinear_conv, are int8 QLinearConv already). tests/test_qat.py checks it on the emulator.
+ORT_SESSION_CONFIG = {"session.qdqisint8allowed": "1"}
+
 
 def ort_session(path_or_bytes, threads: int = 1):
     """An onnxruntime CPU session for a file path, serialized bytes or an ``onnx.ModelProto``.
 
-    ``threads`` sets intra-op threads; inter-op is 1 (sequential execution).
+    ``threads`` sets intra-op threads; inter-op is 1 (sequential execution); ``ORT_SESSION_CONFIG`` keeps int8
+    graphs exact on x86 CPUs without VNNI.
     """
     import onnxruntime as ort
 
@@ -388,6 +397,8 @@ def ort_session(path_or_bytes, threads: int = 1):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    for key, value in ORT_SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
     if isinstance(path_or_bytes, onnx.ModelProto):
         path_or_bytes = path_or_bytes.SerializeToString()
     elif isinstance(path_or_bytes, PathLike):

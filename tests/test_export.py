@@ -56,6 +56,21 @@ def test_bundle_holds_every_file_and_graphs_are_stripped(bundle):
     assert "| test |" in (out / "MODEL_CARD.md").read_text()
 
 
+def test_the_model_cards_how_to_run_snippet_runs_and_gives_microsers_int8_outputs(bundle, monkeypatch):
+    """The card's Python snippet is what a user pastes: it runs in the bundle folder with microser's session settings
+    (int8 exact on x86 CPUs without VNNI) and gives what microser's own session gives."""
+    from microser.onnxio import ORT_SESSION_CONFIG
+
+    card = (bundle["out"] / "MODEL_CARD.md").read_text()
+    snippet = card.split("## How to run")[1].split("```python")[1].split("```")[0]
+    assert all(f"add_session_config_entry({k!r}, {v!r})" in snippet for k, v in ORT_SESSION_CONFIG.items())
+    monkeypatch.chdir(bundle["out"])
+    scope: dict = {}
+    exec(compile(snippet, "MODEL_CARD.md", "exec"), scope)
+    want = ort_session(bundle["out"] / "model.int8.onnx").run(None, {"audio": np.zeros((1, 16000), np.float32)})[0][0]
+    assert [scope["arousal"], scope["dominance"], scope["valence"]] == [float(v) for v in want]
+
+
 def test_model_h_compiles_and_embeds_exactly_the_int8_file(bundle, tmp_path):
     gcc = shutil.which("gcc")
     if gcc is None:

@@ -4,6 +4,11 @@ arithmetic, the exported graph is int8 after the log-mel and computes what was t
 from __future__ import annotations
 
 import json
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -414,3 +419,58 @@ def test_wav2small_ref_after_qat_ships_within_1_1_x_params_plus_4_kib(tmp_path):
     assert size["params"] == 10721 and size["int8_weight_elements"] == 10595   # every learned weight int8
     assert size["float_elements"] < 16   # front-end scalars only
     assert size["size_goal_met"], size
+
+
+# ---- every x86 CPU computes the same int8 graph ----
+
+_RUN_GRAPHS = """
+import json, sys, numpy as np, onnxruntime as ort
+x, config = np.load(sys.argv[1]), json.loads(sys.argv[3])
+outs = {}
+for i, path in enumerate(sys.argv[4:]):
+    for setting in ("plain", "microser"):
+        options = ort.SessionOptions()
+        for key, value in (config.items() if setting == "microser" else ()):
+            options.add_session_config_entry(key, value)
+        s = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        outs[f"{i}-{setting}"] = np.stack([s.run(None, {s.get_inputs()[0].name: row[None]})[0][0] for row in x])
+np.savez(sys.argv[2], **outs)
+"""
+
+
+def _run_graphs(prefix: list[str], paths: list[Path], x: np.ndarray, folder: Path) -> dict:
+    """Each graph's outputs on the rows of ``x`` with a plain onnxruntime session and with microser's session
+    settings (``onnxio.ORT_SESSION_CONFIG``), in a Python started with ``prefix`` (an emulator, or nothing)."""
+    from microser.onnxio import ORT_SESSION_CONFIG
+
+    script, inputs, out = folder / "run_graphs.py", folder / "x.npy", folder / f"out{len(prefix)}.npz"
+    script.write_text(_RUN_GRAPHS)
+    np.save(inputs, x)
+    subprocess.run([*prefix, sys.executable, str(script), str(inputs), str(out), json.dumps(ORT_SESSION_CONFIG),
+                    *map(str, paths)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    with np.load(out) as got:
+        return {key: got[key] for key in got.files}
+
+
+@pytest.mark.slow
+def test_int8_graphs_compute_the_same_on_an_x86_cpu_without_vnni(tiny, trained_qat, tmp_path):
+    """On x86 CPUs without VNNI (AVX2: Haswell to Skylake; AMD before Zen 4) onnxruntime's uint8 x int8 kernels add
+    products in int16 pairs that saturate, and by default it rewrites int8 QDQ graphs onto them. With microser's
+    session settings the post-training QDQ graph, the QAT QDQ graph and the shipped graph give the same outputs on an
+    emulated Haswell (qemu-x86_64 -cpu Haswell) as on this CPU, up to the float front-end's last bit, so every int8
+    CCC microser reports is the int8 arithmetic of the C library on any machine."""
+    qemu = shutil.which("qemu-x86_64")
+    if platform.machine() != "x86_64" or qemu is None:
+        pytest.skip("needs an x86-64 host and qemu-x86_64 (Debian's qemu-user; .ci/run installs it)")
+    model, _, _ = load_trial_model(tiny["study"], 0)
+    fp32 = export_onnx(model, tmp_path / "m.onnx", sample_seconds=INPUT_SECONDS)
+    paths = [Path(quantize_int8(fp32, tiny["crops"], tmp_path / "m.int8.onnx", keep_float=[]).int8_path),
+             Path(trained_qat["exported"].int8_path), tmp_path / "qat.shipped.onnx"]
+    onnx.save(shipped_int8(onnx.load(str(paths[1]))), str(paths[2]))
+    x = np.stack([np.asarray(v, np.float32) for v in probe_signals(INPUT_SECONDS).values()]
+                 + [np.asarray(c, np.float32) for c in tiny["crops"][:5]])
+    here, haswell = _run_graphs([], paths, x, tmp_path), _run_graphs([qemu, "-cpu", "Haswell"], paths, x, tmp_path)
+    gaps = {key: float(np.abs(here[key] - haswell[key]).max()) for key in here}
+    if gaps["0-plain"] < 0.01:
+        pytest.skip(f"the emulated Haswell did not take onnxruntime's saturating int8 path (plain sessions agree: {gaps})")
+    assert max(gaps[f"{i}-microser"] for i in range(len(paths))) < 1e-5, gaps
