@@ -41,7 +41,8 @@ from microser.graph import shipped_int8, strip_graph
 from microser.loading import load_compressed, load_trial_model
 from microser.measure import StageRow, measure_stage
 from microser.metrics import ccc_report
-from microser.onnxio import INPUT_NAME, ORT_SESSION_CONFIG, OUTPUT_NAME, PARITY_TOLERANCE, onnx_predict, ort_session, run_onnx
+from microser.onnxio import (INPUT_NAME, ORT_SESSION_CONFIG, OUTPUT_NAME, PARITY_TOLERANCE, onnx_predict, ort_session,
+                             run_onnx)
 from microser.quantize import calibration_crops, classify_nodes, probe_agreement, size_accounting
 from microser.storage import study_settings
 
