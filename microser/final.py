@@ -1,7 +1,10 @@
 """The end of a search: the final stage's trials beside the references, the pick, and an honest verdict.
 
-The pick is the finalist with the best mean validation CCC over its seeds
-(each seed may validate on other speakers: ``microser.splits.speaker_folds``).
+The pick is the finalist with the least int8 RAM among those the final
+stage cannot separate from the one with the best mean validation CCC over
+its seeds (``choose_pick``: each seed may validate on other speakers,
+``microser.splits.speaker_folds``, so a finalist that beats the best on
+some seed's fold is not measurably worse).
 Against the first reference it is compared on the test split, seed by seed
 (the same seed index trains both on the same fold): the margin is the mean of
 the paired differences and its spread their standard deviation; the pick
@@ -42,7 +45,7 @@ class SearchSummary:
     search_seconds: float
     final_seconds: float
     rows: list[dict]           # finalists (front at final fidelity) then references, best final CCC first
-    pick: dict | None          # the finalist with the best mean validation CCC over seeds
+    pick: dict | None          # choose_pick: best mean validation CCC, or the least RAM among the tied
     reference: dict | None     # the first reference's row
     margin: dict | None        # pick - reference, test CCC: {"mean", "spread", "per_seed", "verdict"}
     notes: list[str] = field(default_factory=list)
@@ -104,6 +107,31 @@ def _row(t: optuna.trial.FrozenTrial, final: dict | None, rungs: dict[int, dict]
             "collapsed": final.get("collapsed") or a.get("collapsed")}
 
 
+def separated(best: dict, other: dict) -> bool:
+    """Whether ``best`` validates measurably above ``other``: the mean of their paired per-seed validation
+    differences (same seed = same fold) exceeds its spread, as ``compare`` judges test margins; with two seeds,
+    whether ``best`` is ahead on both folds. Without a paired seed, by the means alone."""
+    mine = {s["seed"]: s["ccc"]["mean"] for s in best.get("seeds", []) if s.get("ccc")}
+    d = [mine[s["seed"]] - s["ccc"]["mean"] for s in other.get("seeds", []) if s.get("ccc") and s["seed"] in mine]
+    if not d:
+        return best["final_ccc"]["mean"] > other["final_ccc"]["mean"]
+    return float(np.mean(d)) > float(np.std(d))
+
+
+def choose_pick(rows: list[dict]) -> tuple[dict | None, list[int]]:
+    """The pick among the finalists' ``rows`` and the trials tied with the best: the finalist with the best
+    mean validation CCC, unless others are not ``separated`` from it; then the least int8 RAM among them
+    (ties: the better validation). With one validation speaker per fold the final stage's ranking is mostly
+    noise, and of models it cannot tell apart a hearing aid wants the smallest working memory
+    (docs/DECISIONS.md, "An EmoDB-sized cache: the pick trails")."""
+    if not rows:
+        return None, []
+    best = max(rows, key=lambda r: r["final_ccc"]["mean"])
+    tied = [r for r in rows if r is best or not separated(best, r)]
+    pick = min(tied, key=lambda r: (r["costs"]["ram_bytes"], -r["final_ccc"]["mean"]))
+    return pick, [r["number"] for r in tied]
+
+
 def compare(pick: dict, reference: dict) -> dict | None:
     """Pick minus reference in test CCC, paired by seed (same seed index = same validation fold).
 
@@ -142,9 +170,13 @@ def summarize(study, settings, url, stale, search_seconds, final_seconds) -> Sea
     rows.sort(key=lambda r: -r["final_ccc"]["mean"])
     refs = [_row(t, finals.get(t.number), ev.rungs(t.number), False)
             for t in references(study, settings.get("references", ()))]
-    pick = rows[0] if rows else None
+    pick, tied = choose_pick(rows)
     reference = refs[0] if refs else None
     notes = []
+    if pick is not None and len(tied) > 1:
+        others = ", ".join(str(n) for n in tied if n != pick["number"])
+        notes.append(f"the final stage's validation cannot separate trial {pick['number']} from trial(s) {others}: "
+                     f"the pick is the one with the least int8 RAM")
     if pick is None:
         notes.append("no candidate finished the final stage: run the same command again to finish it, or give "
                      "more --time")

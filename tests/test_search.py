@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from microser import TARGETS
 from microser.errors import MicroserError
 from microser.fidelity import CALIBRATION_STEP_SECONDS, machine_speed, plan_steps, plans_from_time
-from microser.final import compare
+from microser.final import choose_pick, compare, separated
 from microser.pareto import is_candidate
 from microser.rungs import Evaluations, RungQueue, final_record, load_trial_weights
 from microser.search import run_search
@@ -135,6 +135,21 @@ def test_verdict_needs_the_margin_above_its_spread():
     assert compare(row(.50, .44), row(.45, .45))["verdict"] == "ties"          # +.02 +- .03
     assert compare(row(.30, .32), row(.45, .45))["verdict"] == "trails"
     assert compare(row(.50), row())  is None                                   # no pair: no claim
+
+
+def test_pick_is_the_least_ram_finalist_that_validation_cannot_separate_from_the_best():
+    def row(number, ram, *valid):
+        return {"number": number, "costs": {"ram_bytes": ram}, "final_ccc": {"mean": sum(valid) / len(valid)},
+                "seeds": [{"seed": i, "ccc": {"mean": v}} for i, v in enumerate(valid)]}
+
+    best, big = row(1, 900_000, .44, .40), row(2, 150_000, .30, .20)
+    assert choose_pick([best, big]) == (best, [1])       # behind on both folds: separated, RAM does not count
+    level = row(3, 150_000, .30, .45)                     # behind on fold 0, ahead on fold 1: mean .04 <= spread .11
+    assert choose_pick([best, big, level]) == (level, [1, 3])
+    assert separated(best, big) and not separated(best, level)
+    twin = row(4, 900_000, .42, .44)                      # tied at equal RAM: the better validation wins
+    assert choose_pick([twin, row(5, 900_000, .45, .39)]) == (twin, [4, 5])
+    assert choose_pick([]) == (None, [])
 
 
 def test_resume_continues_to_n_candidates_and_never_trains_a_job_twice(tmp_path):
