@@ -14,7 +14,11 @@ Goal (issue 10): on ravdess-dev and espeak-emo, 10 minutes or less per run on 2
 cores, and over 3 seeds the pick beats wav2small-ref by >= +0.05 test CCC on
 average, with int8 RAM no larger than its. Results are appended as JSON lines
 to ``--out`` as they come; the same command again skips the runs already there
-(an interrupted bench resumes) and prints the table over all of them.
+(an interrupted bench resumes) and prints the table over all of them. Each
+row keeps the search summary's rows (finalists and references with their
+costs and per-seed validation and test CCC), so that another rule for the
+pick can be judged on the same runs without training again
+(``bench/pick_rules.py``).
 
 Usage::
 
@@ -60,7 +64,8 @@ def run_one(cache: str, seed: int, extra: list[str], where: Path, log: str | Non
             "margin": margin.get("mean"), "spread": margin.get("spread"), "verdict": margin.get("verdict"),
             "finalists": [(r["number"], r["summary"], r["test_ccc"] and r["test_ccc"]["mean"],
                            r["final_ccc"] and r["final_ccc"]["mean"]) for r in summary["rows"] if not r["reference"]],
-            "fidelity": summary["settings"]["fidelity"]}
+            "fidelity": summary["settings"]["fidelity"],
+            "rows": summary["rows"]}   # finalists and references: costs, rung CCCs, per-seed validation and test
 
 
 def main() -> None:

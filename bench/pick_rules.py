@@ -1,0 +1,88 @@
+"""Bench: which rule for the pick, judged on runs already made by ``bench/real_speech.py`` (no training).
+
+The search picks the finalist with the best mean validation CCC over the final
+stage's seeds. With one or two validation speakers that ranking is mostly
+noise (docs/DECISIONS.md, "An EmoDB-sized cache: the pick trails"). This reads
+the summary rows that ``bench/real_speech.py`` stores for every run
+(finalists and references, their costs and per-seed validation and test CCC)
+and prints, per cache, the mean test margin over the first reference that
+each rule's pick would have had in the same runs:
+
+- ``best-valid``: the best mean validation CCC (the search's rule before the
+  tie rule);
+- ``search``: the search's rule now (``microser.final.choose_pick``): the
+  least int8 RAM among the finalists that validation cannot separate from
+  the best (the best does not lead on every seed's fold);
+- ``tie->params``: the same tie, then the fewest parameters;
+- ``best-rung``: the best CCC at the highest rung every finalist reached
+  (the search's evidence before the final stage);
+- ``oracle``: the best test CCC among the finalists (what no rule can beat;
+  it reads the test split, so it is a bound, never a rule).
+
+Rules read validation CCC and costs only, never test CCC (except ``oracle``).
+Usage::
+
+    python bench/real_speech.py --cache small=C1 --cache ravdess=C2 --seeds 0,1,2 --out RUNS.jsonl
+    python bench/pick_rules.py RUNS.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from microser.final import choose_pick, compare, separated
+
+
+def tied_with_best(finalists: list[dict]) -> list[dict]:
+    """The finalists that validation cannot separate from the best (``microser.final.separated``)."""
+    best = max(finalists, key=lambda r: r["final_ccc"]["mean"])
+    return [r for r in finalists if r is best or not separated(best, r)]
+
+
+def best_at_common_rung(finalists: list[dict]) -> dict:
+    """The finalist with the best CCC at the highest rung that every finalist reached."""
+    def reached(r: dict) -> list[int]:
+        return [int(k) for k, v in (r.get("rungs") or {}).items() if v]
+
+    rung = str(min(max(reached(r), default=0) for r in finalists))
+    return max(finalists, key=lambda r: float(((r.get("rungs") or {}).get(rung) or {"mean": -np.inf})["mean"]))
+
+
+RULES = {
+    "best-valid": lambda f: max(f, key=lambda r: r["final_ccc"]["mean"]),
+    "search": lambda f: choose_pick(f)[0],
+    "tie->params": lambda f: min(tied_with_best(f), key=lambda r: (r["costs"]["params"], -r["final_ccc"]["mean"])),
+    "best-rung": best_at_common_rung,
+    "oracle": lambda f: max(f, key=lambda r: r["test_ccc"]["mean"]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", help="the JSON lines file bench/real_speech.py wrote (--out)")
+    args = ap.parse_args()
+    runs = [json.loads(line) for line in open(args.runs) if line.startswith("{")]
+    runs = [r for r in runs if r.get("rows")]
+    if not runs:
+        raise SystemExit(f"{args.runs}: no run with summary rows (made by a bench/real_speech.py that stores them)")
+    print(f"{'cache':10s} {'rule':12s} runs  margin over ref (mean; per run)        pick int8 RAM (mean)")
+    for cache in sorted({r["cache"] for r in runs}):
+        mine = sorted((r for r in runs if r["cache"] == cache), key=lambda r: r["seed"])
+        for name, rule in RULES.items():
+            margins, rams = [], []
+            for run in mine:
+                finalists = [r for r in run["rows"] if not r.get("reference") and r.get("final_ccc")
+                             and r.get("test_ccc")]
+                ref = next(r for r in run["rows"] if r.get("reference"))
+                pick = rule(finalists)
+                margins.append(compare(pick, ref)["mean"])
+                rams.append(pick["costs"]["ram_bytes"])
+            print(f"{cache:10s} {name:12s} {len(mine):4d}  {np.mean(margins):+.3f} ("
+                  + " ".join(f"{m:+.3f}" for m in margins) + f")  {np.mean(rams) / 1000:8.0f} KB")
+
+
+if __name__ == "__main__":
+    main()
