@@ -123,7 +123,7 @@ def choose_pick(rows: list[dict]) -> tuple[dict | None, list[int]]:
     mean validation CCC, unless others are not ``separated`` from it; then the least int8 RAM among them
     (ties: the better validation). With one validation speaker per fold the final stage's ranking is mostly
     noise, and of models it cannot tell apart a hearing aid wants the smallest working memory
-    (docs/DECISIONS.md, "An EmoDB-sized cache: the pick trails")."""
+    (docs/DECISIONS.md, "An EmoDB-sized cache: the pick is a coin flip")."""
     if not rows:
         return None, []
     best = max(rows, key=lambda r: r["final_ccc"]["mean"])
@@ -174,9 +174,8 @@ def summarize(study, settings, url, stale, search_seconds, final_seconds) -> Sea
     reference = refs[0] if refs else None
     notes = []
     if pick is not None and len(tied) > 1:
-        others = ", ".join(str(n) for n in tied if n != pick["number"])
-        notes.append(f"the final stage's validation cannot separate trial {pick['number']} from trial(s) {others}: "
-                     f"the pick is the one with the least int8 RAM")
+        notes.append(f"the final stage's validation cannot separate trials {', '.join(map(str, sorted(tied)))}: "
+                     f"the pick, trial {pick['number']}, is the one of them with the least int8 RAM")
     if pick is None:
         notes.append("no candidate finished the final stage: run the same command again to finish it, or give "
                      "more --time")
