@@ -1,8 +1,8 @@
 """Bench: which rule for the pick, judged on runs already made by ``bench/real_speech.py`` (no training).
 
-The search picks the finalist with the best mean validation CCC over the final
-stage's seeds. With one or two validation speakers that ranking is mostly
-noise (docs/DECISIONS.md, "An EmoDB-sized cache: the pick trails"). This reads
+With one or two validation speakers the final stage's validation ranking is
+mostly noise (docs/DECISIONS.md, "An EmoDB-sized cache: the pick is a coin
+flip"), so the rule that picks among the finalists matters. This reads
 the summary rows that ``bench/real_speech.py`` stores for every run
 (finalists and references, their costs and per-seed validation and test CCC)
 and prints, per cache, the mean test margin over the first reference that
@@ -33,13 +33,13 @@ import json
 
 import numpy as np
 
-from microser.final import choose_pick, compare, separated
+from microser.final import choose_pick, compare
 
 
 def tied_with_best(finalists: list[dict]) -> list[dict]:
-    """The finalists that validation cannot separate from the best (``microser.final.separated``)."""
-    best = max(finalists, key=lambda r: r["final_ccc"]["mean"])
-    return [r for r in finalists if r is best or not separated(best, r)]
+    """The finalists that validation cannot separate from the best (the search's own tie, ``choose_pick``)."""
+    tied = set(choose_pick(finalists)[1])
+    return [r for r in finalists if r["number"] in tied]
 
 
 def best_at_common_rung(finalists: list[dict]) -> dict:

@@ -107,12 +107,19 @@ def _row(t: optuna.trial.FrozenTrial, final: dict | None, rungs: dict[int, dict]
             "collapsed": final.get("collapsed") or a.get("collapsed")}
 
 
+def paired(a: dict, b: dict, key: str) -> list[float]:
+    """``a`` minus ``b`` in mean CCC ``key`` ("ccc": validation, "test_ccc": test), seed by seed (the same seed
+    index trains both on the same fold), over the seeds both have."""
+    of_b = {s["seed"]: s for s in b.get("seeds", []) if s.get(key)}
+    return [float(s[key]["mean"]) - float(of_b[s["seed"]][key]["mean"])
+            for s in a.get("seeds", []) if s.get(key) and s["seed"] in of_b]
+
+
 def separated(best: dict, other: dict) -> bool:
-    """Whether ``best`` validates measurably above ``other``: the mean of their paired per-seed validation
-    differences (same seed = same fold) exceeds its spread, as ``compare`` judges test margins; with two seeds,
-    whether ``best`` is ahead on both folds. Without a paired seed, by the means alone."""
-    mine = {s["seed"]: s["ccc"]["mean"] for s in best.get("seeds", []) if s.get("ccc")}
-    d = [mine[s["seed"]] - s["ccc"]["mean"] for s in other.get("seeds", []) if s.get("ccc") and s["seed"] in mine]
+    """Whether ``best`` validates measurably above ``other``: the mean of their ``paired`` validation
+    differences exceeds its spread, as ``compare`` judges test margins; with two seeds, whether ``best`` is
+    ahead on both folds. Without a paired seed, by the means alone."""
+    d = paired(best, other, "ccc")
     if not d:
         return best["final_ccc"]["mean"] > other["final_ccc"]["mean"]
     return float(np.mean(d)) > float(np.std(d))
@@ -138,9 +145,7 @@ def compare(pick: dict, reference: dict) -> dict | None:
     ``verdict`` is "beats" when the mean margin exceeds its spread (population
     std over seed pairs), "trails" when it is below minus the spread, else "ties".
     """
-    ref_by_seed = {s["seed"]: s for s in reference.get("seeds", []) if s.get("test_ccc")}
-    pairs = [float(s["test_ccc"]["mean"]) - float(ref_by_seed[s["seed"]]["test_ccc"]["mean"])
-             for s in pick.get("seeds", []) if s.get("test_ccc") and s["seed"] in ref_by_seed]
+    pairs = paired(pick, reference, "test_ccc")
     if not pairs:
         return None
     mean, spread = float(np.mean(pairs)), float(np.std(pairs))

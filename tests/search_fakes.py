@@ -67,11 +67,13 @@ class FakeTrainer:
     """
 
     def __init__(self, sleep: float = 0.0, log: str | None = None, test_offset=None, step_sleep: float = 0.0,
-                 clock: FakeClock | None = None, step_seconds: float = 0.0, overhead: float = 0.0):
+                 clock: FakeClock | None = None, step_seconds: float = 0.0, overhead: float = 0.0,
+                 valid_offset=None):
         self.calls = []
         self.sleep, self.log, self.step_sleep = sleep, log, step_sleep
         self.clock, self.step_seconds, self.overhead = clock, step_seconds, overhead
         self.test_offset = test_offset or (lambda width, fold: 0.0)
+        self.valid_offset = valid_offset or (lambda width, fold: 0.0)   # added to validation CCC per fold
 
     def __call__(self, spec, data, train_config, *, split, progress=None, should_stop=None):
         start = time.monotonic()
@@ -86,11 +88,12 @@ class FakeTrainer:
         if self.clock is not None:
             self.clock.now += self.overhead + self.step_seconds * train_config.steps
             took = self.step_seconds * train_config.steps
-        ccc = fake_ccc(spec.width, train_config.steps)
+        base = fake_ccc(spec.width, train_config.steps)
+        ccc = base + self.valid_offset(spec.width, split.fold)
         report = {"arousal": ccc, "dominance": ccc, "valence": ccc, "mean": ccc}
         test = parts = None
         if split.test is not None:
-            t = ccc + self.test_offset(spec.width, split.fold)
+            t = base + self.test_offset(spec.width, split.fold)
             test = {"arousal": t, "dominance": t, "valence": t, "mean": t}
             # r 0.9 on every target; arousal offset -0.6 on fold 0, -0.5 on fold 1; spread 0.8
             parts = {"r": dict.fromkeys(TARGETS, 0.9), "bias": {**dict.fromkeys(TARGETS, 0.1),

@@ -152,6 +152,20 @@ def test_pick_is_the_least_ram_finalist_that_validation_cannot_separate_from_the
     assert choose_pick([]) == (None, [])
 
 
+def test_search_picks_the_least_ram_finalist_when_the_folds_disagree_and_says_so(tmp_path):
+    # fold 1 reverses the ranking (narrower validates higher there), fold 0 keeps it: the widest finalist has
+    # the best mean validation, but the other leads it on fold 1, so they tie and the narrower (less RAM) ships
+    trainer = FakeTrainer(valid_offset=lambda w, fold: 0.015 * (100 - w) * fold)
+    summary = run_search(fake_config(tmp_path), components=fake_components(trainer))
+    finalists = [r for r in summary.rows if not r["reference"]]
+    widest, other = sorted(finalists, key=lambda r: -r["costs"]["ram_bytes"])
+    assert widest["final_ccc"]["mean"] > other["final_ccc"]["mean"]
+    assert summary.pick["number"] == other["number"]
+    tied = ", ".join(map(str, sorted(r["number"] for r in finalists)))
+    assert any(f"cannot separate trials {tied}" in note and f"trial {other['number']}" in note
+               for note in summary.notes)
+
+
 def test_resume_continues_to_n_candidates_and_never_trains_a_job_twice(tmp_path):
     trainer = FakeTrainer()
     run_search(fake_config(tmp_path, trials=3), components=fake_components(trainer))
