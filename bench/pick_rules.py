@@ -10,10 +10,12 @@ each rule's pick would have had in the same runs:
 
 - ``best-valid``: the best mean validation CCC (the search's rule before the
   tie rule);
+- ``tie->ram``: the least int8 RAM among the finalists that validation
+  cannot separate from the best (the best does not lead on every seed's
+  fold; the search's rule from 2026-12-02 afternoon to evening);
 - ``search``: the search's rule now (``microser.final.choose_pick``): the
-  least int8 RAM among the finalists that validation cannot separate from
-  the best (the best does not lead on every seed's fold);
-- ``tie->params``: the same tie, then the fewest parameters;
+  same tie, then the fewest parameters among those within the reference's
+  int8 RAM;
 - ``best-rung``: the best CCC at the highest rung every finalist reached
   (the search's evidence before the final stage);
 - ``oracle``: the best test CCC among the finalists (what no rule can beat;
@@ -23,7 +25,7 @@ Rules read validation CCC and costs only, never test CCC (except ``oracle``).
 Usage::
 
     python bench/real_speech.py --cache small=C1 --cache ravdess=C2 --seeds 0,1,2 --out RUNS.jsonl
-    python bench/pick_rules.py RUNS.jsonl
+    python bench/pick_rules.py RUNS.jsonl [MORE.jsonl ...]
 """
 
 from __future__ import annotations
@@ -51,24 +53,24 @@ def best_at_common_rung(finalists: list[dict]) -> dict:
     return max(finalists, key=lambda r: float(((r.get("rungs") or {}).get(rung) or {"mean": -np.inf})["mean"]))
 
 
-RULES = {
-    "best-valid": lambda f: max(f, key=lambda r: r["final_ccc"]["mean"]),
-    "search": lambda f: choose_pick(f)[0],
-    "tie->params": lambda f: min(tied_with_best(f), key=lambda r: (r["costs"]["params"], -r["final_ccc"]["mean"])),
-    "best-rung": best_at_common_rung,
-    "oracle": lambda f: max(f, key=lambda r: r["test_ccc"]["mean"]),
+RULES = {   # (finalists, reference) -> the pick
+    "best-valid": lambda f, ref: max(f, key=lambda r: r["final_ccc"]["mean"]),
+    "tie->ram": lambda f, ref: min(tied_with_best(f), key=lambda r: (r["costs"]["ram_bytes"], -r["final_ccc"]["mean"])),
+    "search": lambda f, ref: choose_pick(f, ref["costs"]["ram_bytes"])[0],
+    "best-rung": lambda f, ref: best_at_common_rung(f),
+    "oracle": lambda f, ref: max(f, key=lambda r: r["test_ccc"]["mean"]),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", help="the JSON lines file bench/real_speech.py wrote (--out)")
+    ap.add_argument("runs", nargs="+", help="JSON lines files bench/real_speech.py wrote (--out)")
     args = ap.parse_args()
-    runs = [json.loads(line) for line in open(args.runs) if line.startswith("{")]
+    runs = [json.loads(line) for path in args.runs for line in open(path) if line.startswith("{")]
     runs = [r for r in runs if r.get("rows")]
     if not runs:
-        raise SystemExit(f"{args.runs}: no run with summary rows (made by a bench/real_speech.py that stores them)")
-    print(f"{'cache':10s} {'rule':12s} runs  margin over ref (mean; per run)        pick int8 RAM (mean)")
+        raise SystemExit(f"{', '.join(args.runs)}: no run with summary rows (made by a bench/real_speech.py that stores them)")
+    print(f"{'cache':10s} {'rule':12s} runs  margin over ref (mean; per run)        pick int8 RAM (mean)  RAM <= ref")
     for cache in sorted({r["cache"] for r in runs}):
         mine = sorted((r for r in runs if r["cache"] == cache), key=lambda r: r["seed"])
         for name, rule in RULES.items():
@@ -77,11 +79,13 @@ def main() -> None:
                 finalists = [r for r in run["rows"] if not r.get("reference") and r.get("final_ccc")
                              and r.get("test_ccc")]
                 ref = next(r for r in run["rows"] if r.get("reference"))
-                pick = rule(finalists)
+                pick = rule(finalists, ref)
                 margins.append(compare(pick, ref)["mean"])
-                rams.append(pick["costs"]["ram_bytes"])
+                rams.append((pick["costs"]["ram_bytes"], ref["costs"]["ram_bytes"]))
+            within = sum(p <= r for p, r in rams)
             print(f"{cache:10s} {name:12s} {len(mine):4d}  {np.mean(margins):+.3f} ("
-                  + " ".join(f"{m:+.3f}" for m in margins) + f")  {np.mean(rams) / 1000:8.0f} KB")
+                  + " ".join(f"{m:+.3f}" for m in margins) + f")  {np.mean([p for p, _ in rams]) / 1000:8.0f} KB"
+                  f"  {within}/{len(rams)}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def finalists(ladder: Sequence[Sequence[Result]], k: int) -> list[int]:
 
     Promotion ranks by Pareto rank over (CCC, costs) so that cheap candidates keep climbing; the final stage
     is there to confirm the best model within the budget (the pick: the finalist with the best validation
-    CCC, or the least RAM among those it cannot be separated from, ``final.choose_pick``), so its seats go
+    CCC, or the fewest parameters among those it cannot be separated from, ``final.choose_pick``), so its seats go
     by CCC: a 4k-parameter model on the front because it is small no longer takes the seat of a better one
     (docs/DECISIONS.md, "Final-stage seats by CCC").
     Trials whose latest result could not be promoted (collapsed, CCC <= 0) come after all others, but still

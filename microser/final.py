@@ -1,10 +1,10 @@
 """The end of a search: the final stage's trials beside the references, the pick, and an honest verdict.
 
-The pick is the finalist with the least int8 RAM among those the final
-stage cannot separate from the one with the best mean validation CCC over
-its seeds (``choose_pick``: each seed may validate on other speakers,
-``microser.splits.speaker_folds``, so a finalist that beats the best on
-some seed's fold is not measurably worse).
+The pick is the finalist with the fewest parameters (within the reference's
+int8 RAM) among those the final stage cannot separate from the one with the
+best mean validation CCC over its seeds (``choose_pick``: each seed may
+validate on other speakers, ``microser.splits.speaker_folds``, so a finalist
+that beats the best on some seed's fold is not measurably worse).
 Against the first reference it is compared on the test split, seed by seed
 (the same seed index trains both on the same fold): the margin is the mean of
 the paired differences and its spread their standard deviation; the pick
@@ -45,7 +45,7 @@ class SearchSummary:
     search_seconds: float
     final_seconds: float
     rows: list[dict]           # finalists (front at final fidelity) then references, best final CCC first
-    pick: dict | None          # choose_pick: best mean validation CCC, or the least RAM among the tied
+    pick: dict | None          # choose_pick: best mean validation CCC, or the fewest params among the tied
     reference: dict | None     # the first reference's row
     margin: dict | None        # pick - reference, test CCC: {"mean", "spread", "per_seed", "verdict"}
     notes: list[str] = field(default_factory=list)
@@ -125,18 +125,24 @@ def separated(best: dict, other: dict) -> bool:
     return float(np.mean(d)) > float(np.std(d))
 
 
-def choose_pick(rows: list[dict]) -> tuple[dict | None, list[int]]:
+def choose_pick(rows: list[dict], ram_ceiling: float | None = None) -> tuple[dict | None, list[int]]:
     """The pick among the finalists' ``rows`` and the trials tied with the best: the finalist with the best
-    mean validation CCC, unless others are not ``separated`` from it; then the least int8 RAM among them
-    (ties: the better validation). With one validation speaker per fold the final stage's ranking is mostly
-    noise, and of models it cannot tell apart a hearing aid wants the smallest working memory
+    mean validation CCC, unless others are not ``separated`` from it; then, of those tied, the one with the
+    fewest parameters, preferring those whose int8 RAM is within ``ram_ceiling`` (the reference's; ties: the
+    better validation). With one or two validation speakers per fold the final stage's ranking is mostly
+    noise; of models it cannot tell apart the smallest generalises to new speakers at least as well and
+    costs the firmware least flash, and none outgrows the paper's student in working memory
     (docs/DECISIONS.md, "An EmoDB-sized cache: the pick is a coin flip")."""
     if not rows:
         return None, []
     best = max(rows, key=lambda r: r["final_ccc"]["mean"])
     tied = [r for r in rows if r is best or not separated(best, r)]
-    pick = min(tied, key=lambda r: (r["costs"]["ram_bytes"], -r["final_ccc"]["mean"]))
-    return pick, [r["number"] for r in tied]
+
+    def order(r: dict) -> tuple:
+        over = ram_ceiling is not None and r["costs"]["ram_bytes"] > ram_ceiling
+        return over, r["costs"]["params"], -r["final_ccc"]["mean"]
+
+    return min(tied, key=order), [r["number"] for r in tied]
 
 
 def compare(pick: dict, reference: dict) -> dict | None:
@@ -175,12 +181,14 @@ def summarize(study, settings, url, stale, search_seconds, final_seconds) -> Sea
     rows.sort(key=lambda r: -r["final_ccc"]["mean"])
     refs = [_row(t, finals.get(t.number), ev.rungs(t.number), False)
             for t in references(study, settings.get("references", ()))]
-    pick, tied = choose_pick(rows)
     reference = refs[0] if refs else None
+    ceiling = reference["costs"]["ram_bytes"] if reference and reference.get("costs") else None
+    pick, tied = choose_pick(rows, ceiling)
     notes = []
     if pick is not None and len(tied) > 1:
+        within = " within the reference's int8 RAM" if ceiling is not None else ""
         notes.append(f"the final stage's validation cannot separate trials {', '.join(map(str, sorted(tied)))}: "
-                     f"the pick, trial {pick['number']}, is the one of them with the least int8 RAM")
+                     f"the pick, trial {pick['number']}, is the one of them with the fewest parameters{within}")
     if pick is None:
         notes.append("no candidate finished the final stage: run the same command again to finish it, or give "
                      "more --time")

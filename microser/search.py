@@ -24,8 +24,8 @@ longer fits. The final stage trains the ``final_k`` best trials of the highest
 rungs and the references at ``final_steps`` with ``final_seeds`` seeds; where
 the cache has few validation speakers, each seed holds out other speakers for
 validation (``microser.splits.speaker_folds``). The summary compares the pick
-(best mean validation CCC over seeds, or the least int8 RAM among the finalists validation cannot separate
-from it: ``final.choose_pick``) with the first reference on the test
+(best mean validation CCC over seeds, or the fewest parameters within the reference's int8 RAM among the
+finalists validation cannot separate from it: ``final.choose_pick``) with the first reference on the test
 split, and calls it a win only when the margin exceeds its spread over seeds.
 """
 

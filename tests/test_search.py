@@ -137,33 +137,39 @@ def test_verdict_needs_the_margin_above_its_spread():
     assert compare(row(.50), row())  is None                                   # no pair: no claim
 
 
-def test_pick_is_the_least_ram_finalist_that_validation_cannot_separate_from_the_best():
-    def row(number, ram, *valid):
-        return {"number": number, "costs": {"ram_bytes": ram}, "final_ccc": {"mean": sum(valid) / len(valid)},
+def test_pick_is_the_fewest_params_finalist_that_validation_cannot_separate_from_the_best():
+    def row(number, params, ram, *valid):
+        return {"number": number, "costs": {"params": params, "ram_bytes": ram},
+                "final_ccc": {"mean": sum(valid) / len(valid)},
                 "seeds": [{"seed": i, "ccc": {"mean": v}} for i, v in enumerate(valid)]}
 
-    best, big = row(1, 900_000, .44, .40), row(2, 150_000, .30, .20)
-    assert choose_pick([best, big]) == (best, [1])       # behind on both folds: separated, RAM does not count
-    level = row(3, 150_000, .30, .45)                     # behind on fold 0, ahead on fold 1: mean .045 <= spread .095
-    assert choose_pick([best, big, level]) == (level, [1, 3])
-    assert separated(best, big) and not separated(best, level)
-    twin = row(4, 900_000, .42, .44)                      # tied at equal RAM: the better validation wins
-    assert choose_pick([twin, row(5, 900_000, .45, .39)]) == (twin, [4, 5])
+    best, small = row(1, 60_000, 150_000, .44, .40), row(2, 5_000, 150_000, .30, .20)
+    assert choose_pick([best, small]) == (best, [1])     # behind on both folds: separated, size does not count
+    level = row(3, 9_000, 150_000, .30, .45)              # behind on fold 0, ahead on fold 1: mean .045 <= spread .095
+    assert choose_pick([best, small, level]) == (level, [1, 3])
+    assert separated(best, small) and not separated(best, level)
+    # of the tied, those within the reference's int8 RAM come first, then the fewest parameters
+    greedy = row(4, 3_000, 1_100_000, .31, .46)          # fewest params, but twice the reference's RAM
+    assert choose_pick([best, level, greedy]) == (greedy, [1, 3, 4])
+    assert choose_pick([best, level, greedy], ram_ceiling=549_250) == (level, [1, 3, 4])
+    assert choose_pick([greedy], ram_ceiling=549_250) == (greedy, [4])       # nothing within: the best there is
+    twin = row(5, 9_000, 150_000, .42, .44)              # tied at equal params: the better validation wins
+    assert choose_pick([twin, row(6, 9_000, 100_000, .45, .39)]) == (twin, [5, 6])
     assert choose_pick([]) == (None, [])
 
 
-def test_search_picks_the_least_ram_finalist_when_the_folds_disagree_and_says_so(tmp_path):
+def test_search_picks_the_fewest_params_finalist_when_the_folds_disagree_and_says_so(tmp_path):
     # fold 1 reverses the ranking (narrower validates higher there), fold 0 keeps it: the widest finalist has
-    # the best mean validation, but the other leads it on fold 1, so they tie and the narrower (less RAM) ships
+    # the best mean validation, but the other leads it on fold 1, so they tie and the narrower (fewer params) ships
     trainer = FakeTrainer(valid_offset=lambda w, fold: 0.015 * (100 - w) * fold)
     summary = run_search(fake_config(tmp_path), components=fake_components(trainer))
     finalists = [r for r in summary.rows if not r["reference"]]
-    widest, other = sorted(finalists, key=lambda r: -r["costs"]["ram_bytes"])
+    widest, other = sorted(finalists, key=lambda r: -r["costs"]["params"])
     assert widest["final_ccc"]["mean"] > other["final_ccc"]["mean"]
     assert summary.pick["number"] == other["number"]
     tied = ", ".join(map(str, sorted(r["number"] for r in finalists)))
-    assert any(f"cannot separate trials {tied}" in note and f"trial {other['number']}" in note
-               for note in summary.notes)
+    assert any(f"cannot separate trials {tied}" in note and f"trial {other['number']}, is the one of them with the "
+               "fewest parameters" in note for note in summary.notes)
 
 
 def test_resume_continues_to_n_candidates_and_never_trains_a_job_twice(tmp_path):
