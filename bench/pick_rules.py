@@ -69,7 +69,8 @@ def main() -> None:
     runs = [json.loads(line) for path in args.runs for line in open(path) if line.startswith("{")]
     runs = [r for r in runs if r.get("rows")]
     if not runs:
-        raise SystemExit(f"{', '.join(args.runs)}: no run with summary rows (made by a bench/real_speech.py that stores them)")
+        raise SystemExit(f"{', '.join(args.runs)}: no run with summary rows "
+                         "(made by a bench/real_speech.py that stores them)")
     print(f"{'cache':10s} {'rule':12s} runs  margin over ref (mean; per run)        pick int8 RAM (mean)  RAM <= ref")
     for cache in sorted({r["cache"] for r in runs}):
         mine = sorted((r for r in runs if r["cache"] == cache), key=lambda r: r["seed"])

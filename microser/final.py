@@ -130,9 +130,10 @@ def choose_pick(rows: list[dict], ram_ceiling: float | None = None) -> tuple[dic
     mean validation CCC, unless others are not ``separated`` from it; then, of those tied, the one with the
     fewest parameters, preferring those whose int8 RAM is within ``ram_ceiling`` (the reference's; ties: the
     better validation). With one or two validation speakers per fold the final stage's ranking is mostly
-    noise; of models it cannot tell apart the smallest generalises to new speakers at least as well and
-    costs the firmware least flash, and none outgrows the paper's student in working memory
-    (docs/DECISIONS.md, "An EmoDB-sized cache: the pick is a coin flip")."""
+    noise; of models it cannot tell apart, the one with the fewest parameters tested as well as the best
+    validating one over 19 benchmark runs, costs the firmware the least flash and is what ``--budget``
+    measures, and the ceiling keeps the pick within the paper's student's working memory where any tied
+    finalist is (docs/DECISIONS.md, "The pick among tied finalists")."""
     if not rows:
         return None, []
     best = max(rows, key=lambda r: r["final_ccc"]["mean"])
