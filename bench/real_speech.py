@@ -99,7 +99,9 @@ def main() -> None:
             p, r = row["pick"], row["reference"]
             print(f"{name} seed {seed}: pick {p['summary']} ({p['params']:,} params, RAM {p['ram_bytes'] / 1000:.0f} KB) "
                   f"test {p['test']:.3f} vs ref {r['test']:.3f} -> {row['margin']:+.3f} +- {row['spread']:.3f} "
-                  f"({row['verdict']}); {row['trained']} candidates {row['rungs']}, {row['wall_seconds'] / 60:.1f} min",
+                  f"({row['verdict']}); {row['trained']} candidates {row['rungs']}; final stage "
+                  f"{row['fidelity']['final_steps']} steps, top rung {row['fidelity']['rungs'][-1]}; "
+                  f"{row['wall_seconds'] / 60:.1f} min",
                   flush=True)
     print()
     print("| cache | runs | pick test CCC | wav2small-ref test CCC | margin (mean, min..max) | pick params / int8 RAM "

@@ -11,6 +11,9 @@ search times a few steps of a fixed probe model (``PROBE_SPEC``) before it
 creates the study and plans for the budget that speed buys
 (``machine_speed``), so a slower machine gets lower rungs and a final stage
 that still sits above the top rung, and a faster one (or a GPU) trains longer.
+The top rung is planned from what the final stage can train in its share of
+the time at the probe's speed (``final_share_steps``; the probe model is the
+reference, the final stage's slowest member as a rule).
 """
 
 from __future__ import annotations
@@ -32,9 +35,15 @@ PROBE_SPEC = "wav2small-ref"        # a fixed model, so the probe measures the m
 CALIBRATION_STEP_SECONDS = 0.162
 SPEED_DEAD_BAND = (0.8, 1.25)       # a measured speed this close to the calibration plans exactly as calibrated
 SPEED_LIMITS = (0.1, 30.0)          # beyond these the plan is clamped (a probe disturbed by other work)
+# A finalist of the default space trains at about a sixth of the reference's seconds per step (three seats: half
+# of it; in a kept ravdess-small run the reference took 190 of the final stage's 281 s). Measured ratios of the
+# three finalists to the reference: docs/DECISIONS.md, "The top rung follows the final stage's share of the time".
+FINALIST_PER_REFERENCE = 1 / 6
+ESTIMATE_MARGIN = 0.9               # the share of what is left that the final stage plans to use (estimate error)
 
 
-def plan_steps(seconds: float | None, speed: float = 1.0) -> tuple[tuple[int, ...], int]:
+def plan_steps(seconds: float | None, speed: float = 1.0,
+               final_share: int | None = None) -> tuple[tuple[int, ...], int]:
     """Rungs and final-stage steps for a wall-clock budget (None: the 10-minute plan) at a machine ``speed``.
 
     Calibrated on 2 CPU cores (docs/search.md): at 10 minutes, rungs of 60, 200
@@ -49,14 +58,18 @@ def plan_steps(seconds: float | None, speed: float = 1.0) -> tuple[tuple[int, ..
     and its test, whole-clip inference): at ``speed^0.75`` (like a shorter
     budget) and at ``speed`` the final stage trained about half its planned
     steps there, under the top rung (docs/DECISIONS.md, "The time plan
-    measures the machine"). The top rung is 0.6 of the final stage; rungs grow
-    about 3x from 60 steps, and a rung closer than 1.5x below the top one is
-    dropped for it.
+    measures the machine"). The top rung is 0.6 of the final stage, or of
+    ``final_share`` when that is lower (``final_share_steps``: the steps the
+    final stage can train in its share of the time at the probe's speed, so
+    that the final stage is not below the rung that ranked its finalists;
+    the final stage still trains up to the planned steps when time is left);
+    rungs grow about 3x from 60 steps, and a rung closer than 1.5x below the
+    top one is dropped for it.
     """
     scale = (seconds or 600.0) / 600.0
     steps = 1000 * (scale * speed) ** 0.75 if speed >= 1 else 1000 * scale ** 0.75 * speed ** 1.5
     final = int(min(20_000, max(200, round(steps / 50) * 50)))
-    top = int(max(60, round(0.6 * final / 10) * 10))
+    top = int(max(60, round(0.6 * min(final, final_share or final) / 10) * 10))
     rungs = [60]
     while rungs[-1] * 3 < top:
         rungs.append(int(round(rungs[-1] * 10 / 3 / 10) * 10))
@@ -77,6 +90,18 @@ def machine_speed(step_seconds: float, workers: int = 1) -> float:
     if SPEED_DEAD_BAND[0] <= speed <= SPEED_DEAD_BAND[1]:
         return 1.0
     return round(min(SPEED_LIMITS[1], max(SPEED_LIMITS[0], speed)), 2)
+
+
+def final_share_steps(seconds: float, step_seconds: float, workers: int, seeds: int, references: int,
+                      finalists: int = 3) -> int:
+    """Optimizer steps the final stage can train in its share of ``seconds`` (``FINAL_TIME_SHARE``, less the
+    ``ESTIMATE_MARGIN``) when its ``references`` train at the probe's ``step_seconds`` (the probe model is the
+    reference) and each of its ``finalists`` at ``FINALIST_PER_REFERENCE`` of that, ``seeds`` each, over
+    ``workers``. What the top rung is planned from (``plan_steps``)."""
+    if not step_seconds > 0:
+        raise ValueError(f"step_seconds must be positive, got {step_seconds!r}")
+    per_step = seeds * step_seconds * (references + finalists * FINALIST_PER_REFERENCE) / max(1, workers)
+    return int(ESTIMATE_MARGIN * FINAL_TIME_SHARE * seconds / per_step)
 
 
 def plans_from_time(config) -> bool:
@@ -135,15 +160,20 @@ def measure_time_plan(config, old: dict | None, probe: Callable[[object], float]
                       batch_size=config.batch_size, valid_seconds=config.valid_seconds)
     step_seconds = float(probe(recipe.train_config(1, config.seed, threads)))
     return {"step_seconds": round(step_seconds, 4), "calibration_step_seconds": CALIBRATION_STEP_SECONDS,
-            "workers": config.workers, "speed": machine_speed(step_seconds, config.workers)}
+            "workers": config.workers, "speed": machine_speed(step_seconds, config.workers),
+            "final_share_steps": final_share_steps(config.time, step_seconds, config.workers, config.final_seeds,
+                                                   len(config.references), config.final_k)}
 
 
 def speed_note(time_plan: dict | None) -> str:
     """The search's start line's account of the machine speed its plan assumed ("" when none was measured)."""
     if not time_plan or "step_seconds" not in time_plan:
         return ""
+    share = time_plan.get("final_share_steps")
     return (f"; planned for {time_plan['speed']:g}x the calibration machine's speed (probe "
-            f"{time_plan['step_seconds']:.3f} s per step, calibration {time_plan['calibration_step_seconds']:.3f})")
+            f"{time_plan['step_seconds']:.3f} s per step, calibration {time_plan['calibration_step_seconds']:.3f})"
+            + (f", top rung 0.6 of the {share} final-stage steps its share of the time trains at the probe's speed"
+               if share else ""))
 
 
 def steps_for_epochs(epochs: float, n_train: int, config) -> int:
@@ -152,10 +182,11 @@ def steps_for_epochs(epochs: float, n_train: int, config) -> int:
     return max(1, int(round(epochs * per_epoch)))
 
 
-def resolve_fidelity(config, data, speed: float = 1.0) -> Fidelity:
+def resolve_fidelity(config, data, speed: float = 1.0, final_share: int | None = None) -> Fidelity:
     """The study's fidelity: rungs and final steps from the config, from epochs of this cache, or planned from time
-    at the machine ``speed`` (``machine_speed``)."""
-    planned_rungs, planned_final = plan_steps(config.time, speed)
+    at the machine ``speed`` (``machine_speed``) with the top rung under the final stage's ``final_share`` of
+    steps (``final_share_steps``; None: 0.6 of the planned final stage, as studies made before it)."""
+    planned_rungs, planned_final = plan_steps(config.time, speed, final_share)
     n_train = len(data.split_indices("train")) if hasattr(data, "split_indices") else 0
     if config.epochs is not None:
         rungs = (steps_for_epochs(config.epochs, n_train, config),)

@@ -524,7 +524,8 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
     study = open_study(config, create=True)
     old = study.user_attrs.get(SETTINGS_ATTR)
     time_plan = measure_time_plan(config, old, lambda tc: c.step_seconds(c.data, tc), threads)
-    fidelity = resolve_fidelity(config, c.data, time_plan["speed"] if time_plan else 1.0)
+    fidelity = resolve_fidelity(config, c.data, *((time_plan["speed"], time_plan.get("final_share_steps"))
+                                                  if time_plan else ()))
     settings = study_settings(config, budgets, c.data, cache_path, space_path, artifacts, fidelity)
     if time_plan:
         settings["time_plan"] = time_plan

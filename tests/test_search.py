@@ -10,13 +10,13 @@ from optuna.trial import TrialState
 
 from microser import TARGETS
 from microser.errors import MicroserError
-from microser.fidelity import CALIBRATION_STEP_SECONDS, machine_speed, plan_steps, plans_from_time
+from microser.fidelity import CALIBRATION_STEP_SECONDS, final_share_steps, machine_speed, plan_steps, plans_from_time
 from microser.final import choose_pick, compare, separated
 from microser.pareto import is_candidate
 from microser.rungs import Evaluations, RungQueue, final_record, load_trial_weights
 from microser.search import run_search
 from microser.search_config import REJECTED_CCC, SearchConfig
-from microser.storage import load_study
+from microser.storage import SETTINGS_ATTR, load_study
 from search_fakes import FakeClock, FakeSpace, FakeTrainer, fake_ccc, fake_components, fake_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -227,6 +227,23 @@ def test_plan_scales_with_the_measured_machine_speed():
     assert plans_from_time(SearchConfig(rungs=(60,)))                         # the final stage still is
 
 
+def test_the_top_rung_is_under_what_the_final_stage_can_train_in_its_share_of_the_time():
+    # 0.9 x 0.5 x 600 s over 2 seeds x 0.15 s per probe step x (1 reference + 0.5 for the finalists): 600 steps
+    assert final_share_steps(600, 0.15, workers=1, seeds=2, references=1) == 600
+    assert final_share_steps(600, 0.15, workers=2, seeds=2, references=1) == 1200    # two jobs at a time
+    assert final_share_steps(600, 0.15, workers=1, seeds=2, references=0) == 1800    # finalists only
+    # six seats: 270 / (2 x 0.15 x (1 + 6 x 1/6)) = 450
+    assert final_share_steps(600, 0.15, workers=1, seeds=2, references=1, finalists=6) == 450
+    assert plan_steps(600, 1.0, 600) == ((60, 200, 360), 1000)    # the final stage keeps its 1,000 when time allows
+    assert plan_steps(600, 1.0, 5000) == plan_steps(600, 1.0) == ((60, 200, 600), 1000)   # never above 0.6 x final
+    assert plan_steps(600, 1.0, 10) == ((60,), 1000)              # never below the first rung
+    for share in (50, 300, 555, 800, 2000):
+        rungs, final = plan_steps(600, 1.0, share)
+        assert rungs[-1] <= max(60, 0.6 * share + 5) and all(b >= 1.5 * a for a, b in zip(rungs, rungs[1:]))
+    with pytest.raises(ValueError, match="step_seconds must be positive, got 0"):
+        final_share_steps(600, 0.0, 1, 2, 1)
+
+
 def test_a_slow_machine_gets_a_lower_plan_and_a_resume_keeps_it(tmp_path):
     def start_line(events):
         return next(e.message for e in events if e.kind == "start")
@@ -235,24 +252,39 @@ def test_a_slow_machine_gets_a_lower_plan_and_a_resume_keeps_it(tmp_path):
     slow = fake_components(FakeTrainer(), step_seconds=2 * CALIBRATION_STEP_SECONDS)
     config = fake_config(tmp_path, trials=3, time=600.0, rungs=None, final_steps=None)
     summary = run_search(config, components=slow, progress=events.append)
-    assert summary.settings["fidelity"]["rungs"] == [60, 210]                    # 0.5^1.5 of the calibrated steps
+    # final: 0.5^1.5 of the calibrated steps. Top rung: the final stage's share, 0.9 x 300 s, trains
+    # 270 / (2 seeds x 0.324 s x (1 reference + 2 finalists x 1/6)) = 312 steps at the probe's speed; 0.6 x 312
+    # is 190, within 1.5x of the 200-step rung, which stays the top one
+    assert summary.settings["fidelity"]["rungs"] == [60, 200]
     assert summary.settings["fidelity"]["final_steps"] == 350
     assert summary.settings["time_plan"] == {"step_seconds": round(2 * CALIBRATION_STEP_SECONDS, 4),
                                              "calibration_step_seconds": CALIBRATION_STEP_SECONDS, "workers": 1,
-                                             "speed": 0.5}
-    assert "rungs 60, 210 steps, final 350 steps x 2 seeds; planned for 0.5x the calibration machine's " \
-           "speed (probe 0.324 s per step, calibration 0.162)" in start_line(events)
+                                             "speed": 0.5, "final_share_steps": 312}
+    assert "rungs 60, 200 steps, final 350 steps x 2 seeds; planned for 0.5x the calibration machine's " \
+           "speed (probe 0.324 s per step, calibration 0.162), top rung 0.6 of the 312 final-stage steps its " \
+           "share of the time trains at the probe's speed" in start_line(events)
     # resumed on a fast machine: the study keeps the plan it was created with (no probe, no identity error)
     probed = []
     fast = fake_components(FakeTrainer())
     fast.step_seconds = lambda data, cfg: probed.append(cfg) or CALIBRATION_STEP_SECONDS / 4
     again = run_search(config, components=fast)
     assert not probed and again.settings["fidelity"] == summary.settings["fidelity"]
-    # at the calibration speed the plan is the calibrated one
+    # at the calibration speed the final stage is the calibrated one; the top rung is 0.6 of the
+    # 270 / (2 x 0.162 x (1 + 2 x 1/6)) = 625 steps the final stage's share trains, not 0.6 of its 1,000
     calibrated = run_search(fake_config(tmp_path / "c", trials=3, time=600.0, rungs=None, final_steps=None),
                             components=fake_components(FakeTrainer()))
-    assert calibrated.settings["fidelity"]["rungs"] == [60, 200, 600]
+    assert calibrated.settings["fidelity"]["rungs"] == [60, 200, 380]
     assert calibrated.settings["fidelity"]["final_steps"] == 1000
+    # a study made before the top rung followed the final stage's share (no "final_share_steps" in its plan)
+    # resumes with the rungs it was made with: 0.6 of its final stage
+    study = load_study("s", f"sqlite:///{tmp_path}/c/s.db")
+    made = study.user_attrs[SETTINGS_ATTR]
+    study.set_user_attr(SETTINGS_ATTR, {**made, "fidelity": {**made["fidelity"], "rungs": [60, 200, 600]},
+                                        "time_plan": {k: v for k, v in made["time_plan"].items()
+                                                      if k != "final_share_steps"}})
+    resumed = run_search(fake_config(tmp_path / "c", trials=3, time=600.0, rungs=None, final_steps=None),
+                         components=fake_components(FakeTrainer()))
+    assert resumed.settings["fidelity"]["rungs"] == [60, 200, 600]
 
 
 def test_time_budget_plans_the_fidelity_and_leaves_room_for_the_final_stage(tmp_path):
