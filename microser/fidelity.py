@@ -93,14 +93,18 @@ def machine_speed(step_seconds: float, workers: int = 1) -> float:
 
 
 def final_share_steps(seconds: float, step_seconds: float, workers: int, seeds: int, references: int,
-                      finalists: int = 3) -> int:
+                      finalists: int = 3) -> int | None:
     """Optimizer steps the final stage can train in its share of ``seconds`` (``FINAL_TIME_SHARE``, less the
     ``ESTIMATE_MARGIN``) when its ``references`` train at the probe's ``step_seconds`` (the probe model is the
     reference) and each of its ``finalists`` at ``FINALIST_PER_REFERENCE`` of that, ``seeds`` each, over
-    ``workers``. What the top rung is planned from (``plan_steps``)."""
+    ``workers``. What the top rung is planned from (``plan_steps``); None when there is no final stage to train
+    (no references and ``--final-k 0``, or no seeds): nothing to keep the top rung under."""
     if not step_seconds > 0:
         raise ValueError(f"step_seconds must be positive, got {step_seconds!r}")
-    per_step = seeds * step_seconds * (references + finalists * FINALIST_PER_REFERENCE) / max(1, workers)
+    members = references + finalists * FINALIST_PER_REFERENCE
+    if members <= 0 or seeds <= 0:
+        return None
+    per_step = seeds * step_seconds * members / max(1, workers)
     return int(ESTIMATE_MARGIN * FINAL_TIME_SHARE * seconds / per_step)
 
 

@@ -232,6 +232,8 @@ def test_the_top_rung_is_under_what_the_final_stage_can_train_in_its_share_of_th
     assert final_share_steps(600, 0.15, workers=1, seeds=2, references=1) == 600
     assert final_share_steps(600, 0.15, workers=2, seeds=2, references=1) == 1200    # two jobs at a time
     assert final_share_steps(600, 0.15, workers=1, seeds=2, references=0) == 1800    # finalists only
+    # no final stage (no references, --final-k 0): no share, the top rung stays 0.6 of the planned final stage
+    assert final_share_steps(600, 0.15, workers=1, seeds=2, references=0, finalists=0) is None
     # six seats: 270 / (2 x 0.15 x (1 + 6 x 1/6)) = 450
     assert final_share_steps(600, 0.15, workers=1, seeds=2, references=1, finalists=6) == 450
     assert plan_steps(600, 1.0, 600) == ((60, 200, 360), 1000)    # the final stage keeps its 1,000 when time allows
