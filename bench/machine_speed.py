@@ -36,8 +36,7 @@ def main() -> None:
 
     from microser.cache import Cache
     from microser.components import probe_step_seconds
-    from microser.fidelity import (CALIBRATION_STEP_SECONDS, PROBE_SPEC, final_share_steps, machine_speed, plan_steps,
-                                   resolve_fidelity)
+    from microser.fidelity import CALIBRATION_STEP_SECONDS, PROBE_SPEC, measure_time_plan, resolve_fidelity
     from microser.search_config import SearchConfig
 
     caches = args.cache
@@ -61,10 +60,10 @@ def main() -> None:
                 per_step.append(probe_step_seconds(data, fidelity.train_config(1, config.seed, threads)))
                 walls.append(time.perf_counter() - started)
             median = statistics.median(per_step)
-            speed = machine_speed(median)
-            share = final_share_steps(config.time, median, config.workers, config.final_seeds,
-                                      len(config.references), config.final_k)
-            rungs, final = plan_steps(config.time, speed, share)
+            plan = measure_time_plan(config, None, lambda train_config: median, threads)   # what search plans
+            speed = plan["speed"]
+            planned = resolve_fidelity(config, data, speed, plan["final_share_steps"])
+            rungs, final = planned.rungs, planned.final_steps
             print(f"{Path(cache).name[:28]:<28} {threads:>7} {median:>13.4f} "
                   f"{min(per_step):>6.3f}..{max(per_step):<6.3f} {statistics.median(walls):>9.1f}s {speed:>6g}  "
                   f"rungs {', '.join(map(str, rungs))}, final {final}", flush=True)

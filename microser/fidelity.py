@@ -35,11 +35,12 @@ PROBE_SPEC = "wav2small-ref"        # a fixed model, so the probe measures the m
 CALIBRATION_STEP_SECONDS = 0.162
 SPEED_DEAD_BAND = (0.8, 1.25)       # a measured speed this close to the calibration plans exactly as calibrated
 SPEED_LIMITS = (0.1, 30.0)          # beyond these the plan is clamped (a probe disturbed by other work)
-# A finalist of the default space trains at about a sixth of the reference's seconds per step (three seats: half
-# of it; in a kept ravdess-small run the reference took 190 of the final stage's 281 s). Measured ratios of the
-# three finalists to the reference: docs/DECISIONS.md, "The top rung follows the final stage's share of the time".
+# A finalist's seconds per step as a share of the reference's, set at a sixth (three seats: half) from a kept
+# ravdess-small run (the reference took 190 of the final stage's 281 s). Optimistic: three finalists took 0.60-1.39
+# of the reference's training time in the EPYC runs of docs/DECISIONS.md, "The top rung follows the final stage's
+# share of the time" (median 0.72); the top rung's 0.6 kept the final stage above it there.
 FINALIST_PER_REFERENCE = 1 / 6
-ESTIMATE_MARGIN = 0.9               # the share of what is left that the final stage plans to use (estimate error)
+ESTIMATE_MARGIN = 0.9   # the share of the time left that the final stage plans to use (a tenth for estimate error)
 
 
 def plan_steps(seconds: float | None, speed: float = 1.0,
@@ -69,7 +70,7 @@ def plan_steps(seconds: float | None, speed: float = 1.0,
     scale = (seconds or 600.0) / 600.0
     steps = 1000 * (scale * speed) ** 0.75 if speed >= 1 else 1000 * scale ** 0.75 * speed ** 1.5
     final = int(min(20_000, max(200, round(steps / 50) * 50)))
-    top = int(max(60, round(0.6 * min(final, final_share or final) / 10) * 10))
+    top = int(max(60, round(0.6 * (final if final_share is None else min(final, final_share)) / 10) * 10))
     rungs = [60]
     while rungs[-1] * 3 < top:
         rungs.append(int(round(rungs[-1] * 10 / 3 / 10) * 10))
@@ -177,7 +178,7 @@ def speed_note(time_plan: dict | None) -> str:
     return (f"; planned for {time_plan['speed']:g}x the calibration machine's speed (probe "
             f"{time_plan['step_seconds']:.3f} s per step, calibration {time_plan['calibration_step_seconds']:.3f})"
             + (f", top rung 0.6 of the {share} final-stage steps its share of the time trains at the probe's speed"
-               if share else ""))
+               if share is not None else ""))
 
 
 def steps_for_epochs(epochs: float, n_train: int, config) -> int:

@@ -50,7 +50,7 @@ from microser.components import Components, SearchEvent, TrainOutcome, open_data
 from microser.errors import MicroserError
 from microser.pareto import is_feasible
 from microser.fidelity import (
-    FINAL_EVALUATION_SCALE, FINAL_TIME_SHARE, Fidelity, measure_time_plan, resolve_fidelity, speed_note,
+    ESTIMATE_MARGIN, FINAL_EVALUATION_SCALE, FINAL_TIME_SHARE, Fidelity, measure_time_plan, resolve_fidelity, speed_note,
 )
 from microser.samplers import TrialSeededSampler
 from microser.search_config import REJECTED_CCC, SearchConfig, check_same_study, study_settings
@@ -205,7 +205,7 @@ class _Searcher:
         f = self.fidelity
         if self.deadline is None or not members:
             return f.final_steps
-        left = 0.9 * (self.deadline - self.c.clock())   # a tenth kept for estimate error (the demo overran by 2 %)
+        left = ESTIMATE_MARGIN * (self.deadline - self.c.clock())   # a tenth kept (the demo overran by 2 %)
         per_step = f.final_seeds * sum(self._per_step(s, n) for n in members) / self.config.workers
         fixed = f.final_seeds * len(members) * s.final_overhead_seconds / self.config.workers
         fit = int((left - fixed) / per_step) // 10 * 10 if per_step > 0 else f.final_steps

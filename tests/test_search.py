@@ -239,6 +239,7 @@ def test_the_top_rung_is_under_what_the_final_stage_can_train_in_its_share_of_th
     assert plan_steps(600, 1.0, 600) == ((60, 200, 360), 1000)    # the final stage keeps its 1,000 when time allows
     assert plan_steps(600, 1.0, 5000) == plan_steps(600, 1.0) == ((60, 200, 600), 1000)   # never above 0.6 x final
     assert plan_steps(600, 1.0, 10) == ((60,), 1000)              # never below the first rung
+    assert plan_steps(600, 1.0, 0) == ((60,), 1000)               # a share of 0 steps is a share, not none
     for share in (50, 300, 555, 800, 2000):
         rungs, final = plan_steps(600, 1.0, share)
         assert rungs[-1] <= max(60, 0.6 * share + 5) and all(b >= 1.5 * a for a, b in zip(rungs, rungs[1:]))
