@@ -6,6 +6,10 @@ each command imports the library it calls.
 
 from __future__ import annotations
 
+import time as _time
+
+STARTED = _time.monotonic()   # when the command began: `search --time` counts from here, its imports included
+
 import enum
 import sys
 from pathlib import Path
@@ -276,7 +280,7 @@ def search(
         final_epochs=final_epochs, final_seeds=final_seeds, folds=_value(folds), references=_csv(references),
         ram_mode=_value(ram_mode))
     with show.search_live() as progress:
-        summary = run_search(cfg, progress=progress)
+        summary = run_search(cfg, progress=progress, started=STARTED)
     show.search_summary(summary, as_json=json_)
 
 

@@ -491,8 +491,11 @@ def _in_workers(searcher: _Searcher, mode: str) -> None:
 
 
 def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] | None = None,
-               components: Components | None = None) -> SearchSummary:
+               components: Components | None = None, started: float | None = None) -> SearchSummary:
     """Create or resume the study, run the search stage (in ``config.workers`` processes), then the final stage.
+
+    ``config.time`` counts from ``started`` (a reading of ``components.clock``, by default now): the command
+    line passes the moment it began, so that its own imports count against ``--time`` too.
 
     Library code never prints: Optuna's own INFO log is turned down to
     WARNING, and ``progress`` (if given) receives a :class:`SearchEvent` at
@@ -502,7 +505,7 @@ def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     c = replace(components) if components is not None else Components()
-    t0 = c.clock()
+    t0 = c.clock() if started is None else started
     budgets = parse_budgets(config.budgets)
     threads = _threads(config)
     torch.set_num_threads(threads)

@@ -318,6 +318,32 @@ def test_time_budget_plans_the_fidelity_and_leaves_room_for_the_final_stage(tmp_
         assert summary.trained >= 6 and summary.rungs[1] >= 2
 
 
+def test_the_time_budget_counts_from_when_the_command_began(tmp_path, monkeypatch):
+    # the command's own imports (torch, optuna: seconds) come before run_search; --time is the whole command's
+    clock = FakeClock()
+    trainer = FakeTrainer(clock=clock, step_seconds=0.05, overhead=0.5)
+    components = fake_components(trainer)
+    components.clock = clock
+    began = clock() - 30.0
+    run_search(fake_config(tmp_path, trials=None, time=150.0, budgets=("64k-params",)), components=components,
+               started=began)
+    assert 150.0 - 10 < clock() - began <= 150.0, clock() - began
+
+    # and the command line passes the moment it began (before its imports), not the moment the search starts
+    from microser import cli
+
+    seen = {}
+
+    def fake_run_search(config, *, progress=None, components=None, started=None):
+        seen["started"] = started
+        raise MicroserError("stopped by the test")
+
+    monkeypatch.setattr("microser.search.run_search", fake_run_search)
+    with pytest.raises(SystemExit):
+        cli.main(["search", "--budget", "80k-params", "--cache", str(tmp_path / "none")])
+    assert seen["started"] == cli.STARTED and cli.STARTED < time.monotonic()
+
+
 def test_config_file_keys_match_the_cli_and_flags_override(tmp_path):
     path = tmp_path / "study.toml"
     path.write_text('budgets = ["80k-params"]\ntrials = 7\nfinal-steps = 900\nobjectives = "params,macs"\n'
