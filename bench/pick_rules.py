@@ -16,6 +16,8 @@ each rule's pick would have had in the same runs:
 - ``search``: the search's rule now (``microser.final.choose_pick``): the
   same tie, then the fewest parameters among those within the reference's
   int8 RAM;
+- ``valid<=ram``: the best mean validation CCC among the finalists within the
+  reference's int8 RAM (none within: the best overall);
 - ``best-rung``: the best CCC at the highest rung every finalist reached
   (the search's evidence before the final stage);
 - ``oracle``: the best test CCC among the finalists (what no rule can beat;
@@ -57,6 +59,8 @@ RULES = {   # (finalists, reference) -> the pick
     "best-valid": lambda f, ref: max(f, key=lambda r: r["final_ccc"]["mean"]),
     "tie->ram": lambda f, ref: min(tied_with_best(f), key=lambda r: (r["costs"]["ram_bytes"], -r["final_ccc"]["mean"])),
     "search": lambda f, ref: choose_pick(f, ref["costs"]["ram_bytes"])[0],
+    "valid<=ram": lambda f, ref: max(f, key=lambda r: (r["costs"]["ram_bytes"] <= ref["costs"]["ram_bytes"],
+                                                        r["final_ccc"]["mean"])),
     "best-rung": lambda f, ref: best_at_common_rung(f),
     "oracle": lambda f, ref: max(f, key=lambda r: r["test_ccc"]["mean"]),
 }
