@@ -493,9 +493,7 @@ def _in_workers(searcher: _Searcher, mode: str) -> None:
 def run_search(config: SearchConfig, *, progress: Callable[[SearchEvent], None] | None = None,
                components: Components | None = None, started: float | None = None) -> SearchSummary:
     """Create or resume the study, run the search stage (in ``config.workers`` processes), then the final stage.
-
-    ``config.time`` counts from ``started`` (a reading of ``components.clock``, by default now): the command
-    line passes the moment it began, so that its own imports count against ``--time`` too.
+    ``config.time`` counts from ``started`` (a ``components.clock`` reading; default now): the CLI's start.
 
     Library code never prints: Optuna's own INFO log is turned down to
     WARNING, and ``progress`` (if given) receives a :class:`SearchEvent` at
