@@ -6,12 +6,9 @@ each command imports the library it calls.
 
 from __future__ import annotations
 
-import time as _time
-
-STARTED = _time.monotonic()   # when the command began: `search --time` counts from here, its imports included
-
 import enum
 import sys
+import time as _time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -280,7 +277,7 @@ def search(
         final_epochs=final_epochs, final_seeds=final_seeds, folds=_value(folds), references=_csv(references),
         ram_mode=_value(ram_mode))
     with show.search_live() as progress:
-        summary = run_search(cfg, progress=progress, started=STARTED)
+        summary = run_search(cfg, progress=progress, started=started_at)
     show.search_summary(summary, as_json=json_)
 
 
@@ -521,8 +518,13 @@ def predict(
     show.predictions(predict_files(model, audio, out, int8=int8), as_json=json_)
 
 
+started_at: float | None = None   # when main() began the command: `search --time` counts from it (torch's import too)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning MicroserError into a one-line message (exit 2)."""
+    global started_at
+    started_at = _time.monotonic()
     try:
         code = app(args=argv, standalone_mode=False, prog_name="microser")  # returns typer.Exit's code
         if isinstance(code, int) and code:
